@@ -1,0 +1,105 @@
+"""Load the base (dtype, attention, quantization) and attach the LoRA adapter.
+
+transformers loads, bitsandbytes quantizes, peft builds the adapter: this module
+only maps the recipe's model and lora groups onto them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from medtune.recipe import LoraSettings, ModelConfig, QuantizationConfig
+from medtune.tiny_model import TINY_NAME, ensure_tiny_llama
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_dtype(name: str) -> str:
+    """`auto` → bf16 on a GPU that has it, else fp32 (CPU bf16 is slow and fp16 on CPU is unsupported)."""
+    if name != "auto":
+        return name
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def resolve_base(model: ModelConfig, train_files: list[str]) -> str:
+    """The path or hub id to load; the built-in tiny model is built (once) from the training files."""
+    if model.base == TINY_NAME:
+        return str(ensure_tiny_llama(train_files))
+    return model.base
+
+
+def load_tokenizer(base: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=trust_remote_code)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"{base}: the tokenizer has no EOS token; training could never learn to stop")
+    if tokenizer.pad_token_id is None:
+        # LLaMA tokenizers ship without a pad token; padding positions are masked anyway.
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return tokenizer
+
+
+def quantization_config(quant: QuantizationConfig):
+    """The BitsAndBytesConfig for a k-bit base."""
+    from transformers import BitsAndBytesConfig
+
+    compute = DTYPES[quant.compute_dtype]
+    if quant.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=quant.type, bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=compute,  # ZeRO-3 can shard 4-bit weights only if they are stored in a float dtype
+    )
+
+
+def load_base_model(base: str, model: ModelConfig, dtype: str, device_map=None):
+    """The frozen base, from safetensors only (pickled weights can execute code)."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = dict(
+        dtype=DTYPES[dtype], attn_implementation=model.attn_implementation,
+        trust_remote_code=model.trust_remote_code, use_safetensors=True,
+    )
+    if model.quantization is not None:
+        kwargs["quantization_config"] = quantization_config(model.quantization)
+        if device_map is not None:
+            kwargs["device_map"] = device_map
+    return AutoModelForCausalLM.from_pretrained(base, **kwargs)
+
+
+def attach_lora(model, lora: LoraSettings, gradient_checkpointing: bool, quantized: bool):
+    """Wrap the base with a trainable LoRA adapter; everything else stays frozen."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if quantized:
+        # Casts norms to fp32 and enables input grads, which k-bit + checkpointing need.
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if gradient_checkpointing:
+        model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
+    config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+        modules_to_save=lora.modules_to_save or None, task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def is_model_dir(path: str | Path) -> bool:
+    return (Path(path) / "config.json").is_file()

@@ -1,0 +1,294 @@
+"""Recipes: the YAML a person writes, read into typed dataclasses.
+
+Strict for what a person writes: an unknown key, a wrong type or an impossible
+combination fails before any model is loaded, naming the file, the line, the key
+and the closest valid key. Tolerant for what a program wrote earlier
+(``strict=False``), so that an older run directory still loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+Dtype = Literal["auto", "bf16", "fp16", "fp32"]
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used as written; the message says where and why."""
+
+
+@dataclass
+class QuantizationConfig:
+    """bitsandbytes k-bit loading of the frozen base (QLoRA)."""
+
+    bits: Literal[4, 8] = 4  # 4 = QLoRA (nf4/fp4), 8 = LLM.int8
+    type: Literal["nf4", "fp4"] = "nf4"  # 4-bit data type; nf4 is what QLoRA recommends
+    double_quant: bool = True  # also quantize the quantization constants (saves ~0.4 bit/param)
+    compute_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"  # dtype the 4-bit matmuls run in
+
+
+@dataclass
+class ModelConfig:
+    """Which base model and how to load it."""
+
+    base: str = "tiny-llama"  # hub id, local path, or the built-in `tiny-llama` (random weights, built locally)
+    dtype: Dtype = "auto"  # weights and mixed precision; auto = bf16 on a bf16 GPU, else fp32
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    trust_remote_code: bool = False  # run code shipped with the model; only when you trust its author
+    quantization: QuantizationConfig | None = None  # null = no quantization
+
+
+@dataclass
+class LoraSettings:
+    """The adapter that is trained; peft builds it."""
+
+    r: int = 8  # rank of the update matrices
+    alpha: int = 16  # scaling numerator: the update is scaled by alpha / r
+    dropout: float = 0.05  # dropout on the adapter input
+    target_modules: Union[str, list[str]] = "all-linear"  # module names, or `all-linear`
+    modules_to_save: list[str] = field(default_factory=list)  # fully trained and saved, e.g. [lm_head]
+
+
+@dataclass
+class DataConfig:
+    """Instruction JSONL files (see README: the record format) and how they become tokens."""
+
+    train_files: list[str] = field(default_factory=list)  # instruction JSONL written by data_prep
+    eval_files: list[str] = field(default_factory=list)  # held-out JSONL; empty = split eval_ratio off train
+    eval_ratio: float = 0.0  # fraction of train records held out when eval_files is empty
+    template: str = "chatmed"  # chat template name: see medtune/templates.py
+    system_prompt: str | None = None  # replaces the template's default system prompt
+    max_length: int = 1024  # tokens per sample; longer samples are cut, and dropped if no answer is left
+    train_on: Literal["all_turns", "last_turn"] = "all_turns"  # which assistant turns carry loss
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation, one loop for every stage."""
+
+    stage: Literal["sft"] = "sft"  # supervised fine-tuning on chat records
+    learning_rate: float = 2e-4
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = 0.03  # fraction of optimizer steps with linear warm-up
+    weight_decay: float = 0.0
+    num_epochs: float = 1.0  # may be fractional; ignored when max_steps > 0
+    max_steps: int = -1  # optimizer steps; > 0 overrides num_epochs
+    per_device_batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    gradient_checkpointing: bool = False  # trade compute for activation memory
+    max_grad_norm: float = 1.0  # 0 = no clipping
+    seed: int = 42
+    logging_steps: int = 10
+    eval_steps: int = 0  # 0 = evaluate only at the end
+    save_steps: int = 0  # 0 = no intermediate checkpoints
+    save_total_limit: int = 2  # checkpoints kept; older ones are deleted
+    deepspeed: str | None = None  # path to a ds_configs/*.json
+    report_to: Literal["none", "wandb"] = "none"
+    resume: bool = False  # true = continue from the latest complete checkpoint (or report a finished run)
+
+
+@dataclass
+class OutputConfig:
+    """Where the run directory goes."""
+
+    dir: str = ""  # run directory; empty = runs/<recipe file name>
+
+
+@dataclass
+class Recipe:
+    """A whole recipe: one group per concern."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None, strict: bool = True) -> Recipe:
+    """Read a recipe file, apply ``group.key=value`` overrides, validate everything.
+
+    Relative data and DeepSpeed paths are resolved against the current directory,
+    as a user types them next to the command.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    text = path.read_text(encoding="utf-8")
+    lines = _key_lines(text, str(path))
+    raw = yaml.safe_load(text) or {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of groups (model, lora, data, train, output)")
+    for item in overrides or []:
+        _apply_override(raw, item)
+    recipe = _build(Recipe, raw, "", lambda key: _where(path, lines, key), strict)
+    if not recipe.output.dir:
+        recipe.output.dir = str(Path("runs") / path.stem)
+    check_recipe(recipe, str(path))
+    return recipe
+
+
+def _where(path: Path, lines: dict[str, int], key: str) -> str:
+    line = lines.get(key)
+    return f"{path}:{line}" if line else f"{path} (command line)"
+
+
+def _key_lines(text: str, name: str) -> dict[str, int]:
+    """Map every dotted key to its 1-based line, and refuse duplicate keys (YAML keeps the last silently)."""
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{name}: not valid YAML: {exc}") from None
+    found: dict[str, int] = {}
+
+    def walk(node: yaml.Node, prefix: str) -> None:
+        if not isinstance(node, yaml.MappingNode):
+            return
+        for key_node, value_node in node.value:
+            key = f"{prefix}{key_node.value}"
+            if key in found:
+                raise RecipeError(f"{name}:{key_node.start_mark.line + 1}: {key}: duplicate key (first at line {found[key]})")
+            found[key] = key_node.start_mark.line + 1
+            walk(value_node, key + ".")
+
+    if root is not None:
+        walk(root, "")
+    return found
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    """``train.learning_rate=1e-4`` → raw['train']['learning_rate'] = 1e-4 (value parsed as YAML)."""
+    if "=" not in item:
+        raise RecipeError(f"override {item!r}: expected group.key=value, e.g. train.max_steps=10")
+    dotted, value = item.split("=", 1)
+    parts = dotted.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise RecipeError(f"override {item!r}: {part} is not a group")
+    node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+
+
+def _build(cls: type, raw: Any, prefix: str, where: typing.Callable[[str], str], strict: bool) -> Any:
+    """Construct dataclass ``cls`` from a mapping, checking every key and type."""
+    group = prefix.rstrip(".") or "recipe"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{where(prefix.rstrip('.'))}: {group}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            if not strict:
+                continue
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]}?" if close else f"; valid keys: {', '.join(names)}"
+            raise RecipeError(f"{where(full)}: {full}: unknown key{hint}")
+        values[key] = _coerce(value, hints[key], full, where, strict)
+    return cls(**values)
+
+
+def _coerce(value: Any, tp: Any, key: str, where: typing.Callable[[str], str], strict: bool) -> Any:
+    """Check ``value`` against type ``tp``; convert only where YAML is known to surprise (1e-4 is a string)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".", where, strict)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _coerce(value, option, key, where, strict)
+            except RecipeError as exc:
+                errors.append(str(exc))
+        raise RecipeError(errors[-1])
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value in allowed:
+            return value
+        raise RecipeError(f"{where(key)}: {key}: {value!r} is not one of {', '.join(map(str, allowed))}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, str) and item_tp is str:
+            value = [value]
+        if not isinstance(value, list):
+            raise RecipeError(f"{where(key)}: {key}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, key, where, strict) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # PyYAML reads 1e-4 (no dot) as a string
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise RecipeError(f"{where(key)}: {key}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def check_recipe(recipe: Recipe, name: str = "recipe") -> None:
+    """Cross-field checks: combinations that each look valid alone but cannot work together."""
+    from medtune.templates import TEMPLATES  # local import: templates imports nothing from here
+
+    data, train, lora = recipe.data, recipe.train, recipe.lora
+    problems = []
+    if data.template not in TEMPLATES:
+        close = difflib.get_close_matches(data.template, list(TEMPLATES), n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        problems.append(f"data.template: unknown template {data.template!r} (known: {', '.join(TEMPLATES)}){hint}")
+    if not data.train_files:
+        problems.append("data.train_files: at least one instruction JSONL file is needed")
+    if not 0.0 <= data.eval_ratio < 1.0:
+        problems.append(f"data.eval_ratio: {data.eval_ratio} must be in [0, 1)")
+    if data.eval_files and data.eval_ratio:
+        problems.append("data.eval_ratio: set either eval_files or eval_ratio, not both")
+    if data.max_length < 8:
+        problems.append(f"data.max_length: {data.max_length} is too small")
+    if train.max_steps <= 0 and train.num_epochs <= 0:
+        problems.append("train.max_steps / train.num_epochs: one of them must be positive")
+    for key in ("per_device_batch_size", "gradient_accumulation_steps", "logging_steps"):
+        if getattr(train, key) < 1:
+            problems.append(f"train.{key}: must be at least 1")
+    if not 0.0 <= train.warmup_ratio < 1.0:
+        problems.append(f"train.warmup_ratio: {train.warmup_ratio} must be in [0, 1)")
+    if train.learning_rate <= 0:
+        problems.append("train.learning_rate: must be positive")
+    if isinstance(lora.target_modules, str) and lora.target_modules != "all-linear":
+        problems.append(f"lora.target_modules: {lora.target_modules!r}: give a list of module names or `all-linear`")
+    if lora.r < 1 or lora.alpha < 1 or not 0.0 <= lora.dropout < 1.0:
+        problems.append("lora.r / lora.alpha must be >= 1 and lora.dropout in [0, 1)")
+    if train.deepspeed and not Path(train.deepspeed).is_file():
+        problems.append(f"train.deepspeed: {train.deepspeed}: file not found")
+    if problems:
+        raise RecipeError(f"{name}: " + f"\n{name}: ".join(problems))

@@ -1,0 +1,96 @@
+"""The instruction-record format: the contract between data_prep (writes) and training (reads).
+
+One JSON object a line, of one of three kinds:
+
+- chat:       {"id", "source", "messages": [{"role", "content"}, ...], "meta": {...}}
+- preference: a chat record whose messages are the prompt, plus "chosen" and "rejected" replies
+- text:       {"id", "source", "text"} for continued pre-training
+
+Roles are system (optional, first), then user and assistant alternating. A chat
+record whose last message is from the user is a prompt (for prediction).
+Both sides validate through :func:`validate_record`, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+ROLES = ("system", "user", "assistant")
+
+
+class RecordError(ValueError):
+    """A record that does not follow the format; the message names file, line and field."""
+
+
+def record_kind(record: dict[str, Any]) -> str:
+    if "text" in record and "messages" not in record:
+        return "text"
+    if "chosen" in record or "rejected" in record:
+        return "preference"
+    return "chat"
+
+
+def validate_record(record: Any) -> str:
+    """Return the record's kind, or raise RecordError naming the bad field."""
+    if not isinstance(record, dict):
+        raise RecordError(f"expected a JSON object, got {type(record).__name__}")
+    for key in ("id", "source"):
+        if not isinstance(record.get(key), str) or not record[key]:
+            raise RecordError(f"field {key!r}: a non-empty string is required")
+    kind = record_kind(record)
+    if kind == "text":
+        if not isinstance(record["text"], str) or not record["text"].strip():
+            raise RecordError("field 'text': a non-empty string is required")
+        return kind
+    messages = record.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RecordError("field 'messages': a non-empty list is required")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            raise RecordError(f"field 'messages[{i}].role': one of {', '.join(ROLES)} is required")
+        if not isinstance(message.get("content"), str):
+            raise RecordError(f"field 'messages[{i}].content': a string is required")
+        if message["role"] == "system" and i != 0:
+            raise RecordError(f"field 'messages[{i}].role': a system message may only come first")
+    turns = messages[1:] if messages[0]["role"] == "system" else messages
+    for i, message in enumerate(turns):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if message["role"] != expected:
+            offset = len(messages) - len(turns)
+            raise RecordError(f"field 'messages[{i + offset}].role': expected {expected!r} (turns alternate user/assistant)")
+    if kind == "preference":
+        if turns[-1]["role"] != "user":
+            raise RecordError("field 'messages': a preference prompt must end with a user message")
+        for key in ("chosen", "rejected"):
+            if not isinstance(record.get(key), str) or not record[key].strip():
+                raise RecordError(f"field {key!r}: a non-empty string is required")
+    if "meta" in record and not isinstance(record["meta"], dict):
+        raise RecordError("field 'meta': an object is required")
+    return kind
+
+
+def read_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (line number, record) from an instruction JSONL file, validating each line."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecordError(f"{path}: file not found")
+    with path.open(encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise RecordError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            try:
+                validate_record(record)
+            except RecordError as exc:
+                raise RecordError(f"{path}:{lineno}: {exc}") from None
+            yield lineno, record
+
+
+def write_jsonl_line(record: dict[str, Any]) -> str:
+    """The one serialisation: UTF-8 text kept readable, keys in a stable order."""
+    return json.dumps(record, ensure_ascii=False) + "\n"

@@ -1,0 +1,136 @@
+"""The one place that names the files of a run directory, and atomic checkpoints.
+
+A run directory describes itself, so merge, predict and score need nothing else:
+
+    recipe.yaml        the resolved recipe (every default written out)
+    run_info.json      medtune version, resolved base model path/id, template, world size, progress
+    adapter/           adapter_model.safetensors + adapter_config.json + tokenizer (with chat_template)
+    checkpoints/step-N accelerate state (adapter weights, optimizer, scheduler, RNG) + trainer_state.json
+    metrics.jsonl      one JSON object per logged step
+    loss.png           the loss curve
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from medtune.recipe import Recipe, load_recipe
+
+TRAINER_STATE = "trainer_state.json"
+
+
+class RunDir:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.recipe_file = self.root / "recipe.yaml"
+        self.info_file = self.root / "run_info.json"
+        self.adapter_dir = self.root / "adapter"
+        self.checkpoints_dir = self.root / "checkpoints"
+        self.metrics_file = self.root / "metrics.jsonl"
+        self.loss_plot = self.root / "loss.png"
+
+    # -- description -------------------------------------------------------
+    def read_info(self) -> dict[str, Any]:
+        if not self.info_file.is_file():
+            raise FileNotFoundError(f"{self.root}: not a medtune run directory (no {self.info_file.name})")
+        return json.loads(self.info_file.read_text(encoding="utf-8"))
+
+    def write_info(self, info: dict[str, Any]) -> None:
+        atomic_write_text(self.info_file, json.dumps(info, ensure_ascii=False, indent=2) + "\n")
+
+    def read_recipe(self) -> Recipe:
+        """Tolerant: a key written by an older or newer medtune is skipped, not an error."""
+        return load_recipe(self.recipe_file, strict=False)
+
+    def is_finished(self) -> bool:
+        return self.info_file.is_file() and self.read_info().get("finished", False)
+
+    def has_training_state(self) -> bool:
+        return self.adapter_dir.exists() or self.latest_checkpoint() is not None
+
+    # -- checkpoints ---------------------------------------------------------
+    def latest_checkpoint(self) -> Path | None:
+        """The newest *complete* checkpoint: temp dirs of a killed save are never picked."""
+        if not self.checkpoints_dir.is_dir():
+            return None
+        done = [p for p in self.checkpoints_dir.glob("step-*") if (p / TRAINER_STATE).is_file()]
+        return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+    def save_checkpoint(self, accelerator, step: int, trainer_state: dict[str, Any], keep: int, **save_kwargs) -> Path:
+        """Save into a temp dir, then rename: a kill at any moment leaves either the old or the new checkpoint."""
+        final = self.checkpoints_dir / f"step-{step}"
+        tmp = self.checkpoints_dir / f".tmp-step-{step}"
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp), **save_kwargs)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            atomic_write_text(tmp / TRAINER_STATE, json.dumps(trainer_state, indent=2) + "\n")
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            self._prune(keep)
+        accelerator.wait_for_everyone()
+        return final
+
+    def _prune(self, keep: int) -> None:
+        done = sorted(
+            (p for p in self.checkpoints_dir.glob("step-*") if (p / TRAINER_STATE).is_file()),
+            key=lambda p: int(p.name.split("-")[1]),
+        )
+        for old in done[: max(0, len(done) - keep)]:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in self.checkpoints_dir.glob(".tmp-step-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+    # -- metrics -------------------------------------------------------------
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        with self.metrics_file.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics_file.is_file():
+            return []
+        return [json.loads(line) for line in self.metrics_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    def truncate_metrics(self, step: int) -> None:
+        """On resume, forget what the killed run logged after its last checkpoint."""
+        rows = [r for r in self.read_metrics() if r.get("step", 0) <= step]
+        atomic_write_text(self.metrics_file, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def plot_loss(rows: list[dict[str, Any]], out: Path) -> None:
+    """Train (and eval) loss against step, as a PNG a person can glance at."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (per target token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = out.with_name(f".{out.stem}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out)

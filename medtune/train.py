@@ -1,0 +1,331 @@
+"""Train a LoRA adapter from a recipe: recipe → Accelerator → data → model → loop → run dir.
+
+    accelerate launch medtune/train.py recipes/demo.yaml [group.key=value ...] [--resume]
+
+One explicit loop for every stage. accelerate owns devices, DDP, DeepSpeed,
+mixed precision and checkpoint state; peft owns the adapter; this file only
+decides what happens in which order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch.utils.data import DataLoader
+
+from medtune import __version__
+from medtune.data import load_chat_records, pad_batch, split_eval, tokenize_chat
+from medtune.losses import causal_lm_loss_sum, count_target_tokens
+from medtune.model import attach_lora, count_parameters, load_base_model, load_tokenizer, resolve_base, resolve_dtype
+from medtune.recipe import Recipe, RecipeError, load_recipe
+from medtune.records import RecordError
+from medtune.rundir import RunDir, TRAINER_STATE, plot_loss
+from medtune.templates import get_template, jinja_chat_template
+
+
+def build_accelerator(recipe: Recipe, dtype: str):
+    from accelerate import Accelerator, DataLoaderConfiguration, DeepSpeedPlugin
+    from accelerate.utils import GradientAccumulationPlugin
+
+    train = recipe.train
+    deepspeed = None
+    if train.deepspeed:
+        deepspeed = DeepSpeedPlugin(
+            hf_ds_config=train.deepspeed, gradient_accumulation_steps=train.gradient_accumulation_steps,
+            gradient_clipping=train.max_grad_norm or None,
+        )
+    return Accelerator(
+        mixed_precision={"bf16": "bf16", "fp16": "fp16"}.get(dtype, "no"),
+        # Windows are always exactly N micro-batches (see micro_batches), so syncing on the
+        # step count alone is right, also across epoch boundaries.
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=train.gradient_accumulation_steps, sync_with_dataloader=False,
+        ),
+        # A seeded sampler makes each epoch's order a function of (seed, epoch): a resumed run replays it.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        deepspeed_plugin=deepspeed,
+        log_with="wandb" if train.report_to == "wandb" else None,
+        project_dir=recipe.output.dir,
+    )
+
+
+def prepare_run_dir(run: RunDir, recipe: Recipe, accelerator) -> tuple[str, Path | None]:
+    """Decide between a fresh start, a resume, and 'already done'; never silently overwrite a run."""
+    if recipe.train.resume:
+        if run.is_finished():
+            return "finished", None
+        checkpoint = run.latest_checkpoint()
+        if checkpoint is not None:
+            return "resume", checkpoint
+    elif run.has_training_state():
+        raise RecipeError(
+            f"{run.root}: a run already exists there. Continue it with --resume (train.resume=true), "
+            f"or start over with another output.dir=... or after deleting the directory."
+        )
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(run.checkpoints_dir, ignore_errors=True)
+        run.metrics_file.unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
+    return "fresh", None
+
+
+def build_datasets(recipe: Recipe, tokenizer, accelerator) -> tuple[list, list]:
+    """Tokenized train and eval examples for the SFT stage."""
+    data = recipe.data
+    template = get_template(data.template)
+    records = load_chat_records(data.train_files)
+    if data.eval_files:
+        train_records, eval_records = records, load_chat_records(data.eval_files)
+    else:
+        train_records, eval_records = split_eval(records, data.eval_ratio, recipe.train.seed)
+    encode = partial(tokenize_chat, tokenizer=tokenizer, template=template, max_length=data.max_length,
+                     system_prompt=data.system_prompt, train_on=data.train_on)
+    train_set, report = encode(train_records)
+    eval_set, _ = encode(eval_records)
+    accelerator.print(f"train data: {report.summary()}; eval: {len(eval_set)} examples")
+    if not train_set:
+        raise RecordError(f"no trainable example in {', '.join(data.train_files)}: {report.summary()}")
+    return train_set, eval_set
+
+
+def build_model(recipe: Recipe, base: str, dtype: str, accelerator):
+    quantized = recipe.model.quantization is not None
+    device_map = {"": accelerator.local_process_index} if quantized and torch.cuda.is_available() else None
+    model = load_base_model(base, recipe.model, dtype, device_map=device_map)
+    model = attach_lora(model, recipe.lora, recipe.train.gradient_checkpointing, quantized)
+    trainable, total = count_parameters(model)
+    accelerator.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+    return model
+
+
+def keep_only_trainable():
+    """Checkpoints hold only what training changes (the adapter), not a copy of the frozen base."""
+    def hook(models, weights, output_dir):
+        for m, state in zip(models, weights):
+            names = {n for n, p in m.named_parameters() if p.requires_grad}
+            for key in [k for k in state if k not in names]:
+                del state[key]
+    return hook
+
+
+def micro_batches(dataloader, start: int) -> Iterator[dict[str, torch.Tensor]]:
+    """An endless stream of micro-batches over epochs, starting after ``start`` of them."""
+    from accelerate import skip_first_batches
+
+    epoch, skip = divmod(start, len(dataloader))
+    while True:
+        dataloader.set_epoch(epoch)
+        yield from (skip_first_batches(dataloader, skip) if skip else dataloader)
+        epoch, skip = epoch + 1, 0
+
+
+@torch.no_grad()
+def evaluate(model, dataloader, accelerator) -> float:
+    """Mean loss per target token over the whole eval set, all processes together."""
+    model.eval()
+    total = torch.zeros(2, device=accelerator.device)
+    for batch in dataloader:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        total += torch.stack([causal_lm_loss_sum(logits, batch["labels"]).detach(),
+                              count_target_tokens(batch["labels"]).float()])
+    total = accelerator.reduce(total, "sum")
+    model.train()
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+@dataclass
+class TrainResult:
+    run: RunDir
+    model: Any = None  # the trained PeftModel (unwrapped); None when the run had already finished
+
+
+def train(recipe: Recipe) -> TrainResult:
+    """Run (or resume) training to the end; the run directory holds everything it produced."""
+    from accelerate.utils import set_seed
+    from transformers import get_scheduler
+
+    cfg = recipe.train
+    dtype = resolve_dtype(recipe.model.dtype)
+    accelerator = build_accelerator(recipe, dtype)
+    run = RunDir(recipe.output.dir)
+    mode, checkpoint = prepare_run_dir(run, recipe, accelerator)
+    if mode == "finished":
+        accelerator.print(f"{run.root}: this run already finished; its adapter is in {run.adapter_dir}")
+        return TrainResult(run)
+    set_seed(cfg.seed)
+
+    # -- data and model -------------------------------------------------------
+    with accelerator.main_process_first():  # the tiny base is built once, by the main process
+        base = resolve_base(recipe.model, recipe.data.train_files)
+    tokenizer = load_tokenizer(base, recipe.model.trust_remote_code)
+    tokenizer.chat_template = jinja_chat_template(get_template(recipe.data.template), recipe.data.system_prompt)
+    train_set, eval_set = build_datasets(recipe, tokenizer, accelerator)
+    model = build_model(recipe, base, dtype, accelerator)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+    )
+    collate = partial(pad_batch, pad_id=tokenizer.pad_token_id)
+    train_dl = DataLoader(train_set, batch_size=cfg.per_device_batch_size, shuffle=True, collate_fn=collate)
+    model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
+    eval_dl = None
+    if eval_set:
+        eval_dl = accelerator.prepare(DataLoader(eval_set, batch_size=cfg.per_device_batch_size, collate_fn=collate))
+
+    accumulation = cfg.gradient_accumulation_steps
+    if cfg.max_steps > 0:
+        total_steps = cfg.max_steps
+    else:
+        total_steps = max(1, math.floor(cfg.num_epochs * len(train_dl)) // accumulation)
+    # Not passed through accelerator.prepare: that would step it once per process per step.
+    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+    accelerator.register_for_checkpointing(scheduler)
+    accelerator.register_save_state_pre_hook(keep_only_trainable())
+    is_deepspeed = accelerator.distributed_type.name == "DEEPSPEED"
+    save_kwargs = {"exclude_frozen_parameters": True} if is_deepspeed else {}
+
+    step, tokens_seen = 0, 0
+    if mode == "resume":
+        accelerator.load_state(str(checkpoint), **({} if is_deepspeed else {"strict": False}))
+        state = json.loads((checkpoint / TRAINER_STATE).read_text())
+        step, tokens_seen = state["step"], state["tokens_seen"]
+        accelerator.print(f"resuming {run.root} from {checkpoint.name} (step {step} of {total_steps})")
+    if accelerator.is_main_process:
+        run.root.mkdir(parents=True, exist_ok=True)
+        run.recipe_file.write_text(recipe.to_yaml(), encoding="utf-8")
+        if mode == "resume":
+            run.truncate_metrics(step)
+        run.write_info({
+            "medtune_version": __version__, "base_model": base, "base_model_name": recipe.model.base,
+            "template": recipe.data.template, "stage": cfg.stage, "world_size": accelerator.num_processes,
+            "dtype": dtype, "total_steps": total_steps, "finished": False,
+        })
+    if cfg.report_to == "wandb":
+        accelerator.init_trackers("medtune", config=recipe.to_dict(), init_kwargs={"wandb": {"name": run.root.name}})
+
+    # -- the loop ---------------------------------------------------------------
+    from tqdm.auto import tqdm
+
+    model.train()
+    stream = micro_batches(train_dl, step * accumulation)
+    progress = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, desc="train")
+    window_loss = torch.zeros(1, device=accelerator.device)  # this process's loss sum since the last log line
+    window_tokens = 0.0  # all processes' target tokens since the last log line
+    last_log = time.perf_counter()
+    last_eval = None
+    while step < total_steps:
+        window = [next(stream) for _ in range(accumulation)]
+        # Normalise by the target tokens of the whole optimizer step, over all micro-batches and
+        # all processes: every token weighs the same, however the batches split them.
+        local_tokens = sum(count_target_tokens(b["labels"]) for b in window)
+        step_tokens = accelerator.reduce(local_tokens.to(accelerator.device).float(), "sum").clamp(min=1)
+        for batch in window:
+            with accelerator.accumulate(model):
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                loss_sum = causal_lm_loss_sum(logits, batch["labels"])
+                # backward() divides by the accumulation steps and DDP averages over processes:
+                # multiply both back so the gradient is exactly d(sum of token losses)/d(w) / step_tokens.
+                accelerator.backward(loss_sum * (accumulation * accelerator.num_processes) / step_tokens)
+                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            window_loss[0] += loss_sum.detach()
+        scheduler.step()
+        step += 1
+        tokens_seen += int(step_tokens.item())
+        window_tokens += step_tokens.item()
+        progress.update(1)
+
+        if step % cfg.logging_steps == 0 or step == total_steps:
+            loss_total = accelerator.reduce(window_loss, "sum").item()
+            now = time.perf_counter()
+            row = {"step": step, "loss": round(loss_total / max(window_tokens, 1.0), 6),
+                   "lr": scheduler.get_last_lr()[0], "tokens_per_s": round(window_tokens / (now - last_log), 1),
+                   "epoch": round(step * accumulation / len(train_dl), 4)}
+            last_log, window_tokens = now, 0.0
+            window_loss.zero_()
+            _log(run, accelerator, progress, row)
+        if eval_dl is not None and cfg.eval_steps and step % cfg.eval_steps == 0:
+            last_eval = evaluate(model, eval_dl, accelerator)
+            _log(run, accelerator, progress, {"step": step, "eval_loss": round(last_eval, 6)})
+        if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
+            state = {"step": step, "tokens_seen": tokens_seen, "total_steps": total_steps}
+            run.save_checkpoint(accelerator, step, state, cfg.save_total_limit, **save_kwargs)
+    progress.close()
+
+    if eval_dl is not None and not (cfg.eval_steps and step % cfg.eval_steps == 0):
+        last_eval = evaluate(model, eval_dl, accelerator)
+        _log(run, accelerator, None, {"step": step, "eval_loss": round(last_eval, 6)})
+    save_adapter(run, model, tokenizer, accelerator)
+    if accelerator.is_main_process:
+        rows = run.read_metrics()
+        plot_loss(rows, run.loss_plot)
+        info = run.read_info()
+        losses = [r["loss"] for r in rows if "loss" in r]
+        info.update(finished=True, steps=step, tokens_seen=tokens_seen, first_loss=losses[0] if losses else None,
+                    final_loss=losses[-1] if losses else None, eval_loss=last_eval)
+        run.write_info(info)
+        accelerator.print(f"done: adapter in {run.adapter_dir}; loss {info['first_loss']} → {info['final_loss']}"
+                          + (f"; eval loss {last_eval:.4f}" if last_eval is not None else ""))
+    accelerator.end_training()
+    return TrainResult(run, accelerator.unwrap_model(model))
+
+
+def _log(run: RunDir, accelerator, progress, row: dict[str, Any]) -> None:
+    accelerator.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+    if accelerator.is_main_process:
+        run.append_metrics(row)
+        if progress is not None:
+            progress.set_postfix({k: v for k, v in row.items() if k in ("loss", "eval_loss")})
+
+
+def save_adapter(run: RunDir, model, tokenizer, accelerator) -> None:
+    """Adapter + tokenizer, loadable by plain peft; written to a temp dir and renamed."""
+    # get_state_dict gathers the full weights under ZeRO-3; every process must call it.
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        tmp = run.root / ".adapter.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(run.adapter_dir, ignore_errors=True)
+        os.replace(tmp, run.adapter_dir)
+    accelerator.wait_for_everyone()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="medtune train", description="Train a LoRA adapter from a recipe.")
+    parser.add_argument("recipe", help="recipe YAML, e.g. recipes/demo.yaml")
+    parser.add_argument("overrides", nargs="*", help="group.key=value, e.g. train.max_steps=10")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        if args.resume:
+            recipe.train.resume = True
+        train(recipe)
+    except (RecipeError, RecordError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
