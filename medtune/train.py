@@ -46,6 +46,10 @@ def build_accelerator(recipe: Recipe, dtype: str):
             gradient_clipping=train.max_grad_norm or None,
         )
     return Accelerator(
+        # On a machine without CUDA, accelerate forms a (gloo) process group under torchrun only when
+        # told it is on CPU; otherwise every process believes it is rank 0. DeepSpeed picks its own
+        # CPU accelerator and must not be given this flag.
+        cpu=not torch.cuda.is_available() and deepspeed is None and not os.environ.get("ACCELERATE_USE_DEEPSPEED"),
         mixed_precision={"bf16": "bf16", "fp16": "fp16"}.get(dtype, "no"),
         # Windows are always exactly N micro-batches (see micro_batches), so syncing on the
         # step count alone is right, also across epoch boundaries.
@@ -164,7 +168,6 @@ def train(recipe: Recipe) -> TrainResult:
     if mode == "finished":
         accelerator.print(f"{run.root}: this run already finished; its adapter is in {run.adapter_dir}")
         return TrainResult(run)
-    set_seed(cfg.seed)
 
     # -- data and model -------------------------------------------------------
     with accelerator.main_process_first():  # the tiny base is built once, by the main process
@@ -172,12 +175,16 @@ def train(recipe: Recipe) -> TrainResult:
     tokenizer = load_tokenizer(base, recipe.model.trust_remote_code)
     tokenizer.chat_template = jinja_chat_template(get_template(recipe.data.template), recipe.data.system_prompt)
     train_set, eval_set = build_datasets(recipe, tokenizer, accelerator)
+    set_seed(cfg.seed)  # right before anything random: the adapter's init, then dropout and shuffling
     model = build_model(recipe, base, dtype, accelerator)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
     )
     collate = partial(pad_batch, pad_id=tokenizer.pad_token_id)
-    train_dl = DataLoader(train_set, batch_size=cfg.per_device_batch_size, shuffle=True, collate_fn=collate)
+    # Its own generator: an iterator without one draws from the global RNG, so a resumed run
+    # (which opens one more iterator) would shift the dropout masks of every later step.
+    train_dl = DataLoader(train_set, batch_size=cfg.per_device_batch_size, shuffle=True, collate_fn=collate,
+                          generator=torch.Generator().manual_seed(cfg.seed))
     model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
     eval_dl = None
     if eval_set:

@@ -1,0 +1,74 @@
+"""Shared fixtures: an isolated cache, the tiny model built from the demo data, small recipes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Set before anything imports medtune, so subprocesses inherit it too.
+_CACHE = Path(tempfile.mkdtemp(prefix="medtune-test-cache-"))
+os.environ.setdefault("MEDTUNE_CACHE", str(_CACHE))
+for key, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline",
+                   "TOKENIZERS_PARALLELISM": "false"}.items():
+    os.environ.setdefault(key, value)
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_DATA = REPO / "recipes" / "data" / "demo_medical.jsonl"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_base() -> Path:
+    from medtune.tiny_model import ensure_tiny_llama
+
+    return ensure_tiny_llama([str(DEMO_DATA)])
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_base):
+    from medtune.model import load_tokenizer
+
+    return load_tokenizer(str(tiny_base))
+
+
+def write_recipe(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+SMALL_RECIPE = f"""
+model:
+  base: tiny-llama
+  dtype: fp32
+lora:
+  r: 4
+  alpha: 8
+  dropout: 0.1
+  target_modules: all-linear
+  modules_to_save: [lm_head]
+data:
+  train_files: [{DEMO_DATA}]
+  eval_ratio: 0.1
+  template: chatmed
+  max_length: 128
+train:
+  learning_rate: 3e-3
+  max_steps: 12
+  per_device_batch_size: 4
+  gradient_accumulation_steps: 2
+  logging_steps: 2
+  save_steps: 4
+  seed: 7
+"""
+
+
+@pytest.fixture
+def small_recipe(tmp_path) -> Path:
+    return write_recipe(tmp_path / "small.yaml", SMALL_RECIPE)

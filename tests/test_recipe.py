@@ -1,0 +1,71 @@
+"""Recipes: strict for what a person writes, tolerant for what a program wrote."""
+
+from pathlib import Path
+
+import pytest
+
+from medtune.recipe import RecipeError, load_recipe
+from medtune.train import main as train_main
+
+from conftest import REPO, SMALL_RECIPE, write_recipe
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_validates(path, monkeypatch):
+    monkeypatch.chdir(REPO)  # recipes name their data relative to the repository root
+    recipe = load_recipe(path)
+    assert recipe.data.train_files and recipe.output.dir
+
+
+def test_misspelt_key_names_file_line_and_suggestion(tmp_path):
+    path = write_recipe(tmp_path / "r.yaml", SMALL_RECIPE.replace("learning_rate: 3e-3", "leraning_rate: 1e-4"))
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    message = str(info.value)
+    line = next(i for i, l in enumerate(path.read_text().splitlines(), 1) if "leraning_rate" in l)
+    assert f"{path}:{line}" in message
+    assert "train.leraning_rate: unknown key; did you mean learning_rate?" in message
+
+
+def test_train_command_exits_nonzero_before_loading_a_model(tmp_path, capsys):
+    # The base does not exist: had anything tried to load it, the error would be a different one.
+    text = SMALL_RECIPE.replace("base: tiny-llama", "base: /nonexistent/model").replace(
+        "learning_rate: 3e-3", "leraning_rate: 1e-4")
+    path = write_recipe(tmp_path / "r.yaml", text)
+    assert train_main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "leraning_rate" in err and "did you mean learning_rate?" in err
+
+
+def test_scientific_notation_without_dot_is_a_float(small_recipe):
+    # PyYAML reads `3e-3` as a string; the recipe still gets a float.
+    assert load_recipe(small_recipe).train.learning_rate == pytest.approx(3e-3)
+
+
+@pytest.mark.parametrize("old,new,expected", [
+    ("max_steps: 12", "max_steps: twelve", "train.max_steps: expected int"),
+    ("template: chatmed", "template: chatmd", "did you mean chatmed?"),
+    ("dtype: fp32", "dtype: float32", "model.dtype: 'float32' is not one of"),
+    ("eval_ratio: 0.1", "eval_ratio: 1.5", "data.eval_ratio"),
+    ("target_modules: all-linear", "target_modules: all", "lora.target_modules"),
+    ("  seed: 7", "  seed: 7\n  seed: 8", "duplicate key"),
+])
+def test_bad_values_fail_with_the_key(tmp_path, old, new, expected):
+    path = write_recipe(tmp_path / "r.yaml", SMALL_RECIPE.replace(old, new))
+    with pytest.raises(RecipeError, match=expected):
+        load_recipe(path)
+
+
+def test_overrides_apply_and_are_strict(small_recipe):
+    recipe = load_recipe(small_recipe, ["train.max_steps=3", "lora.target_modules=[q_proj, v_proj]"])
+    assert recipe.train.max_steps == 3 and recipe.lora.target_modules == ["q_proj", "v_proj"]
+    with pytest.raises(RecipeError, match="did you mean max_steps"):
+        load_recipe(small_recipe, ["train.max_step=3"])
+
+
+def test_saved_recipe_round_trips_and_tolerates_unknown_keys(small_recipe, tmp_path):
+    recipe = load_recipe(small_recipe)
+    saved = write_recipe(tmp_path / "saved.yaml", recipe.to_yaml() + "future_group:\n  x: 1\n")
+    with pytest.raises(RecipeError):
+        load_recipe(saved)
+    assert load_recipe(saved, strict=False) == recipe

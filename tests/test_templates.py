@@ -1,0 +1,69 @@
+"""Chat templates: exact ids and labels, and the same text through the saved Jinja chat_template."""
+
+import pytest
+
+from medtune.templates import IGNORE_INDEX, TEMPLATES, encode_conversation, get_template, jinja_chat_template, render_text
+
+ONE_TURN = [{"role": "user", "content": "头痛怎么办？"}, {"role": "assistant", "content": "多休息，必要时就医。"}]
+TWO_TURNS = ONE_TURN + [{"role": "user", "content": "需要吃药吗？"}, {"role": "assistant", "content": "可以服用布洛芬。"}]
+
+
+def enc(tokenizer, text):
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def test_chatmed_exact_ids_and_labels(tokenizer):
+    ids, labels = encode_conversation(tokenizer, get_template("chatmed"), ONE_TURN)
+    prompt = [tokenizer.bos_token_id] + enc(tokenizer, "问：\n头痛怎么办？\n答：\n")
+    answer = enc(tokenizer, "多休息，必要时就医。\n") + [tokenizer.eos_token_id]
+    assert ids == prompt + answer
+    assert labels == [IGNORE_INDEX] * len(prompt) + answer
+
+
+def test_ziya_multi_turn_trains_every_reply_or_only_the_last(tokenizer):
+    template = get_template("ziya")
+    eos = tokenizer.eos_token_id
+    p1 = [tokenizer.bos_token_id] + enc(tokenizer, "<human>:头痛怎么办？\n<bot>:")
+    a1 = enc(tokenizer, "多休息，必要时就医。") + [eos]
+    p2 = enc(tokenizer, "<human>:需要吃药吗？\n<bot>:")
+    a2 = enc(tokenizer, "可以服用布洛芬。") + [eos]
+    ids, labels = encode_conversation(tokenizer, template, TWO_TURNS)
+    assert ids == p1 + a1 + p2 + a2
+    mask = lambda x: [IGNORE_INDEX] * len(x)  # noqa: E731
+    assert labels == mask(p1) + a1 + mask(p2) + a2
+    _, last_only = encode_conversation(tokenizer, template, TWO_TURNS, train_on="last_turn")
+    assert last_only == mask(p1) + mask(a1) + mask(p2) + a2
+
+
+def test_llama2_zh_puts_system_inside_first_inst_and_bos_every_turn(tokenizer):
+    template = get_template("llama2_zh")
+    messages = [{"role": "system", "content": "你是医生。"}] + TWO_TURNS
+    text = render_text(template, messages, "<s>", "</s>")
+    assert text == ("<s>[INST] <<SYS>>\n你是医生。\n<</SYS>>\n\n头痛怎么办？ [/INST] 多休息，必要时就医。</s>"
+                    "<s>[INST] 需要吃药吗？ [/INST] 可以服用布洛芬。</s>")
+    ids, _ = encode_conversation(tokenizer, template, messages)
+    assert ids.count(tokenizer.bos_token_id) == 2 and ids.count(tokenizer.eos_token_id) == 2
+
+
+def test_chinese_alpaca_and_chatml_text():
+    alpaca = render_text(get_template("chinese_alpaca"), ONE_TURN, "<s>", "</s>")
+    assert alpaca == ("<s>Below is an instruction that describes a task. Write a response that appropriately "
+                      "completes the request.\n\n### Instruction:\n头痛怎么办？\n\n### Response: 多休息，必要时就医。</s>")
+    chatml = render_text(get_template("chatml"), TWO_TURNS, "<s>", "</s>")
+    assert chatml.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n头痛怎么办？")
+    assert "多休息，必要时就医。<|im_end|></s>\n<|im_start|>user\n需要吃药吗？" in chatml
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+@pytest.mark.parametrize("messages", [ONE_TURN, TWO_TURNS, TWO_TURNS[:3],
+                                      [{"role": "system", "content": "你是一名全科医生。"}] + TWO_TURNS])
+def test_saved_chat_template_renders_the_training_format(tokenizer, name, messages):
+    template = get_template(name)
+    tokenizer.chat_template = jinja_chat_template(template)
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+    assert rendered == render_text(template, messages, tokenizer.bos_token, tokenizer.eos_token)
+
+
+def test_turns_must_alternate(tokenizer):
+    with pytest.raises(ValueError, match="alternate"):
+        encode_conversation(tokenizer, get_template("chatmed"), [ONE_TURN[1], ONE_TURN[0]])

@@ -1,0 +1,78 @@
+"""Training: the loss falls, only the adapter changes, the adapter reloads with plain peft."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from medtune.recipe import RecipeError, load_recipe
+from medtune.train import train
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_base):
+    from conftest import SMALL_RECIPE, write_recipe
+
+    tmp = tmp_path_factory.mktemp("train")
+    path = write_recipe(tmp / "r.yaml", SMALL_RECIPE)
+    recipe = load_recipe(path, [f"output.dir={tmp / 'run'}", "train.max_steps=40", "train.save_steps=0"])
+    base_before = load_file(tiny_base / "model.safetensors")
+    result = train(recipe)
+    return result, base_before, tiny_base
+
+
+def test_loss_falls_and_run_dir_describes_itself(trained):
+    result, _, tiny_base = trained
+    run = result.run
+    info = run.read_info()
+    assert info["finished"] and info["steps"] == 40 and info["base_model"] == str(tiny_base)
+    assert info["final_loss"] < info["first_loss"] - 1.0
+    assert run.loss_plot.stat().st_size > 1000 and run.recipe_file.is_file()
+    rows = run.read_metrics()
+    assert [r["step"] for r in rows if "loss" in r] == list(range(2, 41, 2))
+    assert any("eval_loss" in r for r in rows)
+    assert run.read_recipe().train.max_steps == 40
+
+
+def test_only_adapter_weights_are_trained_and_saved(trained):
+    result, base_before, tiny_base = trained
+    saved = load_file(result.run.adapter_dir / "adapter_model.safetensors")
+    assert saved and all("lora_" in k or "lm_head" in k for k in saved), sorted(saved)[:5]
+    # The frozen base on disk and in memory is untouched.
+    assert all(torch.equal(base_before[k], v) for k, v in load_file(tiny_base / "model.safetensors").items())
+    model = result.model
+    for name, param in model.named_parameters():
+        if "lora_" not in name and "modules_to_save" not in name:
+            key = name.replace("base_model.model.", "", 1).replace(".base_layer", "").replace(".original_module", "")
+            assert torch.equal(param.detach(), base_before[key]), name
+
+
+def test_adapter_loads_with_plain_peft_and_reproduces_logits(trained, tokenizer):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    result, _, tiny_base = trained
+    adapter = result.run.adapter_dir
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny_base)
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), adapter).eval()
+    saved_tokenizer = AutoTokenizer.from_pretrained(adapter)
+    ids = saved_tokenizer.apply_chat_template([{"role": "user", "content": "高血压要注意什么？"}], return_tensors="pt")
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    with torch.no_grad():
+        expected = result.model.eval()(input_ids=ids).logits
+        got = plain(input_ids=ids).logits
+    assert torch.allclose(expected, got, atol=1e-5)
+
+
+def test_existing_run_is_never_overwritten(trained, tmp_path):
+    from conftest import SMALL_RECIPE, write_recipe
+
+    result, _, _ = trained
+    path = write_recipe(tmp_path / "r.yaml", SMALL_RECIPE)
+    recipe = load_recipe(path, [f"output.dir={result.run.root}"])
+    with pytest.raises(RecipeError, match="--resume"):
+        train(recipe)
+    recipe.train.resume = True  # a finished run is reported, not retrained
+    assert train(recipe).model is None
