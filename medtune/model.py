@@ -18,6 +18,10 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 def resolve_dtype(name: str) -> str:
     """`auto` → bf16 on a GPU that has it, else fp32 (CPU bf16 is slow and fp16 on CPU is unsupported)."""
+    if name == "fp16" and not torch.cuda.is_available():
+        raise ValueError("model.dtype: fp16 mixed precision needs a CUDA GPU; use bf16 or fp32 on this machine")
+    if name == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise ValueError("model.dtype: this GPU has no bf16 (pre-Ampere); use fp16 or fp32")
     if name != "auto":
         return name
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():

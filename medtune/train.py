@@ -38,6 +38,12 @@ def build_accelerator(recipe: Recipe, dtype: str):
     from accelerate import Accelerator, DataLoaderConfiguration, DeepSpeedPlugin
     from accelerate.utils import GradientAccumulationPlugin
 
+    from accelerate.state import AcceleratorState, GradientState
+
+    # accelerate keeps process-wide singletons; a second train() in the same process (a notebook,
+    # the tests) may ask for another precision. The process group (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
     train = recipe.train
     deepspeed = None
     if train.deepspeed:
@@ -328,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.resume:
             recipe.train.resume = True
         train(recipe)
-    except (RecipeError, RecordError) as exc:
+    except (RecipeError, RecordError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -76,3 +76,31 @@ def test_existing_run_is_never_overwritten(trained, tmp_path):
         train(recipe)
     recipe.train.resume = True  # a finished run is reported, not retrained
     assert train(recipe).model is None
+
+
+def test_checkpointing_bf16_and_offline_wandb(tmp_path, capfd, monkeypatch):
+    from conftest import SMALL_RECIPE, write_recipe
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_API_KEY", "secret-key-0123456789abcdef0123456789abcdef")
+    path = write_recipe(tmp_path / "r.yaml", SMALL_RECIPE)
+    recipe = load_recipe(path, [f"output.dir={tmp_path / 'run'}", "train.max_steps=3", "train.save_steps=0",
+                                "train.gradient_checkpointing=true", "model.dtype=bf16", "train.report_to=wandb"])
+    result = train(recipe)
+    info = result.run.read_info()
+    assert info["finished"] and info["dtype"] == "bf16"
+    assert result.model.base_model.model.is_gradient_checkpointing
+    assert list(tmp_path.glob("wandb/offline-run-*")), "no offline wandb run was written"
+    out = capfd.readouterr()
+    assert "secret-key" not in out.out + out.err
+
+
+def test_fp16_without_gpu_is_refused_before_loading(tmp_path):
+    from conftest import SMALL_RECIPE, write_recipe
+
+    if torch.cuda.is_available():
+        pytest.skip("fp16 is valid on a GPU")
+    path = write_recipe(tmp_path / "r.yaml", SMALL_RECIPE.replace("dtype: fp32", "dtype: fp16"))
+    with pytest.raises(ValueError, match="fp16 mixed precision needs a CUDA GPU"):
+        train(load_recipe(path, [f"output.dir={tmp_path / 'run'}"]))
