@@ -1,0 +1,1 @@
+"""Converters from the public Chinese medical corpora to medtune's instruction-record format."""

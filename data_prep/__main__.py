@@ -1,0 +1,65 @@
+"""python -m data_prep SOURCE INPUT... --out OUT.jsonl [--dev-ratio R --seed S] [--max-length N] [--dedup]"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from data_prep import alpaca, chatmed, cmtmedqa, huatuo, preference, promptcblue, sharegpt, text
+from data_prep.pipeline import Options, PrepError, read_items, run
+
+# source name → (converter, reader, one-line description)
+SOURCES = {
+    "promptcblue": (promptcblue.convert, read_items, "PromptCBLUE train/dev/test JSON lines"),
+    "chatmed-consult": (chatmed.make_converter("chatmed-consult"), read_items, "ChatMed_Consult {query, response}"),
+    "chatmed-tcm": (chatmed.make_converter("chatmed-tcm"), read_items, "ChatMed_TCM {query, response}"),
+    "cmtmedqa": (cmtmedqa.convert, read_items, "CMtMedQA multi-turn (JSON array or lines)"),
+    "huatuo": (huatuo.convert, read_items, "Huatuo26M-style, instruction/output lists"),
+    "preference": (preference.convert, read_items, "pairwise {instruction, input, output: [chosen, rejected]}"),
+    "text": (text.convert, text.read_text_or_jsonl, "raw text: .txt paragraphs or {text} lines"),
+    "alpaca": (alpaca.convert, read_items, "{instruction, input, output, history?}"),
+    "sharegpt": (sharegpt.convert, read_items, "{conversations: [{from, value}]}"),
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m data_prep", description="Convert a corpus into medtune's instruction JSONL.",
+        epilog="sources: " + "; ".join(f"{name}: {desc}" for name, (_, _, desc) in SOURCES.items()),
+    )
+    parser.add_argument("source", choices=list(SOURCES))
+    parser.add_argument("inputs", nargs="+", type=Path, metavar="INPUT")
+    parser.add_argument("--out", required=True, type=Path, help="output JSONL (dev and skip report go beside it)")
+    parser.add_argument("--dev-ratio", type=float, default=0.0, help="fraction of records written to OUT.dev.jsonl")
+    parser.add_argument("--seed", type=int, default=42, help="seed of the train/dev split")
+    parser.add_argument("--max-length", type=int, help="skip records longer than this many characters")
+    parser.add_argument("--dedup", action="store_true", help="skip records whose content repeats an earlier one")
+    parser.add_argument("--max-per-task", type=int, help="promptcblue: keep at most N records per task")
+    parser.add_argument("--strip-answer-cue", action="store_true",
+                        help="promptcblue: remove '答：' from prompts, as the LLaMA baseline does")
+    parser.add_argument("--quiet", action="store_true", help="no progress line")
+    args = parser.parse_args(argv)
+    if not 0.0 <= args.dev_ratio < 1.0:
+        parser.error("--dev-ratio must be in [0, 1)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    convert, reader, _ = SOURCES[args.source]
+    options = Options(dev_ratio=args.dev_ratio, seed=args.seed, max_length=args.max_length, dedup=args.dedup,
+                      max_per_task=args.max_per_task, strip_answer_cue=args.strip_answer_cue)
+    try:
+        report = run(args.source, convert, args.inputs, args.out, options, reader=reader, progress=not args.quiet)
+    except PrepError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    if sum(report.skipped.values()):
+        print(f"skipped records are listed in {args.out.with_name(args.out.name.removesuffix('.jsonl') + '.skipped.jsonl')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,332 @@
+"""The one streaming reader/writer every source shares, with the skip report.
+
+Every input record is either written or reported: read = written + skipped, by
+reason. Outputs go to temp files renamed only on success, so a failed run
+leaves no half file, and no output may overwrite an input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from medtune.records import RecordError, validate_record, write_jsonl_line
+
+
+class Skip(Exception):
+    """A record that cannot be converted; ``reason`` is one of a small closed set, ``detail`` says more."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason, self.detail = reason, detail
+
+
+class PrepError(RuntimeError):
+    """The whole run cannot go on (missing file, non-UTF-8 input, output over an input)."""
+
+
+@dataclass
+class Item:
+    """One raw input record and where it came from (for ids and for the skip report)."""
+
+    file: str
+    index: int  # 0-based position in the file
+    line: int  # 1-based line where it starts
+    value: Any = None
+    error: str | None = None  # set when the text could not be parsed
+
+
+@dataclass
+class Options:
+    dev_ratio: float = 0.0
+    seed: int = 42
+    max_length: int | None = None  # characters of all message content together
+    dedup: bool = False
+    max_per_task: int | None = None  # PromptCBLUE: cap records per meta.task_dataset
+    strip_answer_cue: bool = False  # PromptCBLUE: drop "答：" from prompts, as the LLaMA baseline does
+
+
+@dataclass
+class Report:
+    read: int = 0
+    written: int = 0
+    dev: int = 0
+    skipped: Counter = field(default_factory=Counter)
+
+    def summary(self) -> str:
+        parts = [f"read {self.read}", f"written {self.written} (train {self.written - self.dev}, dev {self.dev})",
+                 f"skipped {sum(self.skipped.values())}"]
+        lines = ["; ".join(parts)]
+        lines += [f"  skipped, {reason}: {n}" for reason, n in self.skipped.most_common()]
+        return "\n".join(lines)
+
+
+Converter = Callable[[Any, Item, Options], list[dict]]
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_items(path: Path) -> Iterator[Item]:
+    """Stream a JSON-lines file or a JSON array file, one record at a time, memory flat."""
+    with path.open("r", encoding="utf-8", newline="") as handle:
+        first = _first_char(handle)
+        handle.seek(0)
+        if first == "[":
+            yield from _read_array(handle, str(path))
+        else:
+            yield from _read_lines(handle, str(path))
+
+
+def _first_char(handle) -> str:
+    while True:
+        chunk = handle.read(4096)
+        if not chunk:
+            return ""
+        stripped = chunk.lstrip("\ufeff \t\r\n")
+        if stripped:
+            return stripped[0]
+
+
+def _read_lines(handle, name: str) -> Iterator[Item]:
+    index = 0
+    for lineno, line in enumerate(handle, 1):
+        if not line.strip():
+            continue
+        try:
+            yield Item(name, index, lineno, json.loads(line))
+        except json.JSONDecodeError as exc:
+            yield Item(name, index, lineno, error=f"malformed JSON ({exc.msg} at column {exc.colno})")
+        index += 1
+
+
+def _read_array(handle, name: str, chunk_size: int = 1 << 20) -> Iterator[Item]:
+    """Elements of a top-level JSON array, decoded one by one from a sliding buffer."""
+    decoder = json.JSONDecoder()
+    buffer, line, index, eof = "", 1, 0, False
+    pos = buffer.find("[")
+    while pos < 0 and not eof:
+        more = handle.read(chunk_size)
+        eof = not more
+        buffer += more
+        pos = buffer.find("[")
+    line += buffer.count("\n", 0, pos)
+    pos += 1
+    while True:
+        # skip white space and commas between elements
+        while True:
+            while pos < len(buffer) and buffer[pos] in " \t\r\n,\ufeff":
+                if buffer[pos] == "\n":
+                    line += 1
+                pos += 1
+            if pos < len(buffer) or eof:
+                break
+            buffer, pos = buffer[pos:], 0
+            more = handle.read(chunk_size)
+            eof = not more
+            buffer += more
+        if pos >= len(buffer):
+            raise PrepError(f"{name}: the JSON array is not closed (no final ']')")
+        if buffer[pos] == "]":
+            return
+        while True:
+            try:
+                value, end = decoder.raw_decode(buffer, pos)
+                break
+            except json.JSONDecodeError as exc:
+                if eof:
+                    raise PrepError(f"{name}:{line}: malformed JSON inside the array ({exc.msg}); "
+                                    "a broken JSON array cannot be read past this point") from None
+                buffer, pos = buffer[pos:], 0
+                more = handle.read(chunk_size)
+                eof = not more
+                buffer += more
+        yield Item(name, index, line, value)
+        line += buffer.count("\n", pos, end)
+        index, pos = index + 1, end
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def output_paths(out: Path) -> dict[str, Path]:
+    stem = out.name[: -len(".jsonl")] if out.name.endswith(".jsonl") else out.name
+    return {"train": out, "dev": out.with_name(f"{stem}.dev.jsonl"), "skipped": out.with_name(f"{stem}.skipped.jsonl")}
+
+
+def check_paths(inputs: list[Path], out: Path) -> None:
+    for path in inputs:
+        if not path.is_file():
+            raise PrepError(f"{path}: input file not found")
+    resolved = {p.resolve() for p in inputs}
+    for kind, path in output_paths(out).items():
+        if path.resolve() in resolved:
+            raise PrepError(f"{path}: the {kind} output would overwrite an input; choose another --out")
+
+
+def is_dev(record_id: str, options: Options) -> bool:
+    """A stable split: the same id and seed always land on the same side, whatever the order."""
+    if options.dev_ratio <= 0:
+        return False
+    digest = hashlib.blake2b(f"{options.seed}:{record_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < options.dev_ratio
+
+
+def run(source: str, convert: Converter, inputs: list[Path], out: Path, options: Options,
+        reader: Callable[[Path], Iterator[Item]] = read_items, progress: bool = True) -> Report:
+    """Convert every input record, write train/dev/skipped atomically, return the counts."""
+    check_paths(inputs, out)
+    paths = output_paths(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = {kind: path.with_name(f".{path.name}.tmp-{os.getpid()}") for kind, path in paths.items()}
+    handles = {kind: path.open("w", encoding="utf-8") for kind, path in tmp.items()}
+    report, seen, per_task = Report(), set(), Counter()
+    ticker = _Progress(enabled=progress)
+    try:
+        for path in inputs:
+            try:
+                for item in reader(path):
+                    report.read += 1
+                    ticker.tick(report.read)
+                    try:
+                        records = _convert_one(source, convert, item, options, seen, per_task)
+                    except Skip as skip:
+                        report.skipped[skip.reason] += 1
+                        handles["skipped"].write(write_jsonl_line(
+                            {"file": item.file, "line": item.line, "index": item.index,
+                             "reason": skip.reason, "detail": skip.detail}))
+                        continue
+                    for record in records:
+                        dev = is_dev(record["id"], options)
+                        handles["dev" if dev else "train"].write(write_jsonl_line(record))
+                        report.written += 1
+                        report.dev += dev
+            except UnicodeDecodeError as exc:
+                raise PrepError(f"{path}: not UTF-8 (byte offset {exc.start}: {exc.reason}); "
+                                "convert the file to UTF-8 first (e.g. iconv -f GB18030 -t UTF-8)") from None
+        for handle in handles.values():
+            handle.close()
+        for kind, path in tmp.items():
+            if kind == "dev" and options.dev_ratio <= 0:
+                path.unlink()
+                continue
+            os.replace(path, paths[kind])
+    finally:
+        ticker.close(report.read)
+        for handle in handles.values():
+            handle.close()
+        for path in tmp.values():
+            path.unlink(missing_ok=True)
+    return report
+
+
+def _convert_one(source: str, convert: Converter, item: Item, options: Options, seen: set, per_task: Counter) -> list[dict]:
+    if item.error:
+        raise Skip("malformed JSON", item.error)
+    if not isinstance(item.value, dict):
+        raise Skip("not an object", f"got {type(item.value).__name__}")
+    records = convert(item.value, item, options)
+    for record in records:
+        try:
+            validate_record(record)
+        except RecordError as exc:
+            raise Skip("invalid record", str(exc)) from None
+        if options.max_length and _length(record) > options.max_length:
+            raise Skip("too long", f"{_length(record)} characters > --max-length {options.max_length}")
+    if options.dedup:
+        keys = [hashlib.blake2b(_content_key(r).encode(), digest_size=16).digest() for r in records]
+        if any(k in seen for k in keys):
+            raise Skip("duplicate", "same content as an earlier record")
+        seen.update(keys)
+    if options.max_per_task:
+        for record in records:
+            task = record.get("meta", {}).get("task_dataset")
+            if task is not None and per_task[task] >= options.max_per_task:
+                raise Skip("over per-task cap", f"{task} already has {options.max_per_task} records")
+        for record in records:
+            per_task[record.get("meta", {}).get("task_dataset")] += 1
+    return records
+
+
+def _length(record: dict) -> int:
+    if "text" in record and "messages" not in record:
+        return len(record["text"])
+    return sum(len(m["content"]) for m in record["messages"]) + len(record.get("chosen", "")) + len(record.get("rejected", ""))
+
+
+def _content_key(record: dict) -> str:
+    if "text" in record and "messages" not in record:
+        return record["text"]
+    parts = [f"{m['role']}\x1f{m['content']}" for m in record["messages"]]
+    return "\x1e".join(parts + [record.get("chosen") or "", record.get("rejected") or ""])
+
+
+class _Progress:
+    """rows and rows/s on stderr, at most twice a second (a tqdm bar per row costs more than the work)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.start, self.last = enabled, time.perf_counter(), 0.0
+
+    def tick(self, n: int) -> None:
+        if self.enabled and n % 4096 == 0:
+            now = time.perf_counter()
+            if now - self.last > 0.5:
+                self.last = now
+                print(f"\r{n:,} rows, {n / (now - self.start):,.0f} rows/s", end="", file=sys.stderr, flush=True)
+
+    def close(self, n: int) -> None:
+        if self.enabled:
+            elapsed = max(time.perf_counter() - self.start, 1e-9)
+            print(f"\r{n:,} rows, {n / elapsed:,.0f} rows/s in {elapsed:.1f} s", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- helpers for converters
+
+
+def text_field(obj: dict, *names: str, required: bool = True) -> str:
+    """The first of ``names`` present, as stripped text; a Skip naming the field otherwise."""
+    for name in names:
+        if name in obj and obj[name] is not None:
+            value = obj[name]
+            if not isinstance(value, str):
+                raise Skip("invalid field", f"{name!r} is a {type(value).__name__}, expected text")
+            return value.strip()
+    if required:
+        raise Skip("missing field", " or ".join(repr(n) for n in names))
+    return ""
+
+
+def record_id(obj: dict, item: Item, source: str, *names: str) -> str:
+    """The source's own id when it has one, else a stable one from file and position."""
+    for name in names:
+        value = obj.get(name)
+        if isinstance(value, (str, int)) and str(value).strip():
+            return str(value).strip()
+    return f"{source}:{Path(item.file).name}:{item.index}"
+
+
+def chat(record_id_: str, source: str, messages: list[dict], meta: dict | None = None) -> dict:
+    return {"id": record_id_, "source": source, "messages": messages, "meta": meta or {}}
+
+
+def turns_from_pairs(history: Any) -> list[dict]:
+    """[[user, assistant], ...] → messages; anything else is a Skip."""
+    if history in (None, ""):
+        return []
+    if not isinstance(history, list):
+        raise Skip("malformed history", f"expected a list of [question, answer] pairs, got {type(history).__name__}")
+    messages = []
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
+            raise Skip("malformed history", f"history[{i}] is not a [question, answer] pair of texts")
+        if not pair[0].strip() or not pair[1].strip():
+            raise Skip("empty answer" if pair[0].strip() else "empty question", f"history[{i}]")
+        messages += [{"role": "user", "content": pair[0].strip()}, {"role": "assistant", "content": pair[1].strip()}]
+    return messages
