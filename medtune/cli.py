@@ -13,10 +13,38 @@ def _train(argv: list[str]) -> int:
     return main(argv)
 
 
+def _merge(argv: list[str]) -> int:
+    from medtune.merge import main
+
+    return main(argv)
+
+
+def _predict(argv: list[str]) -> int:
+    from medtune.predict import main
+
+    return main(argv)
+
+
+def _score(argv: list[str]) -> int:
+    from medtune.score import main
+
+    return main(argv)
+
+
+def _chat(argv: list[str]) -> int:
+    from medtune.chat import main
+
+    return main(argv)
+
+
 # name → (one-line help, entry point taking the remaining arguments)
 COMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {
     "train": ("train a LoRA adapter from a recipe, in this process "
               "(multi-GPU: accelerate launch medtune/train.py RECIPE)", _train),
+    "merge": ("merge LoRA adapters into the base and save a plain model", _merge),
+    "predict": ("batched, resumable generation with the training template", _predict),
+    "score": ("score predictions (promptcblue: the official track's scoring)", _score),
+    "chat": ("talk to a run directory or merged model in the terminal", _chat),
 }
 
 

@@ -134,3 +134,36 @@ def plot_loss(rows: list[dict[str, Any]], out: Path) -> None:
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     os.replace(tmp, out)
+
+
+MERGE_INFO = "medtune_merge.json"  # written beside a merged model: base, adapters, template
+
+
+def describe_source(path_or_id: str, base_override: str | None = None) -> dict[str, Any]:
+    """What a path given to merge/predict is: {base, adapters, template, tokenizer}.
+
+    A run directory, an adapter directory, a merged model directory (with its template
+    recorded), or anything else (a hub id or plain model directory, no template known).
+    """
+    path = Path(path_or_id)
+    if (path / "run_info.json").is_file():
+        run = RunDir(path)
+        info = run.read_info()
+        if not info.get("finished"):
+            raise ValueError(f"{path}: this run has not finished (no final adapter yet); resume it first")
+        return {"base": base_override or info["base_model"], "adapters": [str(run.adapter_dir)],
+                "template": info["template"], "tokenizer": str(run.adapter_dir), "dtype": info.get("dtype"),
+                "quantized_training": run.read_recipe().model.quantization is not None}
+    if (path / "adapter_config.json").is_file():
+        config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+        base = base_override or config.get("base_model_name_or_path")
+        if not base:
+            raise ValueError(f"{path}: the adapter does not name its base model; pass --base")
+        tokenizer = str(path) if any((path / n).is_file() for n in ("tokenizer.json", "tokenizer.model")) else base
+        return {"base": base, "adapters": [str(path)], "template": None, "tokenizer": tokenizer,
+                "quantized_training": False}
+    template = None
+    if (path / MERGE_INFO).is_file():
+        template = json.loads((path / MERGE_INFO).read_text(encoding="utf-8")).get("template")
+    return {"base": base_override or str(path_or_id), "adapters": [], "template": template,
+            "tokenizer": base_override or str(path_or_id), "quantized_training": False}

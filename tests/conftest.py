@@ -72,3 +72,19 @@ train:
 @pytest.fixture
 def small_recipe(tmp_path) -> Path:
     return write_recipe(tmp_path / "small.yaml", SMALL_RECIPE)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, tiny_base):
+    """One short real training run shared by the tests that need a finished run directory."""
+    from safetensors.torch import load_file
+
+    from medtune.recipe import load_recipe
+    from medtune.train import train
+
+    tmp = tmp_path_factory.mktemp("train")
+    path = write_recipe(tmp / "r.yaml", SMALL_RECIPE)
+    recipe = load_recipe(path, [f"output.dir={tmp / 'run'}", "train.max_steps=40", "train.save_steps=0"])
+    base_before = load_file(tiny_base / "model.safetensors")
+    result = train(recipe)
+    return result, base_before, tiny_base

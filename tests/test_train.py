@@ -10,18 +10,6 @@ from medtune.recipe import RecipeError, load_recipe
 from medtune.train import train
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_base):
-    from conftest import SMALL_RECIPE, write_recipe
-
-    tmp = tmp_path_factory.mktemp("train")
-    path = write_recipe(tmp / "r.yaml", SMALL_RECIPE)
-    recipe = load_recipe(path, [f"output.dir={tmp / 'run'}", "train.max_steps=40", "train.save_steps=0"])
-    base_before = load_file(tiny_base / "model.safetensors")
-    result = train(recipe)
-    return result, base_before, tiny_base
-
-
 def test_loss_falls_and_run_dir_describes_itself(trained):
     result, _, tiny_base = trained
     run = result.run

@@ -378,3 +378,32 @@ def score_files(pred_path: Path, gold_path: Path) -> ScoreReport:
             problems.add(f"task not scorable ({exc}); scored 0", name)
             per_task[name] = 0.0
     return ScoreReport(per_task, {name: len(by_task[name][0]) for name in per_task}, problems)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="medtune score promptcblue",
+                                     description="Score PromptCBLUE predictions the way the official evaluator does.")
+    parser.add_argument("--pred", required=True, type=Path, help="predictions: PromptCBLUE lines, target = generated text")
+    parser.add_argument("--gold", type=Path, help="gold PromptCBLUE lines (e.g. dev.json); omit to only write --results")
+    parser.add_argument("--json", type=Path, help='write {"overall": ..., "per_task": {...}} here (0-100 scale)')
+    parser.add_argument("--results", type=Path, help="write the official submission file (task → [{sample_id, answer}])")
+    args = parser.parse_args(argv)
+    if args.gold is None and args.results is None:
+        parser.error("give --gold to score, or --results to write a submission file")
+    if args.results:
+        problems = Problems()
+        results = results_json(read_samples(args.pred, problems), problems)
+        args.results.write_text(json.dumps(results, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {args.results} ({sum(map(len, results.values()))} answers)")
+        for kind, n in problems.counts.items():
+            print(f"  {n} × {kind}", file=sys.stderr)
+    if args.gold:
+        report = score_files(args.pred, args.gold)
+        print(report.table())
+        if args.json:
+            args.json.write_text(json.dumps({"overall": report.overall, "per_task": report.per_task},
+                                            ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    return 0

@@ -1,0 +1,126 @@
+"""Merge LoRA adapters into an unquantized base and save a plain transformers model.
+
+    medtune merge RUN_DIR_OR_ADAPTER [--base MODEL] [--adapter MORE ...] --out DIR [--dtype fp16]
+
+Adapters are applied in order (e.g. a Chinese-LLaMA-Alpaca LoRA onto LLaMA-7B, then a
+ChatMed LoRA), each merged before the next. The base is always loaded unquantized:
+merging into 4/8-bit weights would round the update away (and peft refuses or warns),
+which is why an adapter trained with QLoRA is merged into the fp16/bf16/fp32 base.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from medtune.model import DTYPES
+from medtune.rundir import MERGE_INFO, describe_source
+from medtune.templates import get_template, jinja_chat_template
+
+PARITY_PROMPTS = ["头痛发烧两天了，需要去医院吗？", "高血压患者饮食要注意什么？", "孩子咳嗽有痰怎么办？"]
+
+
+def refuse_quantized(base: str) -> None:
+    config = Path(base) / "config.json"
+    if config.is_file() and "quantization_config" in json.loads(config.read_text(encoding="utf-8")):
+        raise ValueError(
+            f"{base}: this base is stored quantized (config.json has quantization_config). Merging into "
+            "4/8-bit weights rounds the LoRA update away; give the original fp16/bf16 base with --base.")
+
+
+def adapter_vocab_size(adapter: str) -> int | None:
+    """The vocabulary size an adapter was trained with, if it saved embed_tokens or lm_head."""
+    from safetensors import safe_open
+
+    weights = Path(adapter) / "adapter_model.safetensors"
+    if not weights.is_file():
+        return None
+    with safe_open(str(weights), framework="pt") as handle:
+        for key in handle.keys():
+            if key.endswith(("embed_tokens.weight", "lm_head.weight")) and "lora_" not in key:
+                return handle.get_slice(key).get_shape()[0]
+    return None
+
+
+def parity_prompts(tokenizer, template_name: str | None) -> list[list[int]]:
+    if template_name is None:
+        return [tokenizer.encode(p) for p in PARITY_PROMPTS]
+    from medtune.templates import encode_conversation
+
+    template = get_template(template_name)
+    return [encode_conversation(tokenizer, template, [{"role": "user", "content": p}])[0] for p in PARITY_PROMPTS]
+
+
+def merge(source: str, out: Path, extra_adapters: list[str], base: str | None = None, dtype: str | None = None,
+          shard_size: str = "5GB", trust_remote_code: bool = False) -> dict:
+    """Merge and save; returns what was done, including the parity check's max logit gap."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    info = describe_source(source, base)
+    adapters = info["adapters"] + list(extra_adapters)
+    if not adapters:
+        raise ValueError(f"{source}: no adapter to merge (give a run directory, an adapter directory, or --adapter)")
+    refuse_quantized(info["base"])
+    dtype = dtype or info.get("dtype") or "fp32"  # by default, the precision the run trained in
+    tokenizer = AutoTokenizer.from_pretrained(info["tokenizer"], trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(info["base"], dtype=DTYPES[dtype], use_safetensors=True,
+                                                 trust_remote_code=trust_remote_code).eval()
+    prompts = parity_prompts(tokenizer, info["template"])
+    gap = 0.0
+    for adapter in adapters:
+        vocab = adapter_vocab_size(adapter)
+        if vocab and vocab != model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(vocab)  # an extended (e.g. Chinese) vocabulary trained with the adapter
+        peft_model = PeftModel.from_pretrained(model, adapter).eval()
+        reference = {i: peft_model(input_ids=torch.tensor([ids])).logits.float() for i, ids in enumerate(prompts)}
+        model = peft_model.merge_and_unload()
+        with torch.no_grad():
+            for i, ids in enumerate(prompts):
+                gap = max(gap, (model(input_ids=torch.tensor([ids])).logits.float() - reference[i]).abs().max().item())
+    if info["template"]:
+        tokenizer.chat_template = jinja_chat_template(get_template(info["template"]))
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True, max_shard_size=shard_size)
+    tokenizer.save_pretrained(tmp)
+    summary = {"base": info["base"], "adapters": adapters, "template": info["template"], "dtype": dtype,
+               "parity_max_abs_logit_diff": gap}
+    (tmp / MERGE_INFO).write_text(json.dumps(summary, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="medtune merge", description=__doc__.splitlines()[0])
+    parser.add_argument("source", help="run directory, or adapter directory")
+    parser.add_argument("--base", help="base model (default: the one the run or adapter names)")
+    parser.add_argument("--adapter", action="append", default=[], help="another adapter to apply after, in order")
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--dtype", choices=list(DTYPES),
+                        help="dtype to load, merge and save in (default: the run's training dtype, else fp32)")
+    parser.add_argument("--shard-size", default="5GB")
+    parser.add_argument("--trust-remote-code", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        summary = merge(args.source, args.out, args.adapter, args.base, args.dtype, args.shard_size,
+                        args.trust_remote_code)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"merged {len(summary['adapters'])} adapter(s) into {summary['base']} → {args.out}")
+    print(f"parity check: max |logits(merged) - logits(base + adapter)| = {summary['parity_max_abs_logit_diff']:.2e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

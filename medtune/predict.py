@@ -1,0 +1,194 @@
+"""Batched generation with the training template, resumable, in the official PromptCBLUE format.
+
+    medtune predict MODEL_OR_RUN_DIR --data FILE --out FILE [--batch-size 8 --max-new-tokens 256]
+
+MODEL_OR_RUN_DIR is a run directory (base + adapter), a merged model directory, or a hub
+id / model path (then give --template). FILE is instruction JSONL written by data_prep
+(records ending with a user turn) or a raw PromptCBLUE file. For PromptCBLUE records the
+output line is the official predictions format: the original sample with `target` set to
+the generated text. Re-running skips ids already in --out; a crash loses at most the batch
+in flight; at the end the file is rewritten in input order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medtune.model import DTYPES, load_tokenizer
+from medtune.records import write_jsonl_line
+from medtune.rundir import describe_source
+from medtune.templates import encode_conversation, get_template
+
+
+def load_prompts(path: Path, strip_answer_cue: bool = False) -> list[dict[str, Any]]:
+    """Each input line → {id, messages (ending with the user turn), line (what to write back)}."""
+    prompts = []
+    with path.open(encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            prompts.append(_prompt_of(row, f"{path}:{lineno}", strip_answer_cue))
+    ids = [p["id"] for p in prompts]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{path}: duplicate ids; predictions could not be matched back to inputs")
+    return prompts
+
+
+def _prompt_of(row: dict, where: str, strip_answer_cue: bool) -> dict[str, Any]:
+    if "messages" in row:  # instruction record
+        messages = [m for m in row["messages"]]
+        if messages[-1]["role"] == "assistant":
+            messages = messages[:-1]  # a training/dev record: predict its last reply
+        meta = row.get("meta", {})
+        if "sample_id" in meta and "task_dataset" in meta:  # converted PromptCBLUE: write the official format
+            back = {"input": meta.get("input", messages[-1]["content"]), "target": "",
+                    "answer_choices": meta.get("answer_choices"), "task_type": meta.get("task_type"),
+                    "task_dataset": meta["task_dataset"], "sample_id": meta["sample_id"]}
+        else:
+            back = {"id": row["id"], "messages": messages, "prediction": ""}
+        return {"id": row["id"], "messages": messages, "line": back}
+    if "input" in row and "task_dataset" in row:  # raw PromptCBLUE
+        text = row["input"].replace("答：", "").strip() if strip_answer_cue else row["input"]
+        return {"id": row["sample_id"], "messages": [{"role": "user", "content": text}], "line": dict(row)}
+    raise ValueError(f"{where}: neither an instruction record (messages) nor a PromptCBLUE sample (input, task_dataset)")
+
+
+def write_prediction(line: dict, text: str) -> dict:
+    out = dict(line)
+    out["target" if "target" in out else "prediction"] = text
+    return out
+
+
+def prediction_id(row: dict) -> str:
+    return row.get("sample_id") or row["id"]
+
+
+def load_model_for_inference(source: str, dtype: str, template_name: str | None, trust_remote_code: bool = False):
+    """(model, tokenizer, template) for a run dir, merged dir or hub id; adapters are merged in memory."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    info = describe_source(source)
+    template_name = template_name or info["template"]
+    if template_name is None:
+        raise ValueError(f"{source}: no chat template is recorded for this model; pass --template")
+    tokenizer = load_tokenizer(info["tokenizer"], trust_remote_code)
+    tokenizer.padding_side = "left"  # generation continues at the right end of every row
+    model = AutoModelForCausalLM.from_pretrained(info["base"], dtype=DTYPES[dtype], use_safetensors=True,
+                                                 trust_remote_code=trust_remote_code)
+    for adapter in info["adapters"]:
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return model.to(device).eval(), tokenizer, get_template(template_name)
+
+
+@torch.no_grad()
+def generate_batch(model, tokenizer, template, batch: list[dict], max_new_tokens: int, do_sample: bool,
+                   temperature: float, top_p: float) -> list[str]:
+    """Left-padded batch generation; prompts are encoded exactly as in training (segment by segment)."""
+    encoded = [encode_conversation(tokenizer, template, p["messages"])[0] for p in batch]
+    width = max(len(ids) for ids in encoded)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=model.device)
+    attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=model.device)
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad,
+                  eos_token_id=tokenizer.eos_token_id)
+    if do_sample:
+        kwargs.update(temperature=temperature, top_p=top_p)
+    output = model.generate(input_ids=input_ids, attention_mask=attention, **kwargs)
+    return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in output]
+
+
+def predict(source: str, data: Path, out: Path, batch_size: int = 8, max_new_tokens: int = 256,
+            do_sample: bool = False, temperature: float = 0.7, top_p: float = 0.9, dtype: str = "fp32",
+            template: str | None = None, strip_answer_cue: bool = False, progress: bool = True) -> int:
+    """Generate for every prompt not yet in ``out``; returns how many were generated now."""
+    from tqdm.auto import tqdm
+
+    prompts = load_prompts(data, strip_answer_cue)
+    done = _read_done(out)
+    todo = [p for p in prompts if p["id"] not in done]
+    if todo:
+        model, tokenizer, chat_template = load_model_for_inference(source, dtype, template)
+        todo.sort(key=lambda p: sum(len(m["content"]) for m in p["messages"]))  # similar lengths pad less
+        bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), unit="sample", disable=not progress)
+        with out.open("a", encoding="utf-8") as handle:
+            for start in range(0, len(todo), batch_size):
+                batch = todo[start:start + batch_size]
+                texts = generate_batch(model, tokenizer, chat_template, batch, max_new_tokens, do_sample,
+                                       temperature, top_p)
+                for prompt, text in zip(batch, texts):
+                    row = write_prediction(prompt["line"], text)
+                    handle.write(write_jsonl_line(row))
+                    done[prediction_id(row)] = row
+                handle.flush()
+                os.fsync(handle.fileno())  # what is written survives a crash; only the batch in flight is lost
+                bar.update(len(batch))
+        bar.close()
+    # Rewrite in input order (the official format keeps test.json's order), atomically.
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text("".join(write_jsonl_line(done[p["id"]]) for p in prompts), encoding="utf-8")
+    os.replace(tmp, out)
+    return len(todo)
+
+
+def _read_done(out: Path) -> dict[str, dict]:
+    """Predictions already written; a torn last line (killed mid-write) is dropped and redone."""
+    done: dict[str, dict] = {}
+    if not out.is_file():
+        return done
+    lines = out.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        done[prediction_id(row)] = row
+        kept.append(line if line.endswith("\n") else line + "\n")
+    if len(kept) != len(lines):
+        out.write_text("".join(kept), encoding="utf-8")
+    return done
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="medtune predict", description=__doc__.splitlines()[0])
+    parser.add_argument("model", help="run directory, merged model directory, or hub id / model path")
+    parser.add_argument("--data", required=True, type=Path)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    parser.add_argument("--template", help="chat template, when the model does not record one")
+    parser.add_argument("--strip-answer-cue", action="store_true",
+                        help="raw PromptCBLUE input: remove '答：' as data_prep --strip-answer-cue did for training")
+    args = parser.parse_args(argv)
+    if args.data.resolve() == args.out.resolve():
+        print("error: --out must not be the input file", file=sys.stderr)
+        return 2
+    try:
+        n = predict(args.model, args.data, args.out, args.batch_size, args.max_new_tokens, args.do_sample,
+                    args.temperature, args.top_p, args.dtype, args.template, args.strip_answer_cue)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"generated {n} predictions; {args.out} is complete")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

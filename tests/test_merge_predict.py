@@ -1,0 +1,93 @@
+"""merge → predict → score on the tiny model: what a user runs after training."""
+
+import json
+
+import pytest
+import torch
+
+from medtune.merge import merge
+from medtune.predict import predict
+from medtune.score.promptcblue import score_files
+
+
+@pytest.fixture(scope="module")
+def merged(trained, tmp_path_factory):
+    result, _, _ = trained
+    out = tmp_path_factory.mktemp("merge") / "merged"
+    summary = merge(str(result.run.root), out, [])
+    return result, out, summary
+
+
+def test_merge_parity_and_plain_transformers_load(merged, tokenizer):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    result, out, summary = merged
+    assert summary["parity_max_abs_logit_diff"] <= 1e-4
+    plain = AutoModelForCausalLM.from_pretrained(out).eval()
+    base_plus_adapter = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(summary["base"]), str(result.run.adapter_dir)).eval()
+    ids = torch.tensor([tokenizer.encode("问：\n胃痛怎么办？\n答：\n")])
+    with torch.no_grad():
+        gap = (plain(input_ids=ids).logits - base_plus_adapter(input_ids=ids).logits).abs().max().item()
+    assert gap <= 1e-4
+    assert (out / "generation_config.json").is_file() and "问：" in (out / "chat_template.jinja").read_text()
+
+
+def test_merge_refuses_a_quantized_base(trained, tmp_path):
+    result, _, tiny_base = trained
+    fake = tmp_path / "quantized-base"
+    fake.mkdir()
+    config = json.loads((tiny_base / "config.json").read_text())
+    config["quantization_config"] = {"load_in_4bit": True}
+    (fake / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="rounds the LoRA update away"):
+        merge(str(result.run.root), tmp_path / "out", [], base=str(fake))
+
+
+def test_chained_adapters_apply_in_order(merged, tmp_path):
+    result, _, summary = merged
+    out = tmp_path / "twice"
+    twice = merge(str(result.run.adapter_dir), out, [str(result.run.adapter_dir)])
+    assert twice["adapters"] == [str(result.run.adapter_dir)] * 2 and twice["parity_max_abs_logit_diff"] <= 1e-4
+
+
+PROMPTS = [
+    {"input": "判断意图：\n发烧三天怎么办\n答：", "target": "治疗方案", "answer_choices": ["治疗方案", "病因分析"],
+     "task_type": "cls", "task_dataset": "KUAKE-QIC", "sample_id": "t1"},
+    {"input": "医生应该如何回复：\n患者：胃痛，吃什么药比较好？想知道原因\n答：", "target": "建议先做胃镜。", "answer_choices": None,
+     "task_type": "response_generation", "task_dataset": "MedDG", "sample_id": "t2"},
+    {"input": "判断意图：\n高血压的病因\n答：", "target": "病因分析", "answer_choices": ["治疗方案", "病因分析"],
+     "task_type": "cls", "task_dataset": "KUAKE-QIC", "sample_id": "t3"},
+]
+
+
+def test_predict_batched_equals_single_resumes_and_scores(merged, tmp_path):
+    _, out, _ = merged
+    data = tmp_path / "test.json"
+    data.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in PROMPTS), encoding="utf-8")
+    batched, single = tmp_path / "batched.jsonl", tmp_path / "single.jsonl"
+    assert predict(str(out), data, batched, batch_size=3, max_new_tokens=12, progress=False) == 3
+    assert predict(str(out), data, single, batch_size=1, max_new_tokens=12, progress=False) == 3
+    rows = [json.loads(l) for l in batched.read_text().splitlines()]
+    assert [r["sample_id"] for r in rows] == ["t1", "t2", "t3"]  # input order, official format
+    assert [r["target"] for r in rows] == [json.loads(l)["target"] for l in single.read_text().splitlines()]
+    assert all(r["input"] == p["input"] and r["answer_choices"] == p["answer_choices"] for r, p in zip(rows, PROMPTS))
+    # Resume: keep one finished line and a torn one; only the other two are generated again.
+    lines = batched.read_text().splitlines(keepends=True)
+    batched.write_text(lines[0] + lines[1][:20], encoding="utf-8")
+    assert predict(str(out), data, batched, batch_size=2, max_new_tokens=12, progress=False) == 2
+    assert batched.read_text().splitlines() == [l.rstrip("\n") for l in lines]
+    report = score_files(batched, data)
+    assert set(report.per_task) == {"KUAKE-QIC", "MedDG"} and not report.problems.counts
+
+
+def test_predict_from_run_dir_uses_the_training_template(trained, tmp_path):
+    result, _, _ = trained
+    data = tmp_path / "records.jsonl"
+    data.write_text(json.dumps({"id": "r1", "source": "x", "messages": [{"role": "user", "content": "头痛怎么办？"}],
+                                "meta": {}}, ensure_ascii=False) + "\n", encoding="utf-8")
+    out = tmp_path / "pred.jsonl"
+    assert predict(str(result.run.root), data, out, max_new_tokens=8, progress=False) == 1
+    row = json.loads(out.read_text())
+    assert row["id"] == "r1" and isinstance(row["prediction"], str)
