@@ -50,8 +50,14 @@ def load_tokenizer(base: str, trust_remote_code: bool = False):
 
 def quantization_config(quant: QuantizationConfig):
     """The BitsAndBytesConfig for a k-bit base."""
+    from importlib.util import find_spec
+
     from transformers import BitsAndBytesConfig
 
+    if find_spec("bitsandbytes") is None:
+        raise ValueError("model.quantization needs bitsandbytes: pip install 'medtune[quant]'")
+    if quant.compute_dtype == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise ValueError("model.quantization.compute_dtype: this GPU has no bf16; use fp16")
     compute = DTYPES[quant.compute_dtype]
     if quant.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
@@ -88,7 +94,8 @@ def attach_lora(model, lora: LoraSettings, gradient_checkpointing: bool, quantiz
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Non-reentrant checkpointing works with frozen inputs (no enable_input_require_grads needed).
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if gradient_checkpointing:
         model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
     config = LoraConfig(

@@ -290,5 +290,16 @@ def check_recipe(recipe: Recipe, name: str = "recipe") -> None:
         problems.append("lora.r / lora.alpha must be >= 1 and lora.dropout in [0, 1)")
     if train.deepspeed and not Path(train.deepspeed).is_file():
         problems.append(f"train.deepspeed: {train.deepspeed}: file not found")
+    quant = recipe.model.quantization
+    if quant is not None and train.deepspeed and Path(train.deepspeed).is_file():
+        import json
+
+        stage = json.loads(Path(train.deepspeed).read_text()).get("zero_optimization", {}).get("stage", 0)
+        if quant.bits == 8 and stage == 3:
+            problems.append("model.quantization.bits: 8-bit weights cannot be sharded by ZeRO-3; "
+                            "use bits: 4 (stored in the compute dtype, which ZeRO-3 can shard) or ZeRO-2")
+    if quant is not None and recipe.model.dtype == "fp32" and quant.compute_dtype != "fp32":
+        problems.append(f"model.quantization.compute_dtype: {quant.compute_dtype} with model.dtype fp32; "
+                        f"set model.dtype: {quant.compute_dtype} (or compute_dtype: fp32 on a CPU)")
     if problems:
         raise RecipeError(f"{name}: " + f"\n{name}: ".join(problems))

@@ -36,7 +36,7 @@ from medtune.templates import get_template, jinja_chat_template
 
 def build_accelerator(recipe: Recipe, dtype: str):
     from accelerate import Accelerator, DataLoaderConfiguration, DeepSpeedPlugin
-    from accelerate.utils import GradientAccumulationPlugin
+    from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs
 
     from accelerate.state import AcceleratorState, GradientState
 
@@ -47,15 +47,24 @@ def build_accelerator(recipe: Recipe, dtype: str):
     train = recipe.train
     deepspeed = None
     if train.deepspeed:
+        # What `accelerate launch --use_deepspeed` sets: without it, processes started by torchrun
+        # on a machine without CUDA never join DeepSpeed's process group.
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
         deepspeed = DeepSpeedPlugin(
             hf_ds_config=train.deepspeed, gradient_accumulation_steps=train.gradient_accumulation_steps,
             gradient_clipping=train.max_grad_norm or None,
         )
+    use_deepspeed = deepspeed is not None or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
+    handlers = []
+    if use_deepspeed and not torch.cuda.is_available():
+        # DeepSpeed on CPU talks over gloo; named explicitly, or accelerate counts a single process.
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
     return Accelerator(
+        kwargs_handlers=handlers,
         # On a machine without CUDA, accelerate forms a (gloo) process group under torchrun only when
         # told it is on CPU; otherwise every process believes it is rank 0. DeepSpeed picks its own
         # CPU accelerator and must not be given this flag.
-        cpu=not torch.cuda.is_available() and deepspeed is None and not os.environ.get("ACCELERATE_USE_DEEPSPEED"),
+        cpu=not torch.cuda.is_available() and not use_deepspeed,
         mixed_precision={"bf16": "bf16", "fp16": "fp16"}.get(dtype, "no"),
         # Windows are always exactly N micro-batches (see micro_batches), so syncing on the
         # step count alone is right, also across epoch boundaries.
@@ -211,7 +220,8 @@ def train(recipe: Recipe) -> TrainResult:
 
     step, tokens_seen = 0, 0
     if mode == "resume":
-        accelerator.load_state(str(checkpoint), **({} if is_deepspeed else {"strict": False}))
+        # Checkpoints hold only the trainable weights, so the frozen base is "missing" on purpose.
+        accelerator.load_state(str(checkpoint), **({"load_module_strict": False} if is_deepspeed else {"strict": False}))
         state = json.loads((checkpoint / TRAINER_STATE).read_text())
         step, tokens_seen = state["step"], state["tokens_seen"]
         accelerator.print(f"resuming {run.root} from {checkpoint.name} (step {step} of {total_steps})")

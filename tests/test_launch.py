@@ -56,13 +56,3 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     rows = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in rows if "loss" in r]
     assert steps == sorted(set(steps)), "metrics logged after the last checkpoint were not dropped on resume"
-
-
-def test_two_processes_train_together(tmp_path):
-    recipe_path = write_recipe(tmp_path / "r.yaml", SMALL_RECIPE)
-    out = tmp_path / "ddp"
-    run(["torchrun", "--nproc_per_node", "2", "medtune/train.py", str(recipe_path), "train.max_steps=6",
-         f"output.dir={out}"])
-    info = json.loads((out / "run_info.json").read_text())
-    assert info["world_size"] == 2 and info["finished"]
-    assert load_file(out / "adapter" / "adapter_model.safetensors")

@@ -78,7 +78,7 @@ def test_checkpointing_bf16_and_offline_wandb(tmp_path, capfd, monkeypatch):
     result = train(recipe)
     info = result.run.read_info()
     assert info["finished"] and info["dtype"] == "bf16"
-    assert result.model.base_model.model.is_gradient_checkpointing
+    assert result.model.base_model.model.is_activation_checkpointing
     assert list(tmp_path.glob("wandb/offline-run-*")), "no offline wandb run was written"
     out = capfd.readouterr()
     assert "secret-key" not in out.out + out.err
