@@ -1,23 +1,31 @@
-"""Instruction JSONL → token ids and labels → padded batches.
+"""Instruction JSONL → token ids and labels → (packed) rows → padded batches.
 
 Reads records through medtune.records (the format shared with data_prep), so a
-malformed line fails here with its file and line. The collator is a pure
-function of a list of examples.
+malformed line fails here with its file and line. Tokenized datasets are cached
+on disk (Arrow, memory-mapped) keyed by everything that changes their content,
+so a second run starts training without tokenizing again. Collators are pure
+functions of a list of examples.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import random
+import shutil
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Iterator, Sequence
 
 import torch
 
 from medtune.records import RecordError, read_records
-from medtune.templates import IGNORE_INDEX, ChatTemplate, encode_conversation
+from medtune.templates import IGNORE_INDEX, ChatTemplate, encode_conversations, get_template
+from medtune.tiny_model import cache_root
 
 Example = dict[str, list[int]]
+_FORMAT_VERSION = "2"  # bump when tokenization or packing changes what is cached
 
 
 @dataclass
@@ -62,35 +70,198 @@ def split_eval(records: list[dict], ratio: float, seed: int) -> tuple[list[dict]
 
 def tokenize_chat(
     records: Sequence[dict], tokenizer, template: ChatTemplate, max_length: int,
-    system_prompt: str | None = None, train_on: str = "all_turns",
+    system_prompt: str | None = None, train_on: str = "all_turns", chunk: int = 2048,
 ) -> tuple[list[Example], TokenizeReport]:
-    """Encode each conversation; cut at max_length, drop it if no trained token is left."""
+    """Encode each conversation (batched); cut at max_length, drop it if no trained token is left."""
     report = TokenizeReport()
     examples: list[Example] = []
-    for record in records:
-        ids, labels = encode_conversation(tokenizer, template, record["messages"], system_prompt, train_on)
-        if len(ids) > max_length:
-            ids, labels = ids[:max_length], labels[:max_length]
-            report.truncated += 1
-        if sum(label != IGNORE_INDEX for label in labels[1:]) == 0:
-            report.dropped["with no answer token left within max_length"] += 1
-            continue
-        examples.append({"input_ids": ids, "labels": labels})
-        report.kept += 1
+    for start in range(0, len(records), chunk):
+        conversations = [r["messages"] for r in records[start:start + chunk]]
+        for ids, labels in encode_conversations(tokenizer, template, conversations, system_prompt, train_on):
+            if len(ids) > max_length:
+                ids, labels = ids[:max_length], labels[:max_length]
+                report.truncated += 1
+            if all(label == IGNORE_INDEX for label in labels[1:]):
+                report.dropped["with no answer token left within max_length"] += 1
+                continue
+            examples.append({"input_ids": ids, "labels": labels})
+            report.kept += 1
     return examples, report
 
 
+# ----------------------------------------------------------------------------- packing
+
+
+def pack_examples(examples: Sequence[Example], max_length: int) -> list[Example]:
+    """Several samples per row, kept apart: position ids restart at 0 for each sample (transformers
+    then builds a block-diagonal causal mask, or varlen flash-attention on GPU), and the first label
+    of every sample is masked, so nothing is predicted across a boundary. First-fit decreasing."""
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
+    rows: list[list[int]] = []
+    space: list[int] = []
+    for i in order:
+        n = len(examples[i]["input_ids"])
+        slot = next((r for r, free in enumerate(space) if free >= n), None)
+        if slot is None:
+            rows.append([]), space.append(max_length)
+            slot = len(rows) - 1
+        rows[slot].append(i)
+        space[slot] -= n
+    packed = []
+    for members in rows:
+        row: Example = {"input_ids": [], "labels": [], "position_ids": []}
+        for i in members:
+            ids, labels = examples[i]["input_ids"], examples[i]["labels"]
+            row["input_ids"] += ids
+            row["labels"] += [IGNORE_INDEX] + labels[1:]
+            row["position_ids"] += list(range(len(ids)))
+        packed.append(row)
+    return packed
+
+
+def concat_examples(examples: Sequence[Example], block: int) -> list[Example]:
+    """The PromptCBLUE LLaMA baseline's packing, for faithful reproduction only: all samples
+    concatenated and cut into blocks, attending across sample boundaries."""
+    ids = [t for e in examples for t in e["input_ids"]]
+    labels = [t for e in examples for t in e["labels"]]
+    return [{"input_ids": ids[i:i + block], "labels": labels[i:i + block]} for i in range(0, len(ids), block)]
+
+
+# ----------------------------------------------------------------------------- batching
+
+
 def pad_batch(examples: Sequence[Example], pad_id: int, pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example of the batch (not to max_length: padding is wasted compute)."""
+    """Right-pad to the longest row of the batch (not to max_length: padding is wasted compute).
+
+    Packed rows carry position_ids and no attention mask (the positions say where samples
+    start); the padding tail is a sequence of its own there, with no labels.
+    """
     longest = max(len(e["input_ids"]) for e in examples)
     if pad_to_multiple_of:
         longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
     input_ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), longest), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), longest), dtype=torch.long)
+    packed = "position_ids" in examples[0]
+    extra = torch.zeros((len(examples), longest), dtype=torch.long)
     for row, example in enumerate(examples):
         n = len(example["input_ids"])
         input_ids[row, :n] = torch.tensor(example["input_ids"])
         labels[row, :n] = torch.tensor(example["labels"])
-        attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+        if packed:
+            extra[row, :n] = torch.tensor(example["position_ids"])
+            extra[row, n:] = torch.arange(longest - n)
+        else:
+            extra[row, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, ("position_ids" if packed else "attention_mask"): extra}
+
+
+class LengthGroupedSampler(torch.utils.data.Sampler[int]):
+    """Indices in an order where each run of ``batch_size`` has similar lengths (little padding),
+    while the batches themselves come in random order. A function of (seed, epoch), so a resumed
+    run replays it."""
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, group: int = 64):
+        self.lengths, self.batch_size, self.seed, self.group, self.epoch = list(lengths), batch_size, seed, group, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        rng = random.Random(self.seed * 1_000_003 + self.epoch)
+        order = list(range(len(self.lengths)))
+        rng.shuffle(order)
+        span = self.batch_size * self.group  # sort within windows: long and short samples still mix over an epoch
+        batches = []
+        for start in range(0, len(order), span):
+            window = sorted(order[start:start + span], key=lambda i: -self.lengths[i])
+            batches += [window[i:i + self.batch_size] for i in range(0, len(window), self.batch_size)]
+        rng.shuffle(batches)
+        return iter([i for batch in batches for i in batch])
+
+
+# ----------------------------------------------------------------------------- the cached datasets
+
+
+def cache_key(data_cfg, seed: int, tokenizer, files: Sequence[str]) -> str:
+    """Everything that changes the tokenized rows: file contents, template, tokenizer, lengths, packing."""
+    digest = hashlib.sha256(_FORMAT_VERSION.encode())
+    for path in files:
+        digest.update(str(path).encode())
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+    settings = {k: v for k, v in dataclasses.asdict(data_cfg).items() if k not in ("train_files", "eval_files")}
+    digest.update(repr((sorted(settings.items()), seed, dataclasses.astuple(get_template(data_cfg.template)))).encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    digest.update((backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))).encode())
+    digest.update(repr((tokenizer.bos_token_id, tokenizer.eos_token_id)).encode())
+    return digest.hexdigest()[:24]
+
+
+def build_sft_rows(data_cfg, seed: int, tokenizer) -> tuple[list[Example], list[Example], str]:
+    """Read, split, tokenize and (optionally) pack: the work the cache saves."""
+    template = get_template(data_cfg.template)
+    records = load_chat_records(data_cfg.train_files)
+    if data_cfg.eval_files:
+        train_records, eval_records = records, load_chat_records(data_cfg.eval_files)
+    else:
+        train_records, eval_records = split_eval(records, data_cfg.eval_ratio, seed)
+    encode = dict(tokenizer=tokenizer, template=template, max_length=data_cfg.max_length,
+                  system_prompt=data_cfg.system_prompt, train_on=data_cfg.train_on)
+    train_rows, report = tokenize_chat(train_records, **encode)
+    eval_rows, _ = tokenize_chat(eval_records, **encode)
+    if not train_rows:
+        raise RecordError(f"no trainable example in {', '.join(data_cfg.train_files)}: {report.summary()}")
+    summary = f"train data: {report.summary()}; eval: {len(eval_rows)} examples"
+    if data_cfg.packing == "concat":
+        train_rows = concat_examples(train_rows, data_cfg.max_length)
+    elif data_cfg.packing:
+        before = len(train_rows)
+        train_rows = pack_examples(train_rows, data_cfg.max_length)
+        summary += f"; packed {before} samples into {len(train_rows)} rows"
+    return train_rows, eval_rows, summary
+
+
+def load_sft_datasets(data_cfg, seed: int, tokenizer, is_main: bool = True, log=print):
+    """The train and eval datasets, from the on-disk cache when the inputs have not changed.
+
+    Only the main process tokenizes (call under ``accelerator.main_process_first()``): the
+    others find its cache and memory-map it.
+    """
+    from datasets import Dataset, DatasetDict, Features, Sequence as Ids, Value, load_from_disk
+
+    files = list(data_cfg.train_files) + list(data_cfg.eval_files)
+    path = cache_root() / "tokenized" / cache_key(data_cfg, seed, tokenizer, files)
+    if (path / "dataset_dict.json").is_file():
+        cached = load_from_disk(str(path))
+        log(f"tokenized data from cache {path} ({len(cached['train'])} train rows)")
+        return cached["train"], cached["eval"] if "eval" in cached else []
+    if not is_main:
+        raise RuntimeError(f"{path}: the main process should have written this tokenized cache")
+    train_rows, eval_rows, summary = build_sft_rows(data_cfg, seed, tokenizer)
+    log(summary)
+    def table(rows: list[Example], keys: list[str]) -> Dataset:
+        features = Features({k: Ids(Value("int32")) for k in keys})
+        return Dataset.from_dict({k: [r[k] for r in rows] for k in keys}, features=features)
+
+    splits = {"train": table(train_rows, list(train_rows[0]))}
+    if eval_rows:  # datasets cannot memory-map a table with no rows
+        splits["eval"] = table(eval_rows, ["input_ids", "labels"])
+    datasets = DatasetDict(splits)
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    datasets.save_to_disk(str(tmp))
+    try:
+        tmp.rename(path)
+    except OSError:
+        if not path.is_dir():
+            raise
+    cached = load_from_disk(str(path))
+    return cached["train"], cached["eval"] if "eval" in cached else []
+
+
+def row_lengths(dataset) -> list[int]:
+    return [len(ids) for ids in dataset["input_ids"]]

@@ -68,6 +68,9 @@ class DataConfig:
     system_prompt: str | None = None  # replaces the template's default system prompt
     max_length: int = 1024  # tokens per sample; longer samples are cut, and dropped if no answer is left
     train_on: Literal["all_turns", "last_turn"] = "all_turns"  # which assistant turns carry loss
+    packing: Union[bool, Literal["concat"]] = False  # true: several samples per row, kept apart; concat: baseline blocks
+    group_by_length: bool = True  # batch samples of similar length together (when not packing)
+    pad_to_multiple_of: int = 0  # pad batches to a multiple of this (8 suits tensor cores); 0 = exact
 
 
 @dataclass
@@ -93,6 +96,7 @@ class TrainConfig:
     deepspeed: str | None = None  # path to a ds_configs/*.json
     report_to: Literal["none", "wandb"] = "none"
     resume: bool = False  # true = continue from the latest complete checkpoint (or report a finished run)
+    compile: bool = False  # torch.compile the model (GPU; pays a compile time up front)
 
 
 @dataclass

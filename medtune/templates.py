@@ -133,23 +133,34 @@ def _check_alternation(messages: Sequence[Message]) -> None:
             raise ValueError(f"message {i}: expected role {expected!r}, got {message.get('role')!r} (turns must alternate user/assistant)")
 
 
+def encode_conversations(
+    tokenizer, template: ChatTemplate, conversations: Sequence[Sequence[Message]], system_prompt: str | None = None,
+    train_on: Literal["all_turns", "last_turn"] = "all_turns",
+) -> list[tuple[list[int], list[int]]]:
+    """Token ids and labels (-100 where no loss) for many conversations, with one batched tokenizer call."""
+    layouts = [render_segments(template, messages, system_prompt, train_on) for messages in conversations]
+    texts = list({text for layout in layouts for text, _ in layout if text not in (BOS, EOS)})
+    pieces = dict(zip(texts, tokenizer(texts, add_special_tokens=False)["input_ids"])) if texts else {}
+    pieces[BOS] = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    pieces[EOS] = [tokenizer.eos_token_id]
+    encoded = []
+    for layout in layouts:
+        ids: list[int] = []
+        labels: list[int] = []
+        for text, trained in layout:
+            piece = pieces[text]
+            ids.extend(piece)
+            labels.extend(piece if trained else [IGNORE_INDEX] * len(piece))
+        encoded.append((ids, labels))
+    return encoded
+
+
 def encode_conversation(
     tokenizer, template: ChatTemplate, messages: Sequence[Message], system_prompt: str | None = None,
     train_on: Literal["all_turns", "last_turn"] = "all_turns",
 ) -> tuple[list[int], list[int]]:
     """Token ids and labels (-100 where no loss) for one conversation."""
-    ids: list[int] = []
-    labels: list[int] = []
-    for text, trained in render_segments(template, messages, system_prompt, train_on):
-        if text == BOS:
-            piece = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-        elif text == EOS:
-            piece = [tokenizer.eos_token_id]
-        else:
-            piece = tokenizer.encode(text, add_special_tokens=False)
-        ids.extend(piece)
-        labels.extend(piece if trained else [IGNORE_INDEX] * len(piece))
-    return ids, labels
+    return encode_conversations(tokenizer, template, [messages], system_prompt, train_on)[0]
 
 
 def render_text(template: ChatTemplate, messages: Sequence[Message], bos_token: str, eos_token: str,

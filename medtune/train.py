@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from medtune import __version__
-from medtune.data import load_chat_records, pad_batch, split_eval, tokenize_chat
+from medtune.data import LengthGroupedSampler, load_sft_datasets, pad_batch, row_lengths
 from medtune.losses import causal_lm_loss_sum, count_target_tokens
 from medtune.model import attach_lora, count_parameters, load_base_model, load_tokenizer, resolve_base, resolve_dtype
 from medtune.recipe import Recipe, RecipeError, load_recipe
@@ -100,25 +100,6 @@ def prepare_run_dir(run: RunDir, recipe: Recipe, accelerator) -> tuple[str, Path
     return "fresh", None
 
 
-def build_datasets(recipe: Recipe, tokenizer, accelerator) -> tuple[list, list]:
-    """Tokenized train and eval examples for the SFT stage."""
-    data = recipe.data
-    template = get_template(data.template)
-    records = load_chat_records(data.train_files)
-    if data.eval_files:
-        train_records, eval_records = records, load_chat_records(data.eval_files)
-    else:
-        train_records, eval_records = split_eval(records, data.eval_ratio, recipe.train.seed)
-    encode = partial(tokenize_chat, tokenizer=tokenizer, template=template, max_length=data.max_length,
-                     system_prompt=data.system_prompt, train_on=data.train_on)
-    train_set, report = encode(train_records)
-    eval_set, _ = encode(eval_records)
-    accelerator.print(f"train data: {report.summary()}; eval: {len(eval_set)} examples")
-    if not train_set:
-        raise RecordError(f"no trainable example in {', '.join(data.train_files)}: {report.summary()}")
-    return train_set, eval_set
-
-
 def build_model(recipe: Recipe, base: str, dtype: str, accelerator):
     quantized = recipe.model.quantization is not None
     device_map = {"": accelerator.local_process_index} if quantized and torch.cuda.is_available() else None
@@ -150,13 +131,20 @@ def micro_batches(dataloader, start: int) -> Iterator[dict[str, torch.Tensor]]:
         epoch, skip = epoch + 1, 0
 
 
+def forward_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Padded rows carry an attention mask; packed rows carry restarting position ids instead, from
+    which transformers builds the per-sample (block-diagonal) causal mask. No KV cache in training."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                 position_ids=batch.get("position_ids"), use_cache=False).logits
+
+
 @torch.no_grad()
 def evaluate(model, dataloader, accelerator) -> float:
     """Mean loss per target token over the whole eval set, all processes together."""
     model.eval()
     total = torch.zeros(2, device=accelerator.device)
     for batch in dataloader:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = forward_logits(model, batch)
         total += torch.stack([causal_lm_loss_sum(logits, batch["labels"]).detach(),
                               count_target_tokens(batch["labels"]).float()])
     total = accelerator.reduce(total, "sum")
@@ -189,20 +177,32 @@ def train(recipe: Recipe) -> TrainResult:
         base = resolve_base(recipe.model, recipe.data.train_files)
     tokenizer = load_tokenizer(base, recipe.model.trust_remote_code)
     tokenizer.chat_template = jinja_chat_template(get_template(recipe.data.template), recipe.data.system_prompt)
-    train_set, eval_set = build_datasets(recipe, tokenizer, accelerator)
+    with accelerator.main_process_first():  # the main process tokenizes (or finds the cache); the others load it
+        train_set, eval_set = load_sft_datasets(recipe.data, cfg.seed, tokenizer, accelerator.is_main_process,
+                                                log=accelerator.print)
     set_seed(cfg.seed)  # right before anything random: the adapter's init, then dropout and shuffling
     model = build_model(recipe, base, dtype, accelerator)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+        fused=torch.cuda.is_available() and not cfg.deepspeed,  # one kernel for all parameters on a GPU
     )
-    collate = partial(pad_batch, pad_id=tokenizer.pad_token_id)
+    collate = partial(pad_batch, pad_id=tokenizer.pad_token_id, pad_to_multiple_of=recipe.data.pad_to_multiple_of or None)
     # Its own generator: an iterator without one draws from the global RNG, so a resumed run
     # (which opens one more iterator) would shift the dropout masks of every later step.
-    train_dl = DataLoader(train_set, batch_size=cfg.per_device_batch_size, shuffle=True, collate_fn=collate,
-                          generator=torch.Generator().manual_seed(cfg.seed))
+    loader_rng = torch.Generator().manual_seed(cfg.seed)
+    if recipe.data.group_by_length and not recipe.data.packing:
+        sampler = LengthGroupedSampler(row_lengths(train_set), cfg.per_device_batch_size * accelerator.num_processes,
+                                       cfg.seed)
+        train_dl = DataLoader(train_set, batch_size=cfg.per_device_batch_size, sampler=sampler, collate_fn=collate,
+                              generator=loader_rng)
+    else:
+        train_dl = DataLoader(train_set, batch_size=cfg.per_device_batch_size, shuffle=True, collate_fn=collate,
+                              generator=loader_rng)
+    if cfg.compile:
+        model = torch.compile(model)
     model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
     eval_dl = None
-    if eval_set:
+    if len(eval_set):
         eval_dl = accelerator.prepare(DataLoader(eval_set, batch_size=cfg.per_device_batch_size, collate_fn=collate))
 
     accumulation = cfg.gradient_accumulation_steps
@@ -256,8 +256,7 @@ def train(recipe: Recipe) -> TrainResult:
         step_tokens = accelerator.reduce(local_tokens.to(accelerator.device).float(), "sum").clamp(min=1)
         for batch in window:
             with accelerator.accumulate(model):
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                loss_sum = causal_lm_loss_sum(logits, batch["labels"])
+                loss_sum = causal_lm_loss_sum(forward_logits(model, batch), batch["labels"])
                 # backward() divides by the accumulation steps and DDP averages over processes:
                 # multiply both back so the gradient is exactly d(sum of token losses)/d(w) / step_tokens.
                 accelerator.backward(loss_sum * (accumulation * accelerator.num_processes) / step_tokens)

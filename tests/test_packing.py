@@ -1,0 +1,126 @@
+"""Speed features that must not change what is learned: packing, length grouping, the token cache."""
+
+import random
+
+import pytest
+import torch
+
+from medtune.data import (LengthGroupedSampler, build_sft_rows, concat_examples, load_sft_datasets, pack_examples,
+                          pad_batch)
+from medtune.losses import causal_lm_loss_sum, count_target_tokens
+from medtune.recipe import load_recipe
+from medtune.templates import IGNORE_INDEX
+from medtune.train import forward_logits
+
+from conftest import SMALL_RECIPE, write_recipe
+
+
+@pytest.fixture
+def recipe(tmp_path):
+    return load_recipe(write_recipe(tmp_path / "r.yaml", SMALL_RECIPE), ["data.eval_ratio=0"])
+
+
+def lora_model(tiny_base):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_base, attn_implementation="sdpa")
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
+                                             init_lora_weights=False))
+    return model
+
+
+def loss_and_grads(model, batches):
+    model.zero_grad()
+    total = torch.zeros(())
+    for batch in batches:
+        loss = causal_lm_loss_sum(forward_logits(model, batch), batch["labels"])
+        loss.backward()
+        total += loss.detach()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return total, grads
+
+
+def test_packed_loss_and_gradients_equal_unpacked(recipe, tokenizer, tiny_base):
+    rows, _, _ = build_sft_rows(recipe.data, 0, tokenizer)
+    examples = rows[:12]
+    packed = pack_examples(examples, max_length=256)
+    assert len(packed) < len(examples)
+    model = lora_model(tiny_base)
+    pad = tokenizer.pad_token_id
+    unpacked_loss, unpacked_grads = loss_and_grads(model, [pad_batch(examples[i:i + 4], pad) for i in range(0, 12, 4)])
+    packed_loss, packed_grads = loss_and_grads(model, [pad_batch(packed, pad)])
+    assert torch.allclose(packed_loss, unpacked_loss, rtol=1e-5)
+    for name, grad in unpacked_grads.items():
+        assert torch.allclose(packed_grads[name], grad, rtol=1e-4, atol=1e-6), name
+    # Without restarting positions (plain concatenation) the same tokens give a different loss.
+    concat = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in packed]
+    concat_loss, _ = loss_and_grads(model, [pad_batch(concat, pad)])
+    assert (concat_loss - unpacked_loss).abs() > 100 * (packed_loss - unpacked_loss).abs() + 1e-3
+
+
+def test_packing_masks_boundaries_and_keeps_every_token():
+    rng = random.Random(0)
+    examples = []
+    for _ in range(300):  # a PromptCBLUE-like mix: many short classification prompts, some long dialogues
+        n = rng.randint(60, 160) if rng.random() < 0.8 else rng.randint(800, 1500)
+        answer = rng.randint(2, 20)
+        examples.append({"input_ids": list(range(1, n + 1)), "labels": [IGNORE_INDEX] * (n - answer) + [7] * answer})
+    packed = pack_examples(examples, 2048)
+    assert all(len(r["input_ids"]) <= 2048 for r in packed)
+    assert sum(len(r["input_ids"]) for r in packed) == sum(len(e["input_ids"]) for e in examples)
+    assert sum(sum(l != IGNORE_INDEX for l in r["labels"]) for r in packed) == \
+        sum(sum(l != IGNORE_INDEX for l in e["labels"][1:]) for e in examples)
+    for row in packed:
+        starts = [i for i, p in enumerate(row["position_ids"]) if p == 0]
+        assert all(row["labels"][i] == IGNORE_INDEX for i in starts)  # nothing predicted across a boundary
+    batches = [pad_batch(packed[i:i + 4], 0) for i in range(0, len(packed), 4)]
+    processed = sum(b["input_ids"].numel() for b in batches)
+    real = sum(len(e["input_ids"]) for e in examples)
+    assert real / processed >= 0.95, real / processed
+    blocks = concat_examples(examples, 512)
+    assert all(len(b["input_ids"]) == 512 for b in blocks[:-1])
+
+
+def test_length_grouped_sampler_is_a_seeded_permutation_with_less_padding():
+    rng = random.Random(1)
+    lengths = [rng.choice([rng.randint(50, 150), rng.randint(800, 1500)]) for _ in range(512)]
+    sampler = LengthGroupedSampler(lengths, batch_size=8, seed=3)
+    epoch0 = list(sampler)
+    assert sorted(epoch0) == list(range(512)) and list(sampler) == epoch0
+    sampler.set_epoch(1)
+    assert list(sampler) != epoch0
+
+    def padded(order):
+        return sum(8 * max(lengths[i] for i in order[s:s + 8]) for s in range(0, len(order), 8))
+
+    shuffled = list(range(512))
+    random.Random(0).shuffle(shuffled)
+    assert padded(epoch0) < 0.75 * padded(shuffled)
+
+
+def test_tokenized_data_is_cached_and_invalidated(recipe, tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDTUNE_CACHE", str(tmp_path / "cache"))
+    logs = []
+    first, _ = load_sft_datasets(recipe.data, 0, tokenizer, log=logs.append)
+    second, _ = load_sft_datasets(recipe.data, 0, tokenizer, log=logs.append)
+    assert "from cache" in logs[-1] and first["input_ids"] == second["input_ids"]
+    recipe.data.max_length = 64  # a setting that changes the rows → a new cache entry
+    load_sft_datasets(recipe.data, 0, tokenizer, log=logs.append)
+    assert "from cache" not in logs[-1]
+    data = tmp_path / "data.jsonl"
+    data.write_text(open(recipe.data.train_files[0], encoding="utf-8").read()[:2000].rsplit("\n", 1)[0] + "\n")
+    recipe.data.train_files = [str(data)]
+    load_sft_datasets(recipe.data, 0, tokenizer, log=logs.append)
+    assert "from cache" not in logs[-1]
+
+
+def test_training_with_packing(tmp_path):
+    from medtune.train import train
+
+    path = write_recipe(tmp_path / "r.yaml", SMALL_RECIPE)
+    recipe = load_recipe(path, [f"output.dir={tmp_path / 'run'}", "train.max_steps=6", "data.packing=true",
+                                "data.max_length=256", "train.save_steps=0"])
+    info = train(recipe).run.read_info()
+    assert info["finished"] and info["final_loss"] < info["first_loss"]
