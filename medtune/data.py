@@ -36,6 +36,10 @@ class TokenizeReport:
     truncated: int = 0
     dropped: Counter = field(default_factory=Counter)
 
+    def add(self, other: "TokenizeReport") -> None:
+        self.kept, self.truncated = self.kept + other.kept, self.truncated + other.truncated
+        self.dropped.update(other.dropped)
+
     def summary(self) -> str:
         dropped = ", ".join(f"{n} {why}" for why, n in self.dropped.items()) or "none"
         return f"{self.kept} examples ({self.truncated} cut to max_length); dropped: {dropped}"
@@ -152,7 +156,9 @@ def pad_batch(examples: Sequence[Example], pad_id: int, pad_to_multiple_of: int 
             extra[row, n:] = torch.arange(longest - n)
         else:
             extra[row, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, ("position_ids" if packed else "attention_mask"): extra}
+    real = torch.tensor(sum(len(e["input_ids"]) for e in examples))  # for the padding-efficiency metric
+    return {"input_ids": input_ids, "labels": labels, ("position_ids" if packed else "attention_mask"): extra,
+            "real_tokens": real}
 
 
 class LengthGroupedSampler(torch.utils.data.Sampler[int]):
@@ -201,28 +207,41 @@ def cache_key(data_cfg, seed: int, tokenizer, files: Sequence[str]) -> str:
     return digest.hexdigest()[:24]
 
 
-def build_sft_rows(data_cfg, seed: int, tokenizer) -> tuple[list[Example], list[Example], str]:
-    """Read, split, tokenize and (optionally) pack: the work the cache saves."""
-    template = get_template(data_cfg.template)
+def _split_records(data_cfg, seed: int) -> tuple[list[dict], list[dict]]:
     records = load_chat_records(data_cfg.train_files)
     if data_cfg.eval_files:
-        train_records, eval_records = records, load_chat_records(data_cfg.eval_files)
-    else:
-        train_records, eval_records = split_eval(records, data_cfg.eval_ratio, seed)
-    encode = dict(tokenizer=tokenizer, template=template, max_length=data_cfg.max_length,
+        return records, load_chat_records(data_cfg.eval_files)
+    return split_eval(records, data_cfg.eval_ratio, seed)
+
+
+def train_row_chunks(records: list[dict], data_cfg, tokenizer, report: TokenizeReport,
+                     chunk: int = 8192) -> Iterator[list[Example]]:
+    """Tokenized (and packed) training rows, a chunk at a time, so only one chunk lives as Python lists."""
+    encode = dict(tokenizer=tokenizer, template=get_template(data_cfg.template), max_length=data_cfg.max_length,
                   system_prompt=data_cfg.system_prompt, train_on=data_cfg.train_on)
-    train_rows, report = tokenize_chat(train_records, **encode)
-    eval_rows, _ = tokenize_chat(eval_records, **encode)
-    if not train_rows:
-        raise RecordError(f"no trainable example in {', '.join(data_cfg.train_files)}: {report.summary()}")
-    summary = f"train data: {report.summary()}; eval: {len(eval_rows)} examples"
-    if data_cfg.packing == "concat":
-        train_rows = concat_examples(train_rows, data_cfg.max_length)
-    elif data_cfg.packing:
-        before = len(train_rows)
-        train_rows = pack_examples(train_rows, data_cfg.max_length)
-        summary += f"; packed {before} samples into {len(train_rows)} rows"
-    return train_rows, eval_rows, summary
+    if data_cfg.packing == "concat":  # one stream of tokens: blocks run across chunk boundaries
+        rows, part = tokenize_chat(records, **encode)
+        report.add(part)
+        yield concat_examples(rows, data_cfg.max_length)
+        return
+    for start in range(0, len(records), chunk):
+        rows, part = tokenize_chat(records[start:start + chunk], **encode)
+        report.add(part)
+        yield pack_examples(rows, data_cfg.max_length) if data_cfg.packing else rows
+
+
+def build_sft_rows(data_cfg, seed: int, tokenizer) -> tuple[list[Example], list[Example], TokenizeReport]:
+    """All train and eval rows as lists (small data, tests); load_sft_datasets streams into Arrow instead."""
+    train_records, eval_records = _split_records(data_cfg, seed)
+    report = TokenizeReport()
+    train_rows = [row for rows in train_row_chunks(train_records, data_cfg, tokenizer, report) for row in rows]
+    eval_rows = [row for rows in train_row_chunks(eval_records, _unpacked(data_cfg), tokenizer, TokenizeReport())
+                 for row in rows]
+    return train_rows, eval_rows, report
+
+
+def _unpacked(data_cfg):
+    return dataclasses.replace(data_cfg, packing=False)
 
 
 def load_sft_datasets(data_cfg, seed: int, tokenizer, is_main: bool = True, log=print):
@@ -231,7 +250,7 @@ def load_sft_datasets(data_cfg, seed: int, tokenizer, is_main: bool = True, log=
     Only the main process tokenizes (call under ``accelerator.main_process_first()``): the
     others find its cache and memory-map it.
     """
-    from datasets import Dataset, DatasetDict, Features, Sequence as Ids, Value, load_from_disk
+    from datasets import Dataset, DatasetDict, Features, Sequence as Ids, Value, concatenate_datasets, load_from_disk
 
     files = list(data_cfg.train_files) + list(data_cfg.eval_files)
     path = cache_root() / "tokenized" / cache_key(data_cfg, seed, tokenizer, files)
@@ -241,19 +260,25 @@ def load_sft_datasets(data_cfg, seed: int, tokenizer, is_main: bool = True, log=
         return cached["train"], cached["eval"] if "eval" in cached else []
     if not is_main:
         raise RuntimeError(f"{path}: the main process should have written this tokenized cache")
-    train_rows, eval_rows, summary = build_sft_rows(data_cfg, seed, tokenizer)
-    log(summary)
-    def table(rows: list[Example], keys: list[str]) -> Dataset:
-        features = Features({k: Ids(Value("int32")) for k in keys})
-        return Dataset.from_dict({k: [r[k] for r in rows] for k in keys}, features=features)
 
-    splits = {"train": table(train_rows, list(train_rows[0]))}
-    if eval_rows:  # datasets cannot memory-map a table with no rows
-        splits["eval"] = table(eval_rows, ["input_ids", "labels"])
-    datasets = DatasetDict(splits)
+    def table(rows: list[Example]) -> Dataset:
+        features = Features({k: Ids(Value("int32")) for k in rows[0]})
+        return Dataset.from_dict({k: [r[k] for r in rows] for k in rows[0]}, features=features)
+
+    train_records, eval_records = _split_records(data_cfg, seed)
+    report = TokenizeReport()
+    parts = [table(rows) for rows in train_row_chunks(train_records, data_cfg, tokenizer, report) if rows]
+    if not parts:
+        raise RecordError(f"no trainable example in {', '.join(data_cfg.train_files)}: {report.summary()}")
+    splits = {"train": concatenate_datasets(parts)}
+    eval_parts = [table(rows) for rows in train_row_chunks(eval_records, _unpacked(data_cfg), tokenizer, TokenizeReport()) if rows]
+    if eval_parts:  # datasets cannot memory-map a table with no rows
+        splits["eval"] = concatenate_datasets(eval_parts)
+    packed = f"; {report.kept} samples in {len(splits['train'])} packed rows" if data_cfg.packing else ""
+    log(f"train data: {report.summary()}; eval: {len(splits.get('eval', []))} examples{packed}")
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    datasets.save_to_disk(str(tmp))
+    DatasetDict(splits).save_to_disk(str(tmp))
     try:
         tmp.rename(path)
     except OSError:

@@ -110,6 +110,21 @@ def build_model(recipe: Recipe, base: str, dtype: str, accelerator):
     return model
 
 
+def make_train_loader(train_set, recipe: Recipe, num_processes: int, collate) -> DataLoader:
+    """Length-grouped batches by default (least padding without packing); shuffled rows otherwise."""
+    cfg = recipe.train
+    # Its own generator: an iterator without one draws from the global RNG, so a resumed run
+    # (which opens one more iterator) would shift the dropout masks of every later step.
+    loader_rng = torch.Generator().manual_seed(cfg.seed)
+    if recipe.data.group_by_length and not recipe.data.packing:
+        # Grouped over the global batch: accelerate deals consecutive batches to the processes.
+        sampler = LengthGroupedSampler(row_lengths(train_set), cfg.per_device_batch_size * num_processes, cfg.seed)
+        return DataLoader(train_set, batch_size=cfg.per_device_batch_size, sampler=sampler, collate_fn=collate,
+                          generator=loader_rng)
+    return DataLoader(train_set, batch_size=cfg.per_device_batch_size, shuffle=True, collate_fn=collate,
+                      generator=loader_rng)
+
+
 def keep_only_trainable():
     """Checkpoints hold only what training changes (the adapter), not a copy of the frozen base."""
     def hook(models, weights, output_dir):
@@ -187,17 +202,7 @@ def train(recipe: Recipe) -> TrainResult:
         fused=torch.cuda.is_available() and not cfg.deepspeed,  # one kernel for all parameters on a GPU
     )
     collate = partial(pad_batch, pad_id=tokenizer.pad_token_id, pad_to_multiple_of=recipe.data.pad_to_multiple_of or None)
-    # Its own generator: an iterator without one draws from the global RNG, so a resumed run
-    # (which opens one more iterator) would shift the dropout masks of every later step.
-    loader_rng = torch.Generator().manual_seed(cfg.seed)
-    if recipe.data.group_by_length and not recipe.data.packing:
-        sampler = LengthGroupedSampler(row_lengths(train_set), cfg.per_device_batch_size * accelerator.num_processes,
-                                       cfg.seed)
-        train_dl = DataLoader(train_set, batch_size=cfg.per_device_batch_size, sampler=sampler, collate_fn=collate,
-                              generator=loader_rng)
-    else:
-        train_dl = DataLoader(train_set, batch_size=cfg.per_device_batch_size, shuffle=True, collate_fn=collate,
-                              generator=loader_rng)
+    train_dl = make_train_loader(train_set, recipe, accelerator.num_processes, collate)
     if cfg.compile:
         model = torch.compile(model)
     model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
@@ -242,9 +247,11 @@ def train(recipe: Recipe) -> TrainResult:
     from tqdm.auto import tqdm
 
     model.train()
+    loop_start, start_step, real_tokens = time.perf_counter(), step, 0
     stream = micro_batches(train_dl, step * accumulation)
     progress = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, desc="train")
-    window_loss = torch.zeros(1, device=accelerator.device)  # this process's loss sum since the last log line
+    # this process's (loss sum, real tokens, processed tokens) since the last log line
+    window_loss = torch.zeros(3, device=accelerator.device)
     window_tokens = 0.0  # all processes' target tokens since the last log line
     last_log = time.perf_counter()
     last_eval = None
@@ -264,7 +271,8 @@ def train(recipe: Recipe) -> TrainResult:
                     accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()
-            window_loss[0] += loss_sum.detach()
+            window_loss += torch.stack([loss_sum.detach().float(), batch["real_tokens"].float(),
+                                        torch.tensor(float(batch["input_ids"].numel()), device=accelerator.device)])
         scheduler.step()
         step += 1
         tokens_seen += int(step_tokens.item())
@@ -272,10 +280,12 @@ def train(recipe: Recipe) -> TrainResult:
         progress.update(1)
 
         if step % cfg.logging_steps == 0 or step == total_steps:
-            loss_total = accelerator.reduce(window_loss, "sum").item()
+            loss_total, real, processed = accelerator.reduce(window_loss, "sum").tolist()
+            real_tokens += int(real)
             now = time.perf_counter()
             row = {"step": step, "loss": round(loss_total / max(window_tokens, 1.0), 6),
-                   "lr": scheduler.get_last_lr()[0], "tokens_per_s": round(window_tokens / (now - last_log), 1),
+                   "lr": scheduler.get_last_lr()[0], "tokens_per_s": round(real / (now - last_log), 1),
+                   "padding_efficiency": round(real / max(processed, 1.0), 4),
                    "epoch": round(step * accumulation / len(train_dl), 4)}
             last_log, window_tokens = now, 0.0
             window_loss.zero_()
@@ -287,6 +297,7 @@ def train(recipe: Recipe) -> TrainResult:
             state = {"step": step, "tokens_seen": tokens_seen, "total_steps": total_steps}
             run.save_checkpoint(accelerator, step, state, cfg.save_total_limit, **save_kwargs)
     progress.close()
+    loop_seconds = time.perf_counter() - loop_start
 
     if eval_dl is not None and not (cfg.eval_steps and step % cfg.eval_steps == 0):
         last_eval = evaluate(model, eval_dl, accelerator)
@@ -297,7 +308,9 @@ def train(recipe: Recipe) -> TrainResult:
         plot_loss(rows, run.loss_plot)
         info = run.read_info()
         losses = [r["loss"] for r in rows if "loss" in r]
-        info.update(finished=True, steps=step, tokens_seen=tokens_seen, first_loss=losses[0] if losses else None,
+        info.update(finished=True, steps=step, tokens_seen=tokens_seen, loop_seconds=round(loop_seconds, 2),
+                    real_tokens_this_session=real_tokens,
+                    steps_this_session=step - start_step, first_loss=losses[0] if losses else None,
                     final_loss=losses[-1] if losses else None, eval_loss=last_eval)
         run.write_info(info)
         accelerator.print(f"done: adapter in {run.adapter_dir}; loss {info['first_loss']} → {info['final_loss']}"

@@ -1,0 +1,136 @@
+"""medtune vs LLaMA-Factory on the same CPU work: same tiny LLaMA-shaped model (hidden 256, 4 layers),
+same tokenizer, same 2,000 synthetic Chinese samples, LoRA r 8 / alpha 16 on all linear layers,
+batch 8, 60 steps, fp32, 2 threads.
+
+    python3 -m venv /tmp/lfvenv && /tmp/lfvenv/bin/pip install torch==2.13.0 llamafactory
+    python benchmarks/llamafactory_compare.py --lf-cli /tmp/lfvenv/bin/llamafactory-cli
+
+Real (non-pad) tokens/s is the like-for-like number: for LLaMA-Factory, steps x batch samples x
+the mean tokens of a sample (it draws batches at random); for medtune, the real tokens its loop
+counted (a packed row holds several samples). Each side is timed over its training loop only
+(HF Trainer's train_runtime; medtune's loop_seconds), model loading and tokenization excluded.
+
+LLaMA-Factory 0.9.5 imports torchaudio at start-up even for text-only SFT, and no torchaudio wheel
+exists for torch 2.13.0: give its venv an empty `torchaudio` package (text SFT never calls it), and
+uninstall torchvision (PyPI's build does not load beside the torch 2.13.0 CPU wheel):
+    SP=$(/tmp/lfvenv/bin/python -c "import site; print(site.getsitepackages()[0])")
+    /tmp/lfvenv/bin/pip uninstall -y torchvision torchaudio; mkdir -p $SP/torchaudio; touch $SP/torchaudio/__init__.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from synthetic import promptcblue_like, write_jsonl  # noqa: E402
+
+LF_CONFIG = """model_name_or_path: {base}
+trust_remote_code: false
+stage: sft
+do_train: true
+finetuning_type: lora
+lora_rank: 8
+lora_alpha: 16
+lora_dropout: 0.0
+lora_target: all
+dataset: synthetic
+dataset_dir: {data_dir}
+template: empty
+cutoff_len: 1024
+overwrite_cache: true
+preprocessing_num_workers: 1
+dataloader_num_workers: 0
+output_dir: {out}
+logging_steps: 10
+save_strategy: "no"
+report_to: none
+per_device_train_batch_size: 8
+gradient_accumulation_steps: 1
+learning_rate: 1.0e-4
+max_steps: {steps}
+lr_scheduler_type: cosine
+bf16: false
+fp16: false
+seed: 42
+"""
+
+MEDTUNE_RECIPE = """
+model: {{base: {base}, dtype: fp32}}
+lora: {{r: 8, alpha: 16, dropout: 0.0, target_modules: all-linear}}
+data: {{train_files: [{data}], template: chatmed, max_length: 1024}}
+train: {{learning_rate: 1e-4, max_steps: {steps}, per_device_batch_size: 8, logging_steps: 10, save_steps: 0, seed: 42}}
+"""
+
+
+def run_llamafactory(cli: str, base: Path, records: list[dict], steps: int, tmp: Path) -> float:
+    data_dir = tmp / "lf_data"
+    data_dir.mkdir()
+    alpaca = [{"instruction": r["messages"][0]["content"], "input": "", "output": r["messages"][1]["content"]}
+              for r in records]
+    (data_dir / "synthetic.json").write_text(json.dumps(alpaca, ensure_ascii=False), encoding="utf-8")
+    (data_dir / "dataset_info.json").write_text(json.dumps({"synthetic": {"file_name": "synthetic.json"}}))
+    config = tmp / "lf.yaml"
+    config.write_text(LF_CONFIG.format(base=base, data_dir=data_dir, out=tmp / "lf_out", steps=steps))
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "WANDB_DISABLED": "true", "DISABLE_VERSION_CHECK": "1",
+           "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([cli, "train", str(config)], capture_output=True, text=True, env=env)
+    if proc.returncode:
+        sys.exit("LLaMA-Factory failed:\n" + proc.stdout[-3000:] + proc.stderr[-3000:])
+    results = json.loads((tmp / "lf_out" / "train_results.json").read_text())
+    return results["train_runtime"]
+
+
+def run_medtune(base: Path, data: Path, steps: int, tmp: Path, overrides: list[str]) -> tuple[float, int]:
+    recipe = tmp / "medtune.yaml"
+    recipe.write_text(MEDTUNE_RECIPE.format(base=base, data=data, steps=steps))
+    out = tmp / ("medtune-" + "-".join(o.replace("=", "_") for o in overrides))
+    cmd = [sys.executable, "medtune/train.py", str(recipe), f"output.dir={out}", *overrides]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent,
+                          env={**os.environ, "OMP_NUM_THREADS": "2"})
+    if proc.returncode:
+        sys.exit("medtune failed:\n" + proc.stderr[-3000:])
+    info = json.loads((out / "run_info.json").read_text())
+    return info["loop_seconds"], info["real_tokens_this_session"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lf-cli", required=True, help="llamafactory-cli of a separate virtual environment")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--samples", type=int, default=2000)
+    args = parser.parse_args()
+    from medtune.model import load_tokenizer
+    from medtune.tiny_model import build_tiny_llama, corpus_texts
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        os.environ["MEDTUNE_CACHE"] = str(tmp / "cache")
+        records = promptcblue_like(args.samples)
+        data = write_jsonl(records, tmp / "data.jsonl")
+        base = build_tiny_llama(tmp / "base", corpus_texts([data]), hidden_size=256, layers=4)
+        tokenizer = load_tokenizer(str(base))
+        mean_tokens = sum(len(tokenizer.encode(r["messages"][0]["content"] + r["messages"][1]["content"]))
+                          for r in records) / len(records)
+        samples = args.steps * 8
+        lf_seconds = run_llamafactory(args.lf_cli, base, records, args.steps, tmp)
+        rows = {"LLaMA-Factory 0.9.5 (defaults)": (lf_seconds, samples * mean_tokens)}
+        for name, overrides in {"medtune (length-grouped, default)": [],
+                                "medtune (random batches, no grouping)": ["data.group_by_length=false"],
+                                "medtune (packed)": ["data.packing=true"]}.items():
+            rows[name] = run_medtune(base, data, args.steps, tmp, overrides)
+        lf_rate = rows["LLaMA-Factory 0.9.5 (defaults)"][1] / lf_seconds
+        # samples/s only where a row is one sample (not packed): the conservative figure for medtune,
+        # whose token count also includes its template's markers.
+        print(f"{'':40} {'loop s':>7} {'real tokens':>12} {'tokens/s':>9} {'vs LF':>6} {'samples/s':>10} {'vs LF':>6}")
+        for name, (seconds, tokens) in rows.items():
+            per_sample = f"{samples / seconds:10.2f} {lf_seconds / seconds:5.2f}x" if "packed" not in name else f"{'-':>10} {'-':>6}"
+            print(f"{name:40} {seconds:7.1f} {tokens:12.0f} {tokens / seconds:9.0f} {tokens / seconds / lf_rate:5.2f}x {per_sample}")
+
+if __name__ == "__main__":
+    main()
