@@ -22,23 +22,14 @@ from typing import Any
 import torch
 
 from medtune.model import DTYPES, load_tokenizer
-from medtune.records import write_jsonl_line
+from medtune.records import iter_json_lines, write_jsonl_line
 from medtune.rundir import describe_source
 from medtune.templates import encode_conversation, get_template
 
 
 def load_prompts(path: Path, strip_answer_cue: bool = False) -> list[dict[str, Any]]:
     """Each input line → {id, messages (ending with the user turn), line (what to write back)}."""
-    prompts = []
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            prompts.append(_prompt_of(row, f"{path}:{lineno}", strip_answer_cue))
+    prompts = [_prompt_of(row, f"{path}:{lineno}", strip_answer_cue) for lineno, row in iter_json_lines(path)]
     ids = [p["id"] for p in prompts]
     if len(set(ids)) != len(ids):
         raise ValueError(f"{path}: duplicate ids; predictions could not be matched back to inputs")

@@ -71,8 +71,8 @@ def validate_record(record: Any) -> str:
     return kind
 
 
-def read_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (line number, record) from an instruction JSONL file, validating each line."""
+def iter_json_lines(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """Yield (line number, parsed value) of a JSON-lines file; a bad line is an error naming file and line."""
     path = Path(path)
     if not path.is_file():
         raise RecordError(f"{path}: file not found")
@@ -81,14 +81,19 @@ def read_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as exc:
                 raise RecordError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            try:
-                validate_record(record)
-            except RecordError as exc:
-                raise RecordError(f"{path}:{lineno}: {exc}") from None
-            yield lineno, record
+
+
+def read_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (line number, record) from an instruction JSONL file, validating each line."""
+    for lineno, record in iter_json_lines(path):
+        try:
+            validate_record(record)
+        except RecordError as exc:
+            raise RecordError(f"{path}:{lineno}: {exc}") from None
+        yield lineno, record
 
 
 def write_jsonl_line(record: dict[str, Any]) -> str:
