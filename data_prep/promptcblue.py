@@ -6,7 +6,7 @@ removes every "答：" as the official LLaMA baseline does before applying its o
 The fields the scorer needs stay in ``meta``.
 """
 
-from data_prep.pipeline import Item, Options, Skip, chat, text_field
+from data_prep.pipeline import Item, Options, Skip, chat
 
 SOURCE = "promptcblue"
 

@@ -15,7 +15,6 @@ import random
 import shutil
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch

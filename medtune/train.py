@@ -100,10 +100,18 @@ def prepare_run_dir(run: RunDir, recipe: Recipe, accelerator) -> tuple[str, Path
     return "fresh", None
 
 
-def build_model(recipe: Recipe, base: str, dtype: str, accelerator):
+def build_model(recipe: Recipe, base: str, dtype: str, tokenizer, accelerator):
     quantized = recipe.model.quantization is not None
     device_map = {"": accelerator.local_process_index} if quantized and torch.cuda.is_available() else None
     model = load_base_model(base, recipe.model, dtype, device_map=device_map)
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:  # an extended vocabulary (e.g. Chinese-LLaMA's tokenizer on LLaMA weights)
+        if not {"embed_tokens", "lm_head"} <= set(recipe.lora.modules_to_save):
+            raise RecipeError(
+                f"lora.modules_to_save: the tokenizer has {len(tokenizer)} tokens but the model's embeddings only "
+                f"{rows} rows; add [embed_tokens, lm_head] so the new rows are trained and saved with the adapter")
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+        accelerator.print(f"embeddings resized from {rows} to {model.get_input_embeddings().weight.shape[0]} rows")
     model = attach_lora(model, recipe.lora, recipe.train.gradient_checkpointing, quantized)
     trainable, total = count_parameters(model)
     accelerator.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
@@ -196,7 +204,7 @@ def train(recipe: Recipe) -> TrainResult:
         train_set, eval_set = load_sft_datasets(recipe.data, cfg.seed, tokenizer, accelerator.is_main_process,
                                                 log=accelerator.print)
     set_seed(cfg.seed)  # right before anything random: the adapter's init, then dropout and shuffling
-    model = build_model(recipe, base, dtype, accelerator)
+    model = build_model(recipe, base, dtype, tokenizer, accelerator)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
         fused=torch.cuda.is_available() and not cfg.deepspeed,  # one kernel for all parameters on a GPU

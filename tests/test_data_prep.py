@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from data_prep.__main__ import SOURCES, main as prep_main
-from data_prep.pipeline import Options, PrepError, run
+from data_prep.pipeline import Options, run
 from medtune.records import read_records
 
 from conftest import REPO

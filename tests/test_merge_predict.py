@@ -91,3 +91,30 @@ def test_predict_from_run_dir_uses_the_training_template(trained, tmp_path):
     assert predict(str(result.run.root), data, out, max_new_tokens=8, progress=False) == 1
     row = json.loads(out.read_text())
     assert row["id"] == "r1" and isinstance(row["prediction"], str)
+
+
+def test_extended_vocabulary_trains_and_merges(tiny_base, tmp_path):
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import SMALL_RECIPE, write_recipe
+    from medtune.recipe import RecipeError, load_recipe
+    from medtune.train import train
+
+    base = tmp_path / "base-extended-vocab"
+    shutil.copytree(tiny_base, base)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    rows = AutoModelForCausalLM.from_pretrained(base).get_input_embeddings().weight.shape[0]
+    tokenizer.add_tokens([f"医学词{i}" for i in range(rows - len(tokenizer) + 100)])
+    tokenizer.save_pretrained(base)
+    path = write_recipe(tmp_path / "r.yaml", SMALL_RECIPE.replace("base: tiny-llama", f"base: {base}"))
+    with pytest.raises(RecipeError, match="embed_tokens, lm_head"):
+        train(load_recipe(path, [f"output.dir={tmp_path / 'no'}"]))
+    recipe = load_recipe(path, [f"output.dir={tmp_path / 'run'}", "train.max_steps=3", "train.save_steps=0",
+                                "lora.modules_to_save=[embed_tokens, lm_head]"])
+    run = train(recipe).run
+    summary = merge(str(run.root), tmp_path / "merged", [])
+    assert summary["parity_max_abs_logit_diff"] <= 1e-4
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert merged.get_input_embeddings().weight.shape[0] >= len(tokenizer) > rows

@@ -7,7 +7,7 @@ import torch
 
 from medtune.data import (LengthGroupedSampler, build_sft_rows, concat_examples, load_sft_datasets, pack_examples,
                           pad_batch)
-from medtune.losses import causal_lm_loss_sum, count_target_tokens
+from medtune.losses import causal_lm_loss_sum
 from medtune.recipe import load_recipe
 from medtune.templates import IGNORE_INDEX
 from medtune.train import forward_logits

@@ -1,6 +1,5 @@
 """Recipes: strict for what a person writes, tolerant for what a program wrote."""
 
-from pathlib import Path
 
 import pytest
 

@@ -209,6 +209,3 @@ def sections_rouge_l(gold: Sequence[dict[str, str]], pred: Sequence[dict[str, st
     pairs = [(p.get(key, "").strip(), text.strip()) for g, p in zip(gold, pred, strict=True) for key, text in g.items()]
     return mean_rouge_l(pairs)
 
-
-def any_answer(value: Any) -> bool:
-    return bool(value)
