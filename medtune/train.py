@@ -104,14 +104,14 @@ def build_model(recipe: Recipe, base: str, dtype: str, tokenizer, accelerator):
     quantized = recipe.model.quantization is not None
     device_map = {"": accelerator.local_process_index} if quantized and torch.cuda.is_available() else None
     model = load_base_model(base, recipe.model, dtype, device_map=device_map)
-    rows = model.get_input_embeddings().weight.shape[0]
+    rows = model.get_input_embeddings().num_embeddings  # not weight.shape: ZeRO-3 partitions the weight at load
     if len(tokenizer) > rows:  # an extended vocabulary (e.g. Chinese-LLaMA's tokenizer on LLaMA weights)
         if not {"embed_tokens", "lm_head"} <= set(recipe.lora.modules_to_save):
             raise RecipeError(
                 f"lora.modules_to_save: the tokenizer has {len(tokenizer)} tokens but the model's embeddings only "
                 f"{rows} rows; add [embed_tokens, lm_head] so the new rows are trained and saved with the adapter")
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
-        accelerator.print(f"embeddings resized from {rows} to {model.get_input_embeddings().weight.shape[0]} rows")
+        accelerator.print(f"embeddings resized from {rows} to {model.get_input_embeddings().num_embeddings} rows")
     model = attach_lora(model, recipe.lora, recipe.train.gradient_checkpointing, quantized)
     trainable, total = count_parameters(model)
     accelerator.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from typing import Any, Sequence
+from typing import Sequence
 
 EMPTY_TEXT = "无 。"  # what the official evaluator scores in place of an empty text
 
