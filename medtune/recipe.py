@@ -261,6 +261,15 @@ def _coerce(value: Any, tp: Any, key: str, where: typing.Callable[[str], str], s
     raise RecipeError(f"{where(key)}: {key}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
 
 
+def check_data_files(recipe: Recipe) -> None:
+    """Before training starts (not at load: shipped recipes name files a user prepares first)."""
+    for key in ("train_files", "eval_files"):
+        for path in getattr(recipe.data, key):
+            if not Path(path).is_file():
+                raise RecipeError(f"data.{key}: {path}: file not found (write it with python -m data_prep, "
+                                  f"or override it: data.{key}=[PATH])")
+
+
 def check_recipe(recipe: Recipe, name: str = "recipe") -> None:
     """Cross-field checks: combinations that each look valid alone but cannot work together."""
     from medtune.templates import TEMPLATES  # local import: templates imports nothing from here

@@ -28,7 +28,7 @@ from medtune import __version__
 from medtune.data import LengthGroupedSampler, load_sft_datasets, pad_batch, row_lengths
 from medtune.losses import causal_lm_loss_sum, count_target_tokens
 from medtune.model import attach_lora, count_parameters, load_base_model, load_tokenizer, resolve_base, resolve_dtype
-from medtune.recipe import Recipe, RecipeError, load_recipe
+from medtune.recipe import Recipe, RecipeError, check_data_files, load_recipe
 from medtune.records import RecordError
 from medtune.rundir import RunDir, TRAINER_STATE, plot_loss
 from medtune.templates import get_template, jinja_chat_template
@@ -187,6 +187,7 @@ def train(recipe: Recipe) -> TrainResult:
     from transformers import get_scheduler
 
     cfg = recipe.train
+    check_data_files(recipe)
     dtype = resolve_dtype(recipe.model.dtype)
     accelerator = build_accelerator(recipe, dtype)
     run = RunDir(recipe.output.dir)

@@ -68,3 +68,8 @@ def test_saved_recipe_round_trips_and_tolerates_unknown_keys(small_recipe, tmp_p
     with pytest.raises(RecipeError):
         load_recipe(saved)
     assert load_recipe(saved, strict=False) == recipe
+
+
+def test_missing_data_file_is_named_before_anything_loads(small_recipe, capsys):
+    assert train_main([str(small_recipe), "data.train_files=[no/such/data.jsonl]"]) == 2
+    assert "data.train_files: no/such/data.jsonl: file not found" in capsys.readouterr().err
