@@ -36,15 +36,15 @@ from medtune.templates import get_template, jinja_chat_template
 
 def build_accelerator(recipe: Recipe, dtype: str):
     from accelerate import Accelerator, DataLoaderConfiguration, DeepSpeedPlugin
-    from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs
-
     from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs
 
     # accelerate keeps process-wide singletons; a second train() in the same process (a notebook,
     # the tests) may ask for another precision. The process group (PartialState) is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
     train = recipe.train
+    launched_with_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"  # accelerate launch --use_deepspeed
     deepspeed = None
     if train.deepspeed:
         # What `accelerate launch --use_deepspeed` sets: without it, processes started by torchrun
@@ -54,7 +54,7 @@ def build_accelerator(recipe: Recipe, dtype: str):
             hf_ds_config=train.deepspeed, gradient_accumulation_steps=train.gradient_accumulation_steps,
             gradient_clipping=train.max_grad_norm or None,
         )
-    use_deepspeed = deepspeed is not None or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
+    use_deepspeed = deepspeed is not None or launched_with_deepspeed
     handlers = []
     if use_deepspeed and not torch.cuda.is_available():
         # DeepSpeed on CPU talks over gloo; named explicitly, or accelerate counts a single process.
@@ -261,7 +261,10 @@ def train(recipe: Recipe) -> TrainResult:
     progress = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, desc="train")
     # this process's (loss sum, real tokens, processed tokens) since the last log line
     window_loss = torch.zeros(3, device=accelerator.device)
-    window_tokens = 0.0  # all processes' target tokens since the last log line
+    # all processes' target tokens since the last log line / in the run: tensors, read only when
+    # logging or saving, so no optimizer step waits on the device
+    window_tokens = torch.zeros((), device=accelerator.device)
+    tokens_total = torch.tensor(float(tokens_seen), device=accelerator.device)
     last_log = time.perf_counter()
     last_eval = None
     while step < total_steps:
@@ -284,29 +287,31 @@ def train(recipe: Recipe) -> TrainResult:
                                         torch.tensor(float(batch["input_ids"].numel()), device=accelerator.device)])
         scheduler.step()
         step += 1
-        tokens_seen += int(step_tokens.item())
-        window_tokens += step_tokens.item()
+        tokens_total += step_tokens
+        window_tokens += step_tokens
         progress.update(1)
 
         if step % cfg.logging_steps == 0 or step == total_steps:
             loss_total, real, processed = accelerator.reduce(window_loss, "sum").tolist()
             real_tokens += int(real)
             now = time.perf_counter()
-            row = {"step": step, "loss": round(loss_total / max(window_tokens, 1.0), 6),
+            row = {"step": step, "loss": round(loss_total / max(window_tokens.item(), 1.0), 6),
                    "lr": scheduler.get_last_lr()[0], "tokens_per_s": round(real / (now - last_log), 1),
                    "padding_efficiency": round(real / max(processed, 1.0), 4),
                    "epoch": round(step * accumulation / len(train_dl), 4)}
-            last_log, window_tokens = now, 0.0
+            last_log = now
             window_loss.zero_()
+            window_tokens.zero_()
             _log(run, accelerator, progress, row)
         if eval_dl is not None and cfg.eval_steps and step % cfg.eval_steps == 0:
             last_eval = evaluate(model, eval_dl, accelerator)
             _log(run, accelerator, progress, {"step": step, "eval_loss": round(last_eval, 6)})
         if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
-            state = {"step": step, "tokens_seen": tokens_seen, "total_steps": total_steps}
+            state = {"step": step, "tokens_seen": int(tokens_total.item()), "total_steps": total_steps}
             run.save_checkpoint(accelerator, step, state, cfg.save_total_limit, **save_kwargs)
     progress.close()
     loop_seconds = time.perf_counter() - loop_start
+    tokens_seen = int(tokens_total.item())
 
     if eval_dl is not None and not (cfg.eval_steps and step % cfg.eval_steps == 0):
         last_eval = evaluate(model, eval_dl, accelerator)
