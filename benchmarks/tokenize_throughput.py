@@ -29,7 +29,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         os.environ["MEDTUNE_CACHE"] = str(tmp / "cache")
-        from medtune.data import load_sft_datasets
+        from medtune.data import load_datasets
         from medtune.model import load_tokenizer
         from medtune.recipe import DataConfig
         from medtune.tiny_model import build_tiny_llama, corpus_texts
@@ -41,7 +41,7 @@ def main() -> None:
         timings = []
         for _ in range(2):
             start = time.perf_counter()
-            train, _ = load_sft_datasets(config, 42, tokenizer, log=lambda message: None)
+            train, _ = load_datasets(config, 42, tokenizer, log=lambda message: None)
             timings.append(time.perf_counter() - start)
         print(json.dumps({
             "rows": args.rows, "cold_s": round(timings[0], 2), "cold_rows_per_s": round(args.rows / timings[0]),

@@ -44,15 +44,26 @@ class TokenizeReport:
         return f"{self.kept} examples ({self.truncated} cut to max_length); dropped: {dropped}"
 
 
-def load_chat_records(files: Sequence[str]) -> list[dict[str, Any]]:
-    """All chat records of the files; anything else is an error naming file and line."""
+STAGE_RECORDS = {"sft": "chat", "pt": "text", "rm": "preference", "dpo": "preference"}
+KIND_HELP = {
+    "chat": "chat records whose messages end with the assistant's reply (data_prep sft sources)",
+    "text": "text records {id, source, text} (python -m data_prep text)",
+    "preference": "preference records with chosen and rejected replies (python -m data_prep preference)",
+}
+
+
+def load_records(files: Sequence[str], stage: str = "sft") -> list[dict[str, Any]]:
+    """All records of the files, of the kind the stage trains on; anything else names file and line."""
+    from medtune.records import record_kind
+
+    want = STAGE_RECORDS[stage]
     records = []
     for path in files:
         for lineno, record in read_records(path):
-            messages = record.get("messages")
-            if messages is None or "chosen" in record:
-                raise RecordError(f"{path}:{lineno}: SFT needs chat records (messages ending with an assistant reply)")
-            if messages[-1]["role"] != "assistant":
+            kind = record_kind(record)
+            if kind != want:
+                raise RecordError(f"{path}:{lineno}: a {kind} record; train.stage {stage} needs {KIND_HELP[want]}")
+            if kind == "chat" and record["messages"][-1]["role"] != "assistant":
                 raise RecordError(f"{path}:{lineno}: field 'messages': the last message must be the assistant's reply to train on it")
             records.append(record)
     if not records:
@@ -90,6 +101,43 @@ def tokenize_chat(
             examples.append({"input_ids": ids, "labels": labels})
             report.kept += 1
     return examples, report
+
+
+def tokenize_pairs(records: Sequence[dict], tokenizer, template: ChatTemplate, max_length: int,
+                   system_prompt: str | None = None) -> tuple[list[Example], TokenizeReport]:
+    """Each preference record → the prompt with its chosen reply and with its rejected reply;
+    only the reply is labelled."""
+    report = TokenizeReport()
+    conversations = [r["messages"] + [{"role": "assistant", "content": r[side]}]
+                     for r in records for side in ("chosen", "rejected")]
+    encoded = encode_conversations(tokenizer, template, conversations, system_prompt, "last_turn")
+    rows = []
+    for (c_ids, c_labels), (r_ids, r_labels) in zip(encoded[0::2], encoded[1::2]):
+        if max(len(c_ids), len(r_ids)) > max_length:
+            report.truncated += 1
+        c_ids, c_labels, r_ids, r_labels = (x[:max_length] for x in (c_ids, c_labels, r_ids, r_labels))
+        if all(l == IGNORE_INDEX for l in c_labels[1:]) or all(l == IGNORE_INDEX for l in r_labels[1:]):
+            report.dropped["with no reply token left within max_length"] += 1
+            continue
+        rows.append({"chosen_input_ids": c_ids, "chosen_labels": c_labels,
+                     "rejected_input_ids": r_ids, "rejected_labels": r_labels})
+        report.kept += 1
+    return rows, report
+
+
+def text_blocks(records: Sequence[dict], tokenizer, max_length: int, carry: list[int]) -> tuple[list[Example], TokenizeReport]:
+    """Pre-training: each text as BOS + tokens + EOS, concatenated and cut into max_length blocks
+    (the usual continued pre-training layout); ``carry`` holds the tail for the next chunk."""
+    report = TokenizeReport()
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    for ids in tokenizer([r["text"] for r in records], add_special_tokens=False)["input_ids"]:
+        carry.extend(bos + ids + [tokenizer.eos_token_id])
+        report.kept += 1
+    blocks = []
+    while len(carry) >= max_length:
+        block, carry[:] = carry[:max_length], carry[max_length:]
+        blocks.append({"input_ids": block, "labels": list(block)})
+    return blocks, report
 
 
 # ----------------------------------------------------------------------------- packing
@@ -160,6 +208,13 @@ def pad_batch(examples: Sequence[Example], pad_id: int, pad_to_multiple_of: int 
             "real_tokens": real}
 
 
+def pad_pairs(examples: Sequence[Example], pad_id: int, pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
+    """Preference pairs as one padded batch: rows [chosen_1..chosen_n, rejected_1..rejected_n]."""
+    rows = [{"input_ids": e[f"{side}_input_ids"], "labels": e[f"{side}_labels"]}
+            for side in ("chosen", "rejected") for e in examples]
+    return pad_batch(rows, pad_id, pad_to_multiple_of)
+
+
 class LengthGroupedSampler(torch.utils.data.Sampler[int]):
     """Indices in an order where each run of ``batch_size`` has similar lengths (little padding),
     while the batches themselves come in random order. A function of (seed, epoch), so a resumed
@@ -190,9 +245,9 @@ class LengthGroupedSampler(torch.utils.data.Sampler[int]):
 # ----------------------------------------------------------------------------- the cached datasets
 
 
-def cache_key(data_cfg, seed: int, tokenizer, files: Sequence[str]) -> str:
+def cache_key(data_cfg, seed: int, tokenizer, files: Sequence[str], stage: str = "sft") -> str:
     """Everything that changes the tokenized rows: file contents, template, tokenizer, lengths, packing."""
-    digest = hashlib.sha256(_FORMAT_VERSION.encode())
+    digest = hashlib.sha256(f"{_FORMAT_VERSION}:{stage}".encode())
     for path in files:
         digest.update(str(path).encode())
         with open(path, "rb") as handle:
@@ -206,16 +261,31 @@ def cache_key(data_cfg, seed: int, tokenizer, files: Sequence[str]) -> str:
     return digest.hexdigest()[:24]
 
 
-def _split_records(data_cfg, seed: int) -> tuple[list[dict], list[dict]]:
-    records = load_chat_records(data_cfg.train_files)
+def _split_records(data_cfg, seed: int, stage: str = "sft") -> tuple[list[dict], list[dict]]:
+    records = load_records(data_cfg.train_files, stage)
     if data_cfg.eval_files:
-        return records, load_chat_records(data_cfg.eval_files)
+        return records, load_records(data_cfg.eval_files, stage)
     return split_eval(records, data_cfg.eval_ratio, seed)
 
 
 def train_row_chunks(records: list[dict], data_cfg, tokenizer, report: TokenizeReport,
-                     chunk: int = 8192) -> Iterator[list[Example]]:
+                     chunk: int = 8192, stage: str = "sft") -> Iterator[list[Example]]:
     """Tokenized (and packed) training rows, a chunk at a time, so only one chunk lives as Python lists."""
+    if stage == "pt":
+        carry: list[int] = []
+        for start in range(0, len(records), chunk):
+            rows, part = text_blocks(records[start:start + chunk], tokenizer, data_cfg.max_length, carry)
+            report.add(part)
+            yield rows
+        yield [{"input_ids": carry, "labels": list(carry)}] if len(carry) > 1 else []
+        return
+    if stage in ("rm", "dpo"):
+        for start in range(0, len(records), chunk):
+            rows, part = tokenize_pairs(records[start:start + chunk], tokenizer, get_template(data_cfg.template),
+                                        data_cfg.max_length, data_cfg.system_prompt)
+            report.add(part)
+            yield rows
+        return
     encode = dict(tokenizer=tokenizer, template=get_template(data_cfg.template), max_length=data_cfg.max_length,
                   system_prompt=data_cfg.system_prompt, train_on=data_cfg.train_on)
     if data_cfg.packing == "concat":  # one stream of tokens: blocks run across chunk boundaries
@@ -230,7 +300,7 @@ def train_row_chunks(records: list[dict], data_cfg, tokenizer, report: TokenizeR
 
 
 def build_sft_rows(data_cfg, seed: int, tokenizer) -> tuple[list[Example], list[Example], TokenizeReport]:
-    """All train and eval rows as lists (small data, tests); load_sft_datasets streams into Arrow instead."""
+    """All train and eval rows as lists (small data, tests); load_datasets streams into Arrow instead."""
     train_records, eval_records = _split_records(data_cfg, seed)
     report = TokenizeReport()
     train_rows = [row for rows in train_row_chunks(train_records, data_cfg, tokenizer, report) for row in rows]
@@ -243,7 +313,7 @@ def _unpacked(data_cfg):
     return dataclasses.replace(data_cfg, packing=False)
 
 
-def load_sft_datasets(data_cfg, seed: int, tokenizer, is_main: bool = True, log=print):
+def load_datasets(data_cfg, seed: int, tokenizer, stage: str = "sft", is_main: bool = True, log=print):
     """The train and eval datasets, from the on-disk cache when the inputs have not changed.
 
     Only the main process tokenizes (call under ``accelerator.main_process_first()``): the
@@ -252,7 +322,7 @@ def load_sft_datasets(data_cfg, seed: int, tokenizer, is_main: bool = True, log=
     from datasets import Dataset, DatasetDict, Features, Sequence as Ids, Value, concatenate_datasets, load_from_disk
 
     files = list(data_cfg.train_files) + list(data_cfg.eval_files)
-    path = cache_root() / "tokenized" / cache_key(data_cfg, seed, tokenizer, files)
+    path = cache_root() / "tokenized" / cache_key(data_cfg, seed, tokenizer, files, stage)
     if (path / "dataset_dict.json").is_file():
         cached = load_from_disk(str(path))
         log(f"tokenized data from cache {path} ({len(cached['train'])} train rows)")
@@ -264,13 +334,14 @@ def load_sft_datasets(data_cfg, seed: int, tokenizer, is_main: bool = True, log=
         features = Features({k: Ids(Value("int32")) for k in rows[0]})
         return Dataset.from_dict({k: [r[k] for r in rows] for k in rows[0]}, features=features)
 
-    train_records, eval_records = _split_records(data_cfg, seed)
+    train_records, eval_records = _split_records(data_cfg, seed, stage)
     report = TokenizeReport()
-    parts = [table(rows) for rows in train_row_chunks(train_records, data_cfg, tokenizer, report) if rows]
+    parts = [table(rows) for rows in train_row_chunks(train_records, data_cfg, tokenizer, report, stage=stage) if rows]
     if not parts:
         raise RecordError(f"no trainable example in {', '.join(data_cfg.train_files)}: {report.summary()}")
     splits = {"train": concatenate_datasets(parts)}
-    eval_parts = [table(rows) for rows in train_row_chunks(eval_records, _unpacked(data_cfg), tokenizer, TokenizeReport()) if rows]
+    eval_parts = [table(rows) for rows in train_row_chunks(eval_records, _unpacked(data_cfg), tokenizer,
+                                                           TokenizeReport(), stage=stage) if rows]
     if eval_parts:  # datasets cannot memory-map a table with no rows
         splits["eval"] = concatenate_datasets(eval_parts)
     packed = f"; {report.kept} samples in {len(splits['train'])} packed rows" if data_cfg.packing else ""
@@ -288,4 +359,6 @@ def load_sft_datasets(data_cfg, seed: int, tokenizer, is_main: bool = True, log=
 
 
 def row_lengths(dataset) -> list[int]:
-    return [len(ids) for ids in dataset["input_ids"]]
+    if "input_ids" in dataset.column_names:
+        return [len(ids) for ids in dataset["input_ids"]]
+    return [max(len(c), len(r)) for c, r in zip(dataset["chosen_input_ids"], dataset["rejected_input_ids"])]

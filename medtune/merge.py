@@ -61,17 +61,21 @@ def merge(source: str, out: Path, extra_adapters: list[str], base: str | None = 
           shard_size: str = "5GB", trust_remote_code: bool = False) -> dict:
     """Merge and save; returns what was done, including the parity check's max logit gap."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     info = describe_source(source, base)
+    reward_model = info.get("stage") == "rm"  # a reward model keeps its score head instead of the LM head
     adapters = info["adapters"] + list(extra_adapters)
     if not adapters:
         raise ValueError(f"{source}: no adapter to merge (give a run directory, an adapter directory, or --adapter)")
     refuse_quantized(info["base"])
     dtype = dtype or info.get("dtype") or "fp32"  # by default, the precision the run trained in
     tokenizer = AutoTokenizer.from_pretrained(info["tokenizer"], trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(info["base"], dtype=DTYPES[dtype], use_safetensors=True,
-                                                 trust_remote_code=trust_remote_code).eval()
+    auto = AutoModelForSequenceClassification if reward_model else AutoModelForCausalLM
+    model = auto.from_pretrained(info["base"], dtype=DTYPES[dtype], use_safetensors=True,
+                                 trust_remote_code=trust_remote_code, **({"num_labels": 1} if reward_model else {})).eval()
+    if reward_model:
+        model.config.pad_token_id = tokenizer.pad_token_id
     prompts = parity_prompts(tokenizer, info["template"])
     gap = 0.0
     for adapter in adapters:
@@ -86,8 +90,9 @@ def merge(source: str, out: Path, extra_adapters: list[str], base: str | None = 
                 gap = max(gap, (model(input_ids=torch.tensor([ids])).logits.float() - reference[i]).abs().max().item())
     if info["template"]:
         tokenizer.chat_template = jinja_chat_template(get_template(info["template"]))
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if not reward_model:
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True, max_shard_size=shard_size)

@@ -68,10 +68,14 @@ def quantization_config(quant: QuantizationConfig):
     )
 
 
-def load_base_model(base: str, model: ModelConfig, dtype: str, device_map=None):
-    """The frozen base, from safetensors only (pickled weights can execute code)."""
-    from transformers import AutoModelForCausalLM
+def load_base_model(base: str, model: ModelConfig, dtype: str, device_map=None, reward_head: bool = False):
+    """The frozen base, from safetensors only (pickled weights can execute code).
 
+    ``reward_head``: a reward model, i.e. the base with a one-output score head on its last token.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForSequenceClassification if reward_head else AutoModelForCausalLM
     kwargs = dict(
         dtype=DTYPES[dtype], attn_implementation=model.attn_implementation,
         trust_remote_code=model.trust_remote_code, use_safetensors=True,
@@ -80,10 +84,12 @@ def load_base_model(base: str, model: ModelConfig, dtype: str, device_map=None):
         kwargs["quantization_config"] = quantization_config(model.quantization)
         if device_map is not None:
             kwargs["device_map"] = device_map
-    return AutoModelForCausalLM.from_pretrained(base, **kwargs)
+    if reward_head:
+        kwargs["num_labels"] = 1
+    return auto.from_pretrained(base, **kwargs)
 
 
-def attach_lora(model, lora: LoraSettings, gradient_checkpointing: bool, quantized: bool):
+def attach_lora(model, lora: LoraSettings, gradient_checkpointing: bool, quantized: bool, reward_head: bool = False):
     """Wrap the base with a trainable LoRA adapter; everything else stays frozen."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -100,7 +106,8 @@ def attach_lora(model, lora: LoraSettings, gradient_checkpointing: bool, quantiz
         model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
     config = LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
-        modules_to_save=lora.modules_to_save or None, task_type="CAUSAL_LM",
+        # SEQ_CLS makes peft train and save the new score head too
+        modules_to_save=lora.modules_to_save or None, task_type="SEQ_CLS" if reward_head else "CAUSAL_LM",
     )
     return get_peft_model(model, config)
 

@@ -71,6 +71,8 @@ def load_model_for_inference(source: str, dtype: str, template_name: str | None,
     from transformers import AutoModelForCausalLM
 
     info = describe_source(source)
+    if info.get("stage") == "rm":
+        raise ValueError(f"{source}: a reward model scores replies, it does not generate them")
     template_name = template_name or info["template"]
     if template_name is None:
         raise ValueError(f"{source}: no chat template is recorded for this model; pass --template")

@@ -77,7 +77,8 @@ class DataConfig:
 class TrainConfig:
     """The optimisation, one loop for every stage."""
 
-    stage: Literal["sft"] = "sft"  # supervised fine-tuning on chat records
+    stage: Literal["pt", "sft", "rm", "dpo"] = "sft"  # pre-training on text, SFT on chats, reward model or DPO on pairs
+    dpo_beta: float = 0.1  # DPO: how far the policy may move from the reference (the base without the adapter)
     learning_rate: float = 2e-4
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = 0.03  # fraction of optimizer steps with linear warm-up
@@ -295,6 +296,8 @@ def check_recipe(recipe: Recipe, name: str = "recipe") -> None:
             problems.append(f"train.{key}: must be at least 1")
     if not 0.0 <= train.warmup_ratio < 1.0:
         problems.append(f"train.warmup_ratio: {train.warmup_ratio} must be in [0, 1)")
+    if train.dpo_beta <= 0:
+        problems.append("train.dpo_beta: must be positive")
     if train.learning_rate <= 0:
         problems.append("train.learning_rate: must be positive")
     if isinstance(lora.target_modules, str) and lora.target_modules != "all-linear":

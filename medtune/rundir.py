@@ -153,6 +153,7 @@ def describe_source(path_or_id: str, base_override: str | None = None) -> dict[s
             raise ValueError(f"{path}: this run has not finished (no final adapter yet); resume it first")
         return {"base": base_override or info["base_model"], "adapters": [str(run.adapter_dir)],
                 "template": info["template"], "tokenizer": str(run.adapter_dir), "dtype": info.get("dtype"),
+                "stage": info.get("stage", "sft"),
                 "quantized_training": run.read_recipe().model.quantization is not None}
     if (path / "adapter_config.json").is_file():
         config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))

@@ -25,8 +25,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from medtune import __version__
-from medtune.data import LengthGroupedSampler, load_sft_datasets, pad_batch, row_lengths
-from medtune.losses import causal_lm_loss_sum, count_target_tokens
+from medtune.data import LengthGroupedSampler, load_datasets, pad_batch, pad_pairs, row_lengths
+from medtune.losses import causal_lm_loss_sum, count_target_tokens, dpo_loss_sum, reward_loss_sum, sequence_logps
 from medtune.model import attach_lora, count_parameters, load_base_model, load_tokenizer, resolve_base, resolve_dtype
 from medtune.recipe import Recipe, RecipeError, check_data_files, load_recipe
 from medtune.records import RecordError
@@ -103,7 +103,10 @@ def prepare_run_dir(run: RunDir, recipe: Recipe, accelerator) -> tuple[str, Path
 def build_model(recipe: Recipe, base: str, dtype: str, tokenizer, accelerator):
     quantized = recipe.model.quantization is not None
     device_map = {"": accelerator.local_process_index} if quantized and torch.cuda.is_available() else None
-    model = load_base_model(base, recipe.model, dtype, device_map=device_map)
+    reward_head = recipe.train.stage == "rm"
+    model = load_base_model(base, recipe.model, dtype, device_map=device_map, reward_head=reward_head)
+    if reward_head:
+        model.config.pad_token_id = tokenizer.pad_token_id  # the score is read at each row's last non-pad token
     rows = model.get_input_embeddings().num_embeddings  # not weight.shape: ZeRO-3 partitions the weight at load
     if len(tokenizer) > rows:  # an extended vocabulary (e.g. Chinese-LLaMA's tokenizer on LLaMA weights)
         if not {"embed_tokens", "lm_head"} <= set(recipe.lora.modules_to_save):
@@ -112,7 +115,7 @@ def build_model(recipe: Recipe, base: str, dtype: str, tokenizer, accelerator):
                 f"{rows} rows; add [embed_tokens, lm_head] so the new rows are trained and saved with the adapter")
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
         accelerator.print(f"embeddings resized from {rows} to {model.get_input_embeddings().num_embeddings} rows")
-    model = attach_lora(model, recipe.lora, recipe.train.gradient_checkpointing, quantized)
+    model = attach_lora(model, recipe.lora, recipe.train.gradient_checkpointing, quantized, reward_head)
     trainable, total = count_parameters(model)
     accelerator.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
     return model
@@ -161,15 +164,34 @@ def forward_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
                  position_ids=batch.get("position_ids"), use_cache=False).logits
 
 
+def count_items(batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+    """What a stage's loss is averaged over: target tokens (pt, sft) or preference pairs (rm, dpo)."""
+    if stage in ("rm", "dpo"):
+        return torch.tensor(batch["input_ids"].shape[0] // 2, device=batch["input_ids"].device)
+    return count_target_tokens(batch["labels"])
+
+
+def stage_loss_sum(model, batch: dict[str, torch.Tensor], stage: str, accelerator, dpo_beta: float) -> torch.Tensor:
+    """The one place where stages differ in the loop: the summed loss of a micro-batch."""
+    if stage == "rm":
+        rewards = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)
+        return reward_loss_sum(rewards)
+    if stage == "dpo":
+        # The reference policy is the same network with the adapter switched off: no second model in memory.
+        with torch.no_grad(), accelerator.unwrap_model(model).disable_adapter():
+            reference = sequence_logps(forward_logits(model, batch), batch["labels"])
+        return dpo_loss_sum(sequence_logps(forward_logits(model, batch), batch["labels"]), reference, dpo_beta)
+    return causal_lm_loss_sum(forward_logits(model, batch), batch["labels"])
+
+
 @torch.no_grad()
-def evaluate(model, dataloader, accelerator) -> float:
-    """Mean loss per target token over the whole eval set, all processes together."""
+def evaluate(model, dataloader, accelerator, stage: str = "sft", dpo_beta: float = 0.1) -> float:
+    """Mean loss per item (target token, or pair) over the whole eval set, all processes together."""
     model.eval()
     total = torch.zeros(2, device=accelerator.device)
     for batch in dataloader:
-        logits = forward_logits(model, batch)
-        total += torch.stack([causal_lm_loss_sum(logits, batch["labels"]).detach(),
-                              count_target_tokens(batch["labels"]).float()])
+        total += torch.stack([stage_loss_sum(model, batch, stage, accelerator, dpo_beta).detach().float(),
+                              count_items(batch, stage).float()])
     total = accelerator.reduce(total, "sum")
     model.train()
     return (total[0] / total[1].clamp(min=1)).item()
@@ -202,15 +224,16 @@ def train(recipe: Recipe) -> TrainResult:
     tokenizer = load_tokenizer(base, recipe.model.trust_remote_code)
     tokenizer.chat_template = jinja_chat_template(get_template(recipe.data.template), recipe.data.system_prompt)
     with accelerator.main_process_first():  # the main process tokenizes (or finds the cache); the others load it
-        train_set, eval_set = load_sft_datasets(recipe.data, cfg.seed, tokenizer, accelerator.is_main_process,
-                                                log=accelerator.print)
+        train_set, eval_set = load_datasets(recipe.data, cfg.seed, tokenizer, cfg.stage, accelerator.is_main_process,
+                                            log=accelerator.print)
     set_seed(cfg.seed)  # right before anything random: the adapter's init, then dropout and shuffling
     model = build_model(recipe, base, dtype, tokenizer, accelerator)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
         fused=torch.cuda.is_available() and not cfg.deepspeed,  # one kernel for all parameters on a GPU
     )
-    collate = partial(pad_batch, pad_id=tokenizer.pad_token_id, pad_to_multiple_of=recipe.data.pad_to_multiple_of or None)
+    collate = partial(pad_pairs if cfg.stage in ("rm", "dpo") else pad_batch, pad_id=tokenizer.pad_token_id,
+                      pad_to_multiple_of=recipe.data.pad_to_multiple_of or None)
     train_dl = make_train_loader(train_set, recipe, accelerator.num_processes, collate)
     if cfg.compile:
         model = torch.compile(model)
@@ -269,13 +292,13 @@ def train(recipe: Recipe) -> TrainResult:
     last_eval = None
     while step < total_steps:
         window = [next(stream) for _ in range(accumulation)]
-        # Normalise by the target tokens of the whole optimizer step, over all micro-batches and
-        # all processes: every token weighs the same, however the batches split them.
-        local_tokens = sum(count_target_tokens(b["labels"]) for b in window)
+        # Normalise by the items (target tokens, or pairs) of the whole optimizer step, over all
+        # micro-batches and all processes: every item weighs the same, however the batches split them.
+        local_tokens = sum(count_items(b, cfg.stage) for b in window)
         step_tokens = accelerator.reduce(local_tokens.to(accelerator.device).float(), "sum").clamp(min=1)
         for batch in window:
             with accelerator.accumulate(model):
-                loss_sum = causal_lm_loss_sum(forward_logits(model, batch), batch["labels"])
+                loss_sum = stage_loss_sum(model, batch, cfg.stage, accelerator, cfg.dpo_beta)
                 # backward() divides by the accumulation steps and DDP averages over processes:
                 # multiply both back so the gradient is exactly d(sum of token losses)/d(w) / step_tokens.
                 accelerator.backward(loss_sum * (accumulation * accelerator.num_processes) / step_tokens)
@@ -304,7 +327,7 @@ def train(recipe: Recipe) -> TrainResult:
             window_tokens.zero_()
             _log(run, accelerator, progress, row)
         if eval_dl is not None and cfg.eval_steps and step % cfg.eval_steps == 0:
-            last_eval = evaluate(model, eval_dl, accelerator)
+            last_eval = evaluate(model, eval_dl, accelerator, cfg.stage, cfg.dpo_beta)
             _log(run, accelerator, progress, {"step": step, "eval_loss": round(last_eval, 6)})
         if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
             state = {"step": step, "tokens_seen": int(tokens_total.item()), "total_steps": total_steps}
@@ -314,7 +337,7 @@ def train(recipe: Recipe) -> TrainResult:
     tokens_seen = int(tokens_total.item())
 
     if eval_dl is not None and not (cfg.eval_steps and step % cfg.eval_steps == 0):
-        last_eval = evaluate(model, eval_dl, accelerator)
+        last_eval = evaluate(model, eval_dl, accelerator, cfg.stage, cfg.dpo_beta)
         _log(run, accelerator, None, {"step": step, "eval_loss": round(last_eval, 6)})
     save_adapter(run, model, tokenizer, accelerator)
     if accelerator.is_main_process:

@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from medtune.data import (LengthGroupedSampler, build_sft_rows, concat_examples, load_sft_datasets, pack_examples,
+from medtune.data import (LengthGroupedSampler, build_sft_rows, concat_examples, load_datasets, pack_examples,
                           pad_batch)
 from medtune.losses import causal_lm_loss_sum
 from medtune.recipe import load_recipe
@@ -103,16 +103,16 @@ def test_length_grouped_sampler_is_a_seeded_permutation_with_less_padding():
 def test_tokenized_data_is_cached_and_invalidated(recipe, tokenizer, tmp_path, monkeypatch):
     monkeypatch.setenv("MEDTUNE_CACHE", str(tmp_path / "cache"))
     logs = []
-    first, _ = load_sft_datasets(recipe.data, 0, tokenizer, log=logs.append)
-    second, _ = load_sft_datasets(recipe.data, 0, tokenizer, log=logs.append)
+    first, _ = load_datasets(recipe.data, 0, tokenizer, log=logs.append)
+    second, _ = load_datasets(recipe.data, 0, tokenizer, log=logs.append)
     assert "from cache" in logs[-1] and first["input_ids"] == second["input_ids"]
     recipe.data.max_length = 64  # a setting that changes the rows → a new cache entry
-    load_sft_datasets(recipe.data, 0, tokenizer, log=logs.append)
+    load_datasets(recipe.data, 0, tokenizer, log=logs.append)
     assert "from cache" not in logs[-1]
     data = tmp_path / "data.jsonl"
     data.write_text(open(recipe.data.train_files[0], encoding="utf-8").read()[:2000].rsplit("\n", 1)[0] + "\n")
     recipe.data.train_files = [str(data)]
-    load_sft_datasets(recipe.data, 0, tokenizer, log=logs.append)
+    load_datasets(recipe.data, 0, tokenizer, log=logs.append)
     assert "from cache" not in logs[-1]
 
 
