@@ -21,7 +21,7 @@ import torch
 
 from medtune.model import DTYPES
 from medtune.rundir import MERGE_INFO, describe_source
-from medtune.templates import get_template, jinja_chat_template
+from medtune.templates import encode_conversation, get_template, jinja_chat_template
 
 PARITY_PROMPTS = ["头痛发烧两天了，需要去医院吗？", "高血压患者饮食要注意什么？", "孩子咳嗽有痰怎么办？"]
 
@@ -48,11 +48,20 @@ def adapter_vocab_size(adapter: str) -> int | None:
     return None
 
 
+def apply_adapter(model, adapter: str):
+    """``model`` with ``adapter`` attached (a PeftModel); embeddings are first resized to the vocabulary the
+    adapter was trained with (an extended, e.g. Chinese, vocabulary saved through modules_to_save)."""
+    from peft import PeftModel
+
+    vocab = adapter_vocab_size(adapter)
+    if vocab and vocab != model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(vocab)
+    return PeftModel.from_pretrained(model, adapter).eval()
+
+
 def parity_prompts(tokenizer, template_name: str | None) -> list[list[int]]:
     if template_name is None:
         return [tokenizer.encode(p) for p in PARITY_PROMPTS]
-    from medtune.templates import encode_conversation
-
     template = get_template(template_name)
     return [encode_conversation(tokenizer, template, [{"role": "user", "content": p}])[0] for p in PARITY_PROMPTS]
 
@@ -60,7 +69,6 @@ def parity_prompts(tokenizer, template_name: str | None) -> list[list[int]]:
 def merge(source: str, out: Path, extra_adapters: list[str], base: str | None = None, dtype: str | None = None,
           shard_size: str = "5GB", trust_remote_code: bool = False) -> dict:
     """Merge and save; returns what was done, including the parity check's max logit gap."""
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     info = describe_source(source, base)
@@ -78,16 +86,13 @@ def merge(source: str, out: Path, extra_adapters: list[str], base: str | None = 
         model.config.pad_token_id = tokenizer.pad_token_id
     prompts = parity_prompts(tokenizer, info["template"])
     gap = 0.0
-    for adapter in adapters:
-        vocab = adapter_vocab_size(adapter)
-        if vocab and vocab != model.get_input_embeddings().weight.shape[0]:
-            model.resize_token_embeddings(vocab)  # an extended (e.g. Chinese) vocabulary trained with the adapter
-        peft_model = PeftModel.from_pretrained(model, adapter).eval()
-        reference = {i: peft_model(input_ids=torch.tensor([ids])).logits.float() for i, ids in enumerate(prompts)}
-        model = peft_model.merge_and_unload()
-        with torch.no_grad():
-            for i, ids in enumerate(prompts):
-                gap = max(gap, (model(input_ids=torch.tensor([ids])).logits.float() - reference[i]).abs().max().item())
+    with torch.no_grad():
+        for adapter in adapters:
+            peft_model = apply_adapter(model, adapter)
+            reference = [peft_model(input_ids=torch.tensor([ids])).logits.float() for ids in prompts]
+            model = peft_model.merge_and_unload()
+            for ids, expected in zip(prompts, reference):
+                gap = max(gap, (model(input_ids=torch.tensor([ids])).logits.float() - expected).abs().max().item())
     if info["template"]:
         tokenizer.chat_template = jinja_chat_template(get_template(info["template"]))
     if not reward_model:

@@ -67,8 +67,9 @@ def prediction_id(row: dict) -> str:
 
 def load_model_for_inference(source: str, dtype: str, template_name: str | None, trust_remote_code: bool = False):
     """(model, tokenizer, template) for a run dir, merged dir or hub id; adapters are merged in memory."""
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
+
+    from medtune.merge import apply_adapter
 
     info = describe_source(source)
     if info.get("stage") == "rm":
@@ -81,7 +82,7 @@ def load_model_for_inference(source: str, dtype: str, template_name: str | None,
     model = AutoModelForCausalLM.from_pretrained(info["base"], dtype=DTYPES[dtype], use_safetensors=True,
                                                  trust_remote_code=trust_remote_code)
     for adapter in info["adapters"]:
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        model = apply_adapter(model, adapter).merge_and_unload()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return model.to(device).eval(), tokenizer, get_template(template_name)
 

@@ -118,3 +118,7 @@ def test_extended_vocabulary_trains_and_merges(tiny_base, tmp_path):
     assert summary["parity_max_abs_logit_diff"] <= 1e-4
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert merged.get_input_embeddings().weight.shape[0] >= len(tokenizer) > rows
+    data = tmp_path / "prompt.jsonl"  # predict straight from the run directory applies the adapter the same way
+    data.write_text(json.dumps({"id": "x", "source": "t", "messages": [{"role": "user", "content": "医学词3"}]},
+                               ensure_ascii=False) + "\n", encoding="utf-8")
+    assert predict(str(run.root), data, tmp_path / "pred.jsonl", max_new_tokens=4, progress=False) == 1
