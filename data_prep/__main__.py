@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     options = Options(dev_ratio=args.dev_ratio, seed=args.seed, max_length=args.max_length, dedup=args.dedup,
                       max_per_task=args.max_per_task, strip_answer_cue=args.strip_answer_cue)
     try:
-        report = run(args.source, convert, args.inputs, args.out, options, reader=reader, progress=not args.quiet)
+        report = run(convert, args.inputs, args.out, options, reader=reader, progress=not args.quiet)
     except PrepError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -179,7 +179,7 @@ def is_dev(record_id: str, options: Options) -> bool:
     return int.from_bytes(digest, "big") / 2**64 < options.dev_ratio
 
 
-def run(source: str, convert: Converter, inputs: list[Path], out: Path, options: Options,
+def run(convert: Converter, inputs: list[Path], out: Path, options: Options,
         reader: Callable[[Path], Iterator[Item]] = read_items, progress: bool = True) -> Report:
     """Convert every input record, write train/dev/skipped atomically, return the counts."""
     check_paths(inputs, out)
@@ -196,7 +196,7 @@ def run(source: str, convert: Converter, inputs: list[Path], out: Path, options:
                     report.read += 1
                     ticker.tick(report.read)
                     try:
-                        records = _convert_one(source, convert, item, options, seen, per_task)
+                        records = _convert_one(convert, item, options, seen, per_task)
                     except Skip as skip:
                         report.skipped[skip.reason] += 1
                         handles["skipped"].write(write_jsonl_line(
@@ -227,7 +227,7 @@ def run(source: str, convert: Converter, inputs: list[Path], out: Path, options:
     return report
 
 
-def _convert_one(source: str, convert: Converter, item: Item, options: Options, seen: set, per_task: Counter) -> list[dict]:
+def _convert_one(convert: Converter, item: Item, options: Options, seen: set, per_task: Counter) -> list[dict]:
     if item.error:
         raise Skip("malformed JSON", item.error)
     if not isinstance(item.value, dict):
@@ -238,8 +238,10 @@ def _convert_one(source: str, convert: Converter, item: Item, options: Options, 
             validate_record(record)
         except RecordError as exc:
             raise Skip("invalid record", str(exc)) from None
-        if options.max_length and _length(record) > options.max_length:
-            raise Skip("too long", f"{_length(record)} characters > --max-length {options.max_length}")
+        if options.max_length:
+            length = _length(record)
+            if length > options.max_length:
+                raise Skip("too long", f"{length} characters > --max-length {options.max_length}")
     if options.dedup:
         keys = [hashlib.blake2b(_content_key(r).encode(), digest_size=16).digest() for r in records]
         if any(k in seen for k in keys):

@@ -3,48 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
-from typing import Callable
 
 
-def _train(argv: list[str]) -> int:
-    from medtune.train import main
-
-    return main(argv)
-
-
-def _merge(argv: list[str]) -> int:
-    from medtune.merge import main
-
-    return main(argv)
-
-
-def _predict(argv: list[str]) -> int:
-    from medtune.predict import main
-
-    return main(argv)
-
-
-def _score(argv: list[str]) -> int:
-    from medtune.score import main
-
-    return main(argv)
-
-
-def _chat(argv: list[str]) -> int:
-    from medtune.chat import main
-
-    return main(argv)
-
-
-# name → (one-line help, entry point taking the remaining arguments)
-COMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {
+# name → (one-line help, module whose main(argv) runs it). Imported only when chosen: each pulls in torch.
+COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("train a LoRA adapter from a recipe, in this process "
-              "(multi-GPU: accelerate launch medtune/train.py RECIPE)", _train),
-    "merge": ("merge LoRA adapters into the base and save a plain model", _merge),
-    "predict": ("batched, resumable generation with the training template", _predict),
-    "score": ("score predictions (promptcblue: the official track's scoring)", _score),
-    "chat": ("talk to a run directory or merged model in the terminal", _chat),
+              "(multi-GPU: accelerate launch medtune/train.py RECIPE)", "medtune.train"),
+    "merge": ("merge LoRA adapters into the base and save a plain model", "medtune.merge"),
+    "predict": ("batched, resumable generation with the training template", "medtune.predict"),
+    "score": ("score predictions (promptcblue: the official track's scoring)", "medtune.score"),
+    "chat": ("talk to a run directory or merged model in the terminal", "medtune.chat"),
 }
 
 
@@ -60,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0 if argv else 2
     args = parser.parse_args(argv[:1])
-    return COMMANDS[args.command][1](argv[1:])
+    return importlib.import_module(COMMANDS[args.command][1]).main(argv[1:])
 
 
 if __name__ == "__main__":

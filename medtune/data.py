@@ -19,7 +19,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from medtune.records import RecordError, read_records
+from medtune.records import RecordError, read_records, record_kind
 from medtune.templates import IGNORE_INDEX, ChatTemplate, encode_conversations, get_template
 from medtune.tiny_model import cache_root
 
@@ -54,8 +54,6 @@ KIND_HELP = {
 
 def load_records(files: Sequence[str], stage: str = "sft") -> list[dict[str, Any]]:
     """All records of the files, of the kind the stage trains on; anything else names file and line."""
-    from medtune.records import record_kind
-
     want = STAGE_RECORDS[stage]
     records = []
     for path in files:
@@ -133,10 +131,9 @@ def text_blocks(records: Sequence[dict], tokenizer, max_length: int, carry: list
     for ids in tokenizer([r["text"] for r in records], add_special_tokens=False)["input_ids"]:
         carry.extend(bos + ids + [tokenizer.eos_token_id])
         report.kept += 1
-    blocks = []
-    while len(carry) >= max_length:
-        block, carry[:] = carry[:max_length], carry[max_length:]
-        blocks.append({"input_ids": block, "labels": list(block)})
+    full = len(carry) // max_length * max_length
+    blocks = [{"input_ids": carry[i:i + max_length], "labels": carry[i:i + max_length]} for i in range(0, full, max_length)]
+    del carry[:full]  # one trim, not one copy of the remainder per block
     return blocks, report
 
 

@@ -24,7 +24,7 @@ def convert(tmp_path, source, lines, name="in.jsonl", **options):
     src = write(tmp_path / name, lines) if isinstance(lines, list) else lines
     out = tmp_path / f"{source}.out.jsonl"
     convert_fn, reader, _ = SOURCES[source]
-    report = run(source, convert_fn, [src], out, Options(**options), reader=reader, progress=False)
+    report = run(convert_fn, [src], out, Options(**options), reader=reader, progress=False)
     records = [json.loads(l) for l in out.read_text(encoding="utf-8").splitlines()]
     skipped = [json.loads(l) for l in out.with_name(f"{source}.out.skipped.jsonl").read_text().splitlines()]
     assert report.read == report.written + sum(report.skipped.values()) == report.written + len(skipped)
