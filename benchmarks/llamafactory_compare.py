@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--samples", type=int, default=2000)
     args = parser.parse_args()
-    from medtune.model import load_tokenizer
+    from medtune.tokenizer import load_tokenizer
     from medtune.tiny_model import build_tiny_llama, corpus_texts
 
     with tempfile.TemporaryDirectory() as tmp:

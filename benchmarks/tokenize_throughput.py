@@ -30,7 +30,7 @@ def main() -> None:
         tmp = Path(tmp)
         os.environ["MEDTUNE_CACHE"] = str(tmp / "cache")
         from medtune.data import load_datasets
-        from medtune.model import load_tokenizer
+        from medtune.tokenizer import load_tokenizer
         from medtune.recipe import DataConfig
         from medtune.tiny_model import build_tiny_llama, corpus_texts
 

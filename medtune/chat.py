@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     args = parser.parse_args(argv)
-    model, tokenizer, template = load_model_for_inference(args.model, args.dtype, args.template)
+    loaded = load_model_for_inference(args.model, args.dtype, args.template)
     messages: list[dict[str, str]] = []
     print("medtune chat: type a message; /reset clears the history; an empty line or Ctrl-D quits.")
     for line in sys.stdin:
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
             messages = []
             continue
         messages.append({"role": "user", "content": text})
-        reply = generate_batch(model, tokenizer, template, [{"messages": messages}], args.max_new_tokens,
+        reply = generate_batch(loaded, [{"messages": messages}], args.max_new_tokens,
                                do_sample=False, temperature=1.0, top_p=1.0)[0]
         messages.append({"role": "assistant", "content": reply})
         print(reply, flush=True)

@@ -11,17 +11,20 @@ which is why an adapter trained with QLoRA is merged into the fp16/bf16/fp32 bas
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 
-from medtune.model import DTYPES
-from medtune.rundir import MERGE_INFO, describe_source
-from medtune.templates import encode_conversation, get_template, jinja_chat_template
+from medtune.model import DTYPES, ModelError, check_model_path, load_weights
+from medtune.rundir import MERGE_INFO, ModelSource, describe_source
+from medtune.templates import encode_conversation, get_template, jinja_chat_template, stop_token_ids
+from medtune.tokenizer import TokenizerError, load_tokenizer, tokenizer_kind
 
 PARITY_PROMPTS = ["头痛发烧两天了，需要去医院吗？", "高血压患者饮食要注意什么？", "孩子咳嗽有痰怎么办？"]
 
@@ -59,32 +62,35 @@ def apply_adapter(model, adapter: str):
     return PeftModel.from_pretrained(model, adapter).eval()
 
 
-def parity_prompts(tokenizer, template_name: str | None) -> list[list[int]]:
-    if template_name is None:
-        return [tokenizer.encode(p) for p in PARITY_PROMPTS]
-    template = get_template(template_name)
-    return [encode_conversation(tokenizer, template, [{"role": "user", "content": p}])[0] for p in PARITY_PROMPTS]
+def parity_prompts(tokenizer, source: ModelSource) -> list[list[int]]:
+    if source.template is None:
+        return [tokenizer(p, add_special_tokens=False)["input_ids"] for p in PARITY_PROMPTS]
+    template = get_template(source.template)
+    return [encode_conversation(tokenizer, template, [{"role": "user", "content": p}], source.system_prompt)[0]
+            for p in PARITY_PROMPTS]
 
 
 def merge(source: str, out: Path, extra_adapters: list[str], base: str | None = None, dtype: str | None = None,
           shard_size: str = "5GB", trust_remote_code: bool = False) -> dict:
     """Merge and save; returns what was done, including the parity check's max logit gap."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    info = describe_source(source, base)
-    reward_model = info.get("stage") == "rm"  # a reward model keeps its score head instead of the LM head
-    adapters = info["adapters"] + list(extra_adapters)
+    info = describe_source(source, check_model_path(base, "--base") if base else None)
+    reward_model = info.stage == "rm"  # a reward model keeps its score head instead of the LM head
+    adapters = list(info.adapters) + list(extra_adapters)
     if not adapters:
         raise ValueError(f"{source}: no adapter to merge (give a run directory, an adapter directory, or --adapter)")
-    refuse_quantized(info["base"])
-    dtype = dtype or info.get("dtype") or "fp32"  # by default, the precision the run trained in
-    tokenizer = AutoTokenizer.from_pretrained(info["tokenizer"], trust_remote_code=trust_remote_code)
+    refuse_quantized(info.base)
+    check_out(out, [source, info.base, *adapters])
+    dtype = dtype or info.dtype or "fp32"  # by default, the precision the run trained in
+    trust_remote_code = trust_remote_code or info.trust_remote_code
+    tokenizer = load_tokenizer(info.tokenizer, info.tokenizer_kind, trust_remote_code)
     auto = AutoModelForSequenceClassification if reward_model else AutoModelForCausalLM
-    model = auto.from_pretrained(info["base"], dtype=DTYPES[dtype], use_safetensors=True,
-                                 trust_remote_code=trust_remote_code, **({"num_labels": 1} if reward_model else {})).eval()
+    model = load_weights(auto, info.base, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
+                         **({"num_labels": 1} if reward_model else {})).eval()
     if reward_model:
         model.config.pad_token_id = tokenizer.pad_token_id
-    prompts = parity_prompts(tokenizer, info["template"])
+    prompts = parity_prompts(tokenizer, info)
     gap = 0.0
     with torch.no_grad():
         for adapter in adapters:
@@ -93,21 +99,54 @@ def merge(source: str, out: Path, extra_adapters: list[str], base: str | None = 
             model = peft_model.merge_and_unload()
             for ids, expected in zip(prompts, reference):
                 gap = max(gap, (model(input_ids=torch.tensor([ids])).logits.float() - expected).abs().max().item())
-    if info["template"]:
-        tokenizer.chat_template = jinja_chat_template(get_template(info["template"]))
+    if info.template:
+        tokenizer.chat_template = jinja_chat_template(get_template(info.template), info.system_prompt)
     if not reward_model:
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.eos_token_id = (
+            stop_token_ids(tokenizer, get_template(info.template)) if info.template else tokenizer.eos_token_id)
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True, max_shard_size=shard_size)
-    tokenizer.save_pretrained(tmp)
-    summary = {"base": info["base"], "adapters": adapters, "template": info["template"], "dtype": dtype,
+    merged = dataclasses.replace(info, base="", adapters=(), tokenizer="", dtype=dtype,
+                                 tokenizer_kind=tokenizer_kind(tokenizer))
+    summary = {"source": merged.to_json(), "merged_from": {"base": info.base, "adapters": adapters},
                "parity_max_abs_logit_diff": gap}
-    (tmp / MERGE_INFO).write_text(json.dumps(summary, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    write_merged(out, model, tokenizer, summary, shard_size)
     return summary
+
+
+def check_out(out: Path, inputs: list[str]) -> None:
+    """--out may be new, empty, or an earlier merge output (it has medtune_merge.json); never a folder
+    medtune did not write, and never one of the inputs or a folder holding them."""
+    target = out.resolve()
+    for item in inputs:
+        path = Path(item)
+        if path.exists() and (path.resolve() == target or target in path.resolve().parents):
+            raise ValueError(f"--out {out}: that is (or holds) the input {item}; merging there would destroy it")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / MERGE_INFO).is_file():
+        raise ValueError(f"--out {out}: a non-empty directory that is not an earlier merge output "
+                         f"(no {MERGE_INFO}); medtune replaces only what it wrote. Choose a new directory")
+
+
+def write_merged(out: Path, model, tokenizer, summary: dict, shard_size: str) -> None:
+    """Save into a temp dir beside ``out``, then rename; an earlier merge output is replaced only once the
+    new one is complete."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=shard_size)
+        tokenizer.save_pretrained(tmp)
+        (tmp / MERGE_INFO).write_text(json.dumps(summary, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,10 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = merge(args.source, args.out, args.adapter, args.base, args.dtype, args.shard_size,
                         args.trust_remote_code)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, ModelError, TokenizerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"merged {len(summary['adapters'])} adapter(s) into {summary['base']} → {args.out}")
+    merged_from = summary["merged_from"]
+    print(f"merged {len(merged_from['adapters'])} adapter(s) into {merged_from['base']} → {args.out}")
     print(f"parity check: max |logits(merged) - logits(base + adapter)| = {summary['parity_max_abs_logit_diff']:.2e}")
     return 0
 

@@ -30,22 +30,43 @@ def resolve_dtype(name: str) -> str:
 
 
 def resolve_base(model: ModelConfig, train_files: list[str]) -> str:
-    """The path or hub id to load; the built-in tiny model is built (once) from the training files."""
+    """The absolute path or hub id to load (an absolute path keeps a run directory usable from anywhere);
+    the built-in tiny model is built (once) from the training files."""
     if model.base == TINY_NAME:
         return str(ensure_tiny_llama(train_files))
-    return model.base
+    return check_model_path(model.base, "model.base")
 
 
-def load_tokenizer(base: str, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
+class ModelError(ValueError):
+    """A model that cannot be loaded as asked; the message names the key and what to do."""
 
-    tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=trust_remote_code)
-    if tokenizer.eos_token_id is None:
-        raise ValueError(f"{base}: the tokenizer has no EOS token; training could never learn to stop")
-    if tokenizer.pad_token_id is None:
-        # LLaMA tokenizers ship without a pad token; padding positions are masked anyway.
-        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
-    return tokenizer
+
+def check_model_path(base: str, key: str) -> str:
+    """A local model directory as an absolute path, or a hub id; a path that does not exist is an error
+    now, not a hub look-up that times out a minute later."""
+    path = Path(base).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{key}: {base}: a directory without config.json is not a model directory")
+        return str(path.resolve())
+    first = base.split("/")[0]
+    looks_local = base.startswith((".", "/", "~", "\\")) or base.count("/") != 1 or Path(first).is_dir()
+    if looks_local or path.exists():
+        raise ModelError(f"{key}: {base}: no such model directory; a hub id looks like org/name")
+    return base
+
+
+def load_weights(auto, base: str, **kwargs):
+    """``auto.from_pretrained`` from safetensors, or from ``.bin`` through torch's weights-only loader
+    (transformers' default): a pickle that would run code is refused, never executed."""
+    import pickle
+
+    try:
+        return auto.from_pretrained(base, **kwargs)
+    except pickle.UnpicklingError as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelError(f"{base}: refused to load a .bin checkpoint that is not plain tensors ({first}); "
+                         "convert it to safetensors from a trusted copy") from None
 
 
 def quantization_config(quant: QuantizationConfig):
@@ -69,7 +90,7 @@ def quantization_config(quant: QuantizationConfig):
 
 
 def load_base_model(base: str, model: ModelConfig, dtype: str, device_map=None, reward_head: bool = False):
-    """The frozen base, from safetensors only (pickled weights can execute code).
+    """The frozen base (safetensors preferred; ``.bin`` only through the weights-only loader).
 
     ``reward_head``: a reward model, i.e. the base with a one-output score head on its last token.
     """
@@ -78,7 +99,7 @@ def load_base_model(base: str, model: ModelConfig, dtype: str, device_map=None, 
     auto = AutoModelForSequenceClassification if reward_head else AutoModelForCausalLM
     kwargs = dict(
         dtype=DTYPES[dtype], attn_implementation=model.attn_implementation,
-        trust_remote_code=model.trust_remote_code, use_safetensors=True,
+        trust_remote_code=model.trust_remote_code,
     )
     if model.quantization is not None:
         kwargs["quantization_config"] = quantization_config(model.quantization)
@@ -86,7 +107,7 @@ def load_base_model(base: str, model: ModelConfig, dtype: str, device_map=None, 
             kwargs["device_map"] = device_map
     if reward_head:
         kwargs["num_labels"] = 1
-    return auto.from_pretrained(base, **kwargs)
+    return load_weights(auto, base, **kwargs)
 
 
 def attach_lora(model, lora: LoraSettings, gradient_checkpointing: bool, quantized: bool, reward_head: bool = False):

@@ -16,15 +16,17 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from medtune.model import DTYPES, load_tokenizer
+from medtune.model import DTYPES, ModelError, load_weights
 from medtune.records import iter_json_lines, write_jsonl_line
-from medtune.rundir import describe_source
-from medtune.templates import encode_conversation, get_template
+from medtune.rundir import ModelSource, describe_source
+from medtune.templates import ChatTemplate, encode_conversation, get_template, stop_token_ids
+from medtune.tokenizer import TokenizerError, decode, load_tokenizer
 
 
 def load_prompts(path: Path, strip_answer_cue: bool = False) -> list[dict[str, Any]]:
@@ -65,43 +67,59 @@ def prediction_id(row: dict) -> str:
     return row.get("sample_id") or row["id"]
 
 
-def load_model_for_inference(source: str, dtype: str, template_name: str | None, trust_remote_code: bool = False):
-    """(model, tokenizer, template) for a run dir, merged dir or hub id; adapters are merged in memory."""
+@dataclass
+class InferenceModel:
+    """A model ready to generate in its training format: the ids of a prompt are those training used."""
+
+    model: Any
+    tokenizer: Any
+    template: ChatTemplate
+    system_prompt: str | None
+    source: ModelSource
+
+    def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        return encode_conversation(self.tokenizer, self.template, messages, self.system_prompt)[0]
+
+
+def load_model_for_inference(source: str, dtype: str, template_name: str | None,
+                             trust_remote_code: bool = False) -> InferenceModel:
+    """A run dir, merged dir or hub id, with its template, system prompt and tokenizer; adapters merged in memory."""
     from transformers import AutoModelForCausalLM
 
     from medtune.merge import apply_adapter
 
     info = describe_source(source)
-    if info.get("stage") == "rm":
+    if info.stage == "rm":
         raise ValueError(f"{source}: a reward model scores replies, it does not generate them")
-    template_name = template_name or info["template"]
+    template_name = template_name or info.template
     if template_name is None:
         raise ValueError(f"{source}: no chat template is recorded for this model; pass --template")
-    tokenizer = load_tokenizer(info["tokenizer"], trust_remote_code)
+    trust_remote_code = trust_remote_code or info.trust_remote_code
+    tokenizer = load_tokenizer(info.tokenizer, info.tokenizer_kind, trust_remote_code)
     tokenizer.padding_side = "left"  # generation continues at the right end of every row
-    model = AutoModelForCausalLM.from_pretrained(info["base"], dtype=DTYPES[dtype], use_safetensors=True,
-                                                 trust_remote_code=trust_remote_code)
-    for adapter in info["adapters"]:
+    model = load_weights(AutoModelForCausalLM, info.base, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    for adapter in info.adapters:
         model = apply_adapter(model, adapter).merge_and_unload()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return model.to(device).eval(), tokenizer, get_template(template_name)
+    return InferenceModel(model.to(device).eval(), tokenizer, get_template(template_name), info.system_prompt, info)
 
 
 @torch.no_grad()
-def generate_batch(model, tokenizer, template, batch: list[dict], max_new_tokens: int, do_sample: bool,
+def generate_batch(loaded: InferenceModel, batch: list[dict], max_new_tokens: int, do_sample: bool,
                    temperature: float, top_p: float) -> list[str]:
-    """Left-padded batch generation; prompts are encoded exactly as in training (segment by segment)."""
-    encoded = [encode_conversation(tokenizer, template, p["messages"])[0] for p in batch]
+    """Left-padded batch generation from the training-format prompt ids; stops at the template's end."""
+    model, tokenizer = loaded.model, loaded.tokenizer
+    encoded = [loaded.prompt_ids(p["messages"]) for p in batch]
     width = max(len(ids) for ids in encoded)
     pad = tokenizer.pad_token_id
     input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=model.device)
     attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=model.device)
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad,
-                  eos_token_id=tokenizer.eos_token_id)
+                  eos_token_id=stop_token_ids(tokenizer, loaded.template))
     if do_sample:
         kwargs.update(temperature=temperature, top_p=top_p)
     output = model.generate(input_ids=input_ids, attention_mask=attention, **kwargs)
-    return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in output]
+    return [decode(tokenizer, row[width:].tolist()).strip() for row in output]
 
 
 def predict(source: str, data: Path, out: Path, batch_size: int = 8, max_new_tokens: int = 256,
@@ -114,14 +132,13 @@ def predict(source: str, data: Path, out: Path, batch_size: int = 8, max_new_tok
     done = _read_done(out)
     todo = [p for p in prompts if p["id"] not in done]
     if todo:
-        model, tokenizer, chat_template = load_model_for_inference(source, dtype, template)
+        loaded = load_model_for_inference(source, dtype, template)
         todo.sort(key=lambda p: sum(len(m["content"]) for m in p["messages"]))  # similar lengths pad less
         bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), unit="sample", disable=not progress)
         with out.open("a", encoding="utf-8") as handle:
             for start in range(0, len(todo), batch_size):
                 batch = todo[start:start + batch_size]
-                texts = generate_batch(model, tokenizer, chat_template, batch, max_new_tokens, do_sample,
-                                       temperature, top_p)
+                texts = generate_batch(loaded, batch, max_new_tokens, do_sample, temperature, top_p)
                 for prompt, text in zip(batch, texts):
                     row = write_prediction(prompt["line"], text)
                     handle.write(write_jsonl_line(row))
@@ -177,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         n = predict(args.model, args.data, args.out, args.batch_size, args.max_new_tokens, args.do_sample,
                     args.temperature, args.top_p, args.dtype, args.template, args.strip_answer_cue)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, ModelError, TokenizerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"generated {n} predictions; {args.out} is complete")

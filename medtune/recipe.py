@@ -42,6 +42,7 @@ class ModelConfig:
     base: str = "tiny-llama"  # hub id, local path, or the built-in `tiny-llama` (random weights, built locally)
     dtype: Dtype = "auto"  # weights and mixed precision; auto = bf16 on a bf16 GPU, else fp32
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    tokenizer: Literal["auto", "sentencepiece", "fast"] = "auto"  # auto: SentencePiece when the model ships only tokenizer.model (or asks for the slow tokenizer)
     trust_remote_code: bool = False  # run code shipped with the model; only when you trust its author
     quantization: QuantizationConfig | None = None  # null = no quantization
 

@@ -12,9 +12,11 @@ A run directory describes itself, so merge, predict and score need nothing else:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -136,35 +138,57 @@ def plot_loss(rows: list[dict[str, Any]], out: Path) -> None:
     os.replace(tmp, out)
 
 
-MERGE_INFO = "medtune_merge.json"  # written beside a merged model: base, adapters, template
+MERGE_INFO = "medtune_merge.json"  # written beside a merged model: its ModelSource and the parity figure
 
 
-def describe_source(path_or_id: str, base_override: str | None = None) -> dict[str, Any]:
-    """What a path given to merge/predict is: {base, adapters, template, tokenizer}.
+@dataclass(frozen=True)
+class ModelSource:
+    """Everything merge, predict and chat need to know about a model, read back from where it lives: a run
+    directory, an adapter directory, a merged directory, or a hub id / plain model directory."""
 
-    A run directory, an adapter directory, a merged model directory (with its template
-    recorded), or anything else (a hub id or plain model directory, no template known).
-    """
+    base: str  # the weights to load: an absolute path or a hub id
+    adapters: tuple[str, ...] = ()  # LoRA adapters to apply, in order
+    template: str | None = None  # chat template name; None = unknown (pass --template)
+    system_prompt: str | None = None  # data.system_prompt the run trained with (None = the template's default)
+    stage: str = "sft"
+    dtype: str | None = None  # the precision the run trained in
+    tokenizer: str = ""  # where the tokenizer (with its chat template) is
+    tokenizer_kind: str = "auto"  # auto | sentencepiece | fast: how the run loaded it
+    trust_remote_code: bool = False
+    quantized_training: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def describe_source(path_or_id: str, base_override: str | None = None) -> ModelSource:
+    """What a path given to merge/predict/chat is. A run directory (from its recipe and run_info), an
+    adapter directory, a merged model directory (from medtune_merge.json), or anything else (a hub id or
+    plain model directory: no template known)."""
     path = Path(path_or_id)
     if (path / "run_info.json").is_file():
         run = RunDir(path)
-        info = run.read_info()
+        info, recipe = run.read_info(), run.read_recipe()
         if not info.get("finished"):
             raise ValueError(f"{path}: this run has not finished (no final adapter yet); resume it first")
-        return {"base": base_override or info["base_model"], "adapters": [str(run.adapter_dir)],
-                "template": info["template"], "tokenizer": str(run.adapter_dir), "dtype": info.get("dtype"),
-                "stage": info.get("stage", "sft"),
-                "quantized_training": run.read_recipe().model.quantization is not None}
+        return ModelSource(
+            base=base_override or info["base_model"], adapters=(str(run.adapter_dir.resolve()),),
+            template=recipe.data.template, system_prompt=recipe.data.system_prompt, stage=recipe.train.stage,
+            dtype=info.get("dtype"), tokenizer=str(run.adapter_dir.resolve()),
+            tokenizer_kind=info.get("tokenizer_kind", recipe.model.tokenizer),
+            trust_remote_code=recipe.model.trust_remote_code,
+            quantized_training=recipe.model.quantization is not None)
     if (path / "adapter_config.json").is_file():
         config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
         base = base_override or config.get("base_model_name_or_path")
         if not base:
             raise ValueError(f"{path}: the adapter does not name its base model; pass --base")
-        tokenizer = str(path) if any((path / n).is_file() for n in ("tokenizer.json", "tokenizer.model")) else base
-        return {"base": base, "adapters": [str(path)], "template": None, "tokenizer": tokenizer,
-                "quantized_training": False}
-    template = None
+        has_tokenizer = any((path / n).is_file() for n in ("tokenizer.json", "tokenizer.model"))
+        return ModelSource(base=base, adapters=(str(path.resolve()),), tokenizer=str(path) if has_tokenizer else base)
     if (path / MERGE_INFO).is_file():
-        template = json.loads((path / MERGE_INFO).read_text(encoding="utf-8")).get("template")
-    return {"base": base_override or str(path_or_id), "adapters": [], "template": template,
-            "tokenizer": base_override or str(path_or_id), "quantized_training": False}
+        saved = json.loads((path / MERGE_INFO).read_text(encoding="utf-8"))
+        fields = {f.name for f in dataclasses.fields(ModelSource)} - {"base", "adapters", "tokenizer"}
+        known = {k: v for k, v in saved.get("source", saved).items() if k in fields}
+        merged = str(path.resolve())
+        return ModelSource(base=base_override or merged, tokenizer=base_override or merged, **known)
+    return ModelSource(base=base_override or path_or_id, tokenizer=base_override or path_or_id)

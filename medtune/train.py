@@ -27,11 +27,13 @@ from torch.utils.data import DataLoader
 from medtune import __version__
 from medtune.data import LengthGroupedSampler, load_datasets, pad_batch, pad_pairs, row_lengths
 from medtune.losses import causal_lm_loss_sum, count_target_tokens, dpo_loss_sum, reward_loss_sum, sequence_logps
-from medtune.model import attach_lora, count_parameters, load_base_model, load_tokenizer, resolve_base, resolve_dtype
+from medtune.model import ModelError, check_model_path, attach_lora, count_parameters, load_base_model, resolve_base, resolve_dtype
 from medtune.recipe import Recipe, RecipeError, check_data_files, load_recipe
 from medtune.records import RecordError
 from medtune.rundir import RunDir, TRAINER_STATE, plot_loss
+from medtune.tiny_model import TINY_NAME
 from medtune.templates import get_template, jinja_chat_template
+from medtune.tokenizer import TokenizerError, load_tokenizer, tokenizer_kind
 
 
 def build_accelerator(recipe: Recipe, dtype: str):
@@ -210,6 +212,8 @@ def train(recipe: Recipe) -> TrainResult:
 
     cfg = recipe.train
     check_data_files(recipe)
+    if recipe.model.base != TINY_NAME:
+        check_model_path(recipe.model.base, "model.base")  # before anything is loaded or written
     dtype = resolve_dtype(recipe.model.dtype)
     accelerator = build_accelerator(recipe, dtype)
     run = RunDir(recipe.output.dir)
@@ -221,7 +225,7 @@ def train(recipe: Recipe) -> TrainResult:
     # -- data and model -------------------------------------------------------
     with accelerator.main_process_first():  # the tiny base is built once, by the main process
         base = resolve_base(recipe.model, recipe.data.train_files)
-    tokenizer = load_tokenizer(base, recipe.model.trust_remote_code)
+    tokenizer = load_tokenizer(base, recipe.model.tokenizer, recipe.model.trust_remote_code)
     tokenizer.chat_template = jinja_chat_template(get_template(recipe.data.template), recipe.data.system_prompt)
     with accelerator.main_process_first():  # the main process tokenizes (or finds the cache); the others load it
         train_set, eval_set = load_datasets(recipe.data, cfg.seed, tokenizer, cfg.stage, accelerator.is_main_process,
@@ -269,7 +273,8 @@ def train(recipe: Recipe) -> TrainResult:
             run.truncate_metrics(step)
         run.write_info({
             "medtune_version": __version__, "base_model": base, "base_model_name": recipe.model.base,
-            "template": recipe.data.template, "stage": cfg.stage, "world_size": accelerator.num_processes,
+            "template": recipe.data.template, "system_prompt": recipe.data.system_prompt,
+            "tokenizer_kind": tokenizer_kind(tokenizer), "stage": cfg.stage, "world_size": accelerator.num_processes,
             "dtype": dtype, "total_steps": total_steps, "finished": False,
         })
     if cfg.report_to == "wandb":
@@ -393,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.resume:
             recipe.train.resume = True
         train(recipe)
-    except (RecipeError, RecordError, ValueError) as exc:
+    except (RecipeError, RecordError, ModelError, TokenizerError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

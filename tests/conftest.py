@@ -33,7 +33,7 @@ def tiny_base() -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer(tiny_base):
-    from medtune.model import load_tokenizer
+    from medtune.tokenizer import load_tokenizer
 
     return load_tokenizer(str(tiny_base))
 

@@ -26,7 +26,7 @@ def test_merge_parity_and_plain_transformers_load(merged, tokenizer):
     assert summary["parity_max_abs_logit_diff"] <= 1e-4
     plain = AutoModelForCausalLM.from_pretrained(out).eval()
     base_plus_adapter = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(summary["base"]), str(result.run.adapter_dir)).eval()
+        AutoModelForCausalLM.from_pretrained(summary["merged_from"]["base"]), str(result.run.adapter_dir)).eval()
     ids = torch.tensor([tokenizer.encode("问：\n胃痛怎么办？\n答：\n")])
     with torch.no_grad():
         gap = (plain(input_ids=ids).logits - base_plus_adapter(input_ids=ids).logits).abs().max().item()
@@ -49,7 +49,7 @@ def test_chained_adapters_apply_in_order(merged, tmp_path):
     result, _, summary = merged
     out = tmp_path / "twice"
     twice = merge(str(result.run.adapter_dir), out, [str(result.run.adapter_dir)])
-    assert twice["adapters"] == [str(result.run.adapter_dir)] * 2 and twice["parity_max_abs_logit_diff"] <= 1e-4
+    assert twice["merged_from"]["adapters"] == [str(result.run.adapter_dir)] * 2 and twice["parity_max_abs_logit_diff"] <= 1e-4
 
 
 PROMPTS = [

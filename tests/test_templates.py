@@ -23,9 +23,10 @@ def test_chatmed_exact_ids_and_labels(tokenizer):
 def test_ziya_multi_turn_trains_every_reply_or_only_the_last(tokenizer):
     template = get_template("ziya")
     eos = tokenizer.eos_token_id
-    p1 = [tokenizer.bos_token_id] + enc(tokenizer, "<human>:头痛怎么办？\n<bot>:")
+    p1 = [tokenizer.bos_token_id] + enc(tokenizer, "<human>:头痛怎么办？\n<bot>:")  # a BPE without <human>
     a1 = enc(tokenizer, "多休息，必要时就医。") + [eos]
-    p2 = enc(tokenizer, "<human>:需要吃药吗？\n<bot>:")
+    # Zhongjing: every later turn starts with "\n" + BOS; each piece is encoded alone
+    p2 = enc(tokenizer, "\n") + [tokenizer.bos_token_id] + enc(tokenizer, "<human>:需要吃药吗？\n<bot>:")
     a2 = enc(tokenizer, "可以服用布洛芬。") + [eos]
     ids, labels = encode_conversation(tokenizer, template, TWO_TURNS)
     assert ids == p1 + a1 + p2 + a2
@@ -51,7 +52,8 @@ def test_chinese_alpaca_and_chatml_text():
                       "completes the request.\n\n### Instruction:\n头痛怎么办？\n\n### Response: 多休息，必要时就医。</s>")
     chatml = render_text(get_template("chatml"), TWO_TURNS, "<s>", "</s>")
     assert chatml.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n头痛怎么办？")
-    assert "多休息，必要时就医。<|im_end|></s>\n<|im_start|>user\n需要吃药吗？" in chatml
+    assert "多休息，必要时就医。<|im_end|>\n<|im_start|>user\n需要吃药吗？" in chatml  # no EOS after <|im_end|>
+    assert "</s>" not in chatml
 
 
 @pytest.mark.parametrize("name", sorted(TEMPLATES))

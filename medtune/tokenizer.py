@@ -1,0 +1,99 @@
+"""Load a model's tokenizer so that it gives the ids the model's authors trained on, and decode exactly.
+
+Why this module exists: transformers 5 turns a SentencePiece ``tokenizer.model`` into a
+``tokenizers`` BPE whose merges are ranked by piece id. SentencePiece ranks them by piece score
+and breaks ties leftmost-first; the Chinese pieces appended by Chinese-LLaMA(-2) all score 0, so
+the converted tokenizer splits ~1/3 of real Chinese medical texts differently (山楂 → 山 + 3 byte
+tokens). ChatMed, PromptCBLUE's baseline and Chinese-LLaMA-Alpaca(-2) tokenized with the
+``sentencepiece`` library (the 2023 slow ``LlamaTokenizer``, "legacy" mode). transformers 5 keeps
+that path as ``SentencePieceBackend`` (legacy by default: the text is split at special tokens and
+every chunk is encoded by ``sentencepiece`` with its dummy prefix), so medtune uses it for
+SentencePiece models and keeps the fast tokenizer for byte-level BPE models (Qwen) and for model
+repos that ship a ``tokenizer.json`` their authors trained with (Ziya).
+
+``SentencePieceBackend`` decodes byte-fallback pieces as text (``<0x0A>`` instead of a newline), so
+:func:`decode` goes through ``sentencepiece`` itself for those tokenizers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+TokenizerKind = Literal["auto", "sentencepiece", "fast"]
+TOKENIZER_FILES = ["tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "config.json"]
+
+
+class TokenizerError(ValueError):
+    """A tokenizer that cannot be loaded as asked; the message says what to do."""
+
+
+def local_tokenizer_dir(path_or_id: str) -> Path:
+    """A local directory with the tokenizer files: the path itself, or the hub snapshot of just those files."""
+    path = Path(path_or_id)
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(path_or_id, allow_patterns=TOKENIZER_FILES))
+
+
+def detect_kind(directory: Path) -> Literal["sentencepiece", "fast"]:
+    """``sentencepiece`` when the directory's tokenizer is a SentencePiece model its authors ran as such:
+    a ``tokenizer.model`` with no ``tokenizer.json``, or a config that asks for the slow tokenizer."""
+    config_file = directory / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    if not (directory / "tokenizer.model").is_file():
+        return "fast"
+    if config.get("use_fast") is False or config.get("tokenizer_class") == "SentencePieceBackend":
+        return "sentencepiece"
+    return "fast" if (directory / "tokenizer.json").is_file() else "sentencepiece"
+
+
+def load_tokenizer(path_or_id: str, kind: TokenizerKind = "auto", trust_remote_code: bool = False):
+    """The tokenizer of a model directory or hub id, with a pad token; ``kind`` overrides the detection."""
+    from transformers import AutoTokenizer
+    from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
+
+    directory = local_tokenizer_dir(path_or_id)
+    resolved = detect_kind(directory) if kind == "auto" else kind
+    if resolved == "sentencepiece":
+        if not (directory / "tokenizer.model").is_file():
+            raise TokenizerError(f"{path_or_id}: no tokenizer.model, so no SentencePiece tokenizer; "
+                                 f"use model.tokenizer: auto or fast")
+        tokenizer = SentencePieceBackend.from_pretrained(str(directory), legacy=True)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
+    if tokenizer.eos_token_id is None:
+        raise TokenizerError(f"{path_or_id}: the tokenizer has no EOS token; training could never learn to stop")
+    if tokenizer.pad_token_id is None:
+        # LLaMA tokenizers ship without a pad token; padding positions are masked anyway.
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return tokenizer
+
+
+def tokenizer_kind(tokenizer) -> Literal["sentencepiece", "fast"]:
+    return "sentencepiece" if hasattr(tokenizer, "sp_model") else "fast"
+
+
+def decode(tokenizer, ids: list[int], skip_special_tokens: bool = True) -> str:
+    """Text of ``ids``; SentencePiece byte-fallback pieces become their characters (UTF-8 bytes joined)."""
+    if tokenizer_kind(tokenizer) == "fast":
+        return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+    special = set(tokenizer.all_special_ids)
+    size = tokenizer.sp_model.get_piece_size()
+    parts: list[str] = []
+    run: list[int] = []
+    for token in ids:
+        if token in special and skip_special_tokens:
+            continue
+        if token < size and token not in special:
+            run.append(token)
+            continue
+        parts.append(tokenizer.sp_model.decode(run))
+        run = []
+        parts.append(tokenizer.convert_ids_to_tokens(token))
+    parts.append(tokenizer.sp_model.decode(run))
+    return "".join(parts)
