@@ -15,6 +15,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("batched, resumable generation with the training template", "medtune.predict"),
     "score": ("score predictions (promptcblue: the official track's scoring)", "medtune.score"),
     "chat": ("talk to a run directory or merged model in the terminal", "medtune.chat"),
+    "template": ("show a chat template's text, ids and trained tokens on a real tokenizer", "medtune.inspect_template"),
+    "apply-delta": ("rebuild a model released as delta weights (Ziya-LLaMA-13B-v1) from its base", "medtune.apply_delta"),
 }
 
 

@@ -24,7 +24,7 @@ from medtune.templates import IGNORE_INDEX, ChatTemplate, encode_conversations, 
 from medtune.tiny_model import cache_root
 
 Example = dict[str, list[int]]
-_FORMAT_VERSION = "2"  # bump when tokenization or packing changes what is cached
+_FORMAT_VERSION = "3"  # bump when tokenization or packing changes what is cached
 
 
 @dataclass
@@ -253,7 +253,13 @@ def cache_key(data_cfg, seed: int, tokenizer, files: Sequence[str], stage: str =
     settings = {k: v for k, v in dataclasses.asdict(data_cfg).items() if k not in ("train_files", "eval_files")}
     digest.update(repr((sorted(settings.items()), seed, dataclasses.astuple(get_template(data_cfg.template)))).encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    digest.update((backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))).encode())
+    if backend is not None:
+        digest.update(backend.to_str().encode())
+    elif hasattr(tokenizer, "sp_model"):  # the SentencePiece model itself, and what was added on top
+        digest.update(tokenizer.sp_model.serialized_model_proto())
+        digest.update(repr(sorted(tokenizer.added_tokens_encoder.items())).encode())
+    else:
+        digest.update(repr(sorted(tokenizer.get_vocab().items())).encode())
     digest.update(repr((tokenizer.bos_token_id, tokenizer.eos_token_id)).encode())
     return digest.hexdigest()[:24]
 

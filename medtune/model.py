@@ -49,11 +49,16 @@ def check_model_path(base: str, key: str) -> str:
         if not (path / "config.json").is_file():
             raise ModelError(f"{key}: {base}: a directory without config.json is not a model directory")
         return str(path.resolve())
-    first = base.split("/")[0]
-    looks_local = base.startswith((".", "/", "~", "\\")) or base.count("/") != 1 or Path(first).is_dir()
-    if looks_local or path.exists():
+    if looks_local(base):
         raise ModelError(f"{key}: {base}: no such model directory; a hub id looks like org/name")
     return base
+
+
+def looks_local(name: str) -> bool:
+    """Meant as a local path rather than a hub id (org/name): a hub look-up of it could only time out."""
+    first = name.split("/")[0]
+    return (name.startswith((".", "/", "~", "\\")) or name.count("/") != 1 or Path(first).is_dir()
+            or Path(name).exists())
 
 
 def load_weights(auto, base: str, **kwargs):

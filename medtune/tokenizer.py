@@ -32,12 +32,20 @@ class TokenizerError(ValueError):
 
 def local_tokenizer_dir(path_or_id: str) -> Path:
     """A local directory with the tokenizer files: the path itself, or the hub snapshot of just those files."""
-    path = Path(path_or_id)
+    from medtune.model import looks_local
+
+    path = Path(path_or_id).expanduser()
     if path.is_dir():
         return path
+    if looks_local(path_or_id):
+        raise TokenizerError(f"{path_or_id}: no such tokenizer directory; a hub id looks like org/name")
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(path_or_id, allow_patterns=TOKENIZER_FILES))
+    try:
+        return Path(snapshot_download(path_or_id, allow_patterns=TOKENIZER_FILES))
+    except Exception as exc:  # offline, unknown repo, no access: all mean "cannot get the tokenizer"
+        raise TokenizerError(f"{path_or_id}: cannot fetch the tokenizer from the hub ({type(exc).__name__}); "
+                             "give a local model directory, or check the id and network") from None
 
 
 def detect_kind(directory: Path) -> Literal["sentencepiece", "fast"]:
