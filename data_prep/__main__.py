@@ -58,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     print(report.summary())
     if sum(report.skipped.values()):
         print(f"skipped records are listed in {args.out.with_name(args.out.name.removesuffix('.jsonl') + '.skipped.jsonl')}")
+    if not report.written:
+        print(f"error: no record was written from {', '.join(map(str, args.inputs))} "
+              f"(is {args.source} the right source?)", file=sys.stderr)
+        return 1
     return 0
 
 

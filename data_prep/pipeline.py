@@ -41,6 +41,7 @@ class Item:
     line: int  # 1-based line where it starts
     value: Any = None
     error: str | None = None  # set when the text could not be parsed
+    label: str = ""  # how generated ids name the file: its name, or its path when two inputs share a name
 
 
 @dataclass
@@ -76,7 +77,7 @@ Converter = Callable[[Any, Item, Options], list[dict]]
 
 def read_items(path: Path) -> Iterator[Item]:
     """Stream a JSON-lines file or a JSON array file, one record at a time, memory flat."""
-    with path.open("r", encoding="utf-8", newline="") as handle:
+    with path.open("r", encoding="utf-8-sig", newline="") as handle:  # -sig: a BOM is not part of the first record
         first = _first_char(handle)
         handle.seek(0)
         if first == "[":
@@ -101,10 +102,16 @@ def _read_lines(handle, name: str) -> Iterator[Item]:
         if not line.strip():
             continue
         try:
-            yield Item(name, index, lineno, json.loads(line))
+            value = json.loads(line)
         except json.JSONDecodeError as exc:
-            yield Item(name, index, lineno, error=f"malformed JSON ({exc.msg} at column {exc.colno})")
-        index += 1
+            value, error = None, f"malformed JSON ({exc.msg} at column {exc.colno})"
+        except RecursionError:
+            value, error = None, "nested too deeply to read"
+        else:
+            error = None
+        for element in value if isinstance(value, list) else [value]:  # a line may hold an array of records
+            yield Item(name, index, lineno, element, error)
+            index += 1
 
 
 def _read_array(handle, name: str, chunk_size: int = 1 << 20) -> Iterator[Item]:
@@ -135,6 +142,7 @@ def _read_array(handle, name: str, chunk_size: int = 1 << 20) -> Iterator[Item]:
         if pos >= len(buffer):
             raise PrepError(f"{name}: the JSON array is not closed (no final ']')")
         if buffer[pos] == "]":
+            _check_nothing_after(handle, buffer[pos + 1:], name, line)
             return
         while True:
             try:
@@ -151,6 +159,17 @@ def _read_array(handle, name: str, chunk_size: int = 1 << 20) -> Iterator[Item]:
         yield Item(name, index, line, value)
         line += buffer.count("\n", pos, end)
         index, pos = index + 1, end
+
+
+def _check_nothing_after(handle, rest: str, name: str, line: int) -> None:
+    """A JSON array file ends at its ']': anything but white space after it would be silently lost."""
+    while True:
+        if rest.strip():
+            raise PrepError(f"{name}:{line}: more content after the JSON array's closing ']'; a file holds one "
+                            "array or JSON lines: split it, or join the arrays")
+        rest = handle.read(1 << 20)
+        if not rest:
+            return
 
 
 # ----------------------------------------------------------------------------- the run
@@ -185,6 +204,9 @@ def run(convert: Converter, inputs: list[Path], out: Path, options: Options,
     check_paths(inputs, out)
     paths = output_paths(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_temp_files(paths)
+    names = Counter(p.name for p in inputs)
+    labels = {str(p): p.name if names[p.name] == 1 else str(p) for p in inputs}
     tmp = {kind: path.with_name(f".{path.name}.tmp-{os.getpid()}") for kind, path in paths.items()}
     handles = {kind: path.open("w", encoding="utf-8") for kind, path in tmp.items()}
     report, seen, per_task = Report(), set(), Counter()
@@ -193,6 +215,7 @@ def run(convert: Converter, inputs: list[Path], out: Path, options: Options,
         for path in inputs:
             try:
                 for item in reader(path):
+                    item.label = labels[str(path)]
                     report.read += 1
                     ticker.tick(report.read)
                     try:
@@ -216,6 +239,9 @@ def run(convert: Converter, inputs: list[Path], out: Path, options: Options,
         for kind, path in tmp.items():
             if kind == "dev" and options.dev_ratio <= 0:
                 path.unlink()
+                if paths["dev"].is_file():  # an earlier run's split of this --out would read as this run's
+                    paths["dev"].unlink()
+                    print(f"removed {paths['dev']} of an earlier run (this run has no dev split)", file=sys.stderr)
                 continue
             os.replace(path, paths[kind])
     finally:
@@ -227,17 +253,42 @@ def run(convert: Converter, inputs: list[Path], out: Path, options: Options,
     return report
 
 
+def _remove_dead_temp_files(paths: dict[str, Path]) -> None:
+    """Temp files of this --out left by a killed run (their pid is gone): medtune's own, so removed."""
+    for path in paths.values():
+        for stale in path.parent.glob(f".{path.name}.tmp-*"):
+            pid = stale.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and not _alive(int(pid)):
+                stale.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _convert_one(convert: Converter, item: Item, options: Options, seen: set, per_task: Counter) -> list[dict]:
     if item.error:
         raise Skip("malformed JSON", item.error)
     if not isinstance(item.value, dict):
         raise Skip("not an object", f"got {type(item.value).__name__}")
-    records = convert(item.value, item, options)
+    try:
+        records = convert(item.value, item, options)
+    except RecursionError:
+        raise Skip("nested too deeply") from None
     for record in records:
         try:
             validate_record(record)
+            write_jsonl_line(record).encode("utf-8")
         except RecordError as exc:
             raise Skip("invalid record", str(exc)) from None
+        except UnicodeEncodeError as exc:
+            raise Skip("invalid text", f"not encodable as UTF-8 ({exc.reason}, e.g. a lone surrogate)") from None
         if options.max_length:
             length = _length(record)
             if length > options.max_length:
@@ -311,7 +362,7 @@ def record_id(obj: dict, item: Item, source: str, *names: str) -> str:
         value = obj.get(name)
         if isinstance(value, (str, int)) and str(value).strip():
             return str(value).strip()
-    return f"{source}:{Path(item.file).name}:{item.index}"
+    return f"{source}:{item.label or Path(item.file).name}:{item.index}"
 
 
 def chat(record_id_: str, source: str, messages: list[dict], meta: dict | None = None) -> dict:

@@ -9,12 +9,12 @@ SOURCE = "text"
 
 
 def read_text_or_jsonl(path: Path) -> Iterator[Item]:
-    """`.txt`: one item per paragraph (blank-line separated); anything else: JSON lines / array."""
-    if path.suffix != ".txt":
+    """`.txt`/`.md` (any case): one item per paragraph (blank-line separated); anything else: JSON lines / array."""
+    if path.suffix.lower() not in (".txt", ".md", ".text"):
         yield from read_items(path)
         return
     index, start, lines = 0, 1, []
-    with path.open(encoding="utf-8") as handle:
+    with path.open(encoding="utf-8-sig") as handle:
         for lineno, line in enumerate(handle, 1):
             if line.strip():
                 if not lines:

@@ -82,6 +82,8 @@ def merge(source: str, out: Path, extra_adapters: list[str], base: str | None = 
         raise ValueError(f"{source}: no adapter to merge (give a run directory, an adapter directory, or --adapter)")
     refuse_quantized(info.base)
     check_out(out, [source, info.base, *adapters])
+    if base:
+        check_same_base(source, info.base)
     dtype = dtype or info.dtype or "fp32"  # by default, the precision the run trained in
     trust_remote_code = trust_remote_code or info.trust_remote_code
     tokenizer = load_tokenizer(info.tokenizer, info.tokenizer_kind, trust_remote_code)
@@ -111,6 +113,24 @@ def merge(source: str, out: Path, extra_adapters: list[str], base: str | None = 
                "parity_max_abs_logit_diff": gap}
     write_merged(out, model, tokenizer, summary, shard_size)
     return summary
+
+
+def check_same_base(source: str, base: str) -> None:
+    """A --base must have the shape and vocabulary of the base the run trained on: peft would merge an
+    adapter into another model of the same layer sizes without a word."""
+    from medtune.rundir import RunDir
+    from medtune.train import base_config_summary
+
+    info_file = RunDir(source).info_file
+    if not info_file.is_file():
+        return
+    trained = json.loads(info_file.read_text(encoding="utf-8")).get("base_config")
+    if not trained:
+        return
+    given = base_config_summary(base)
+    differ = [f"{k} {trained[k]} → {given.get(k)}" for k in trained if given.get(k) != trained[k]]
+    if differ:
+        raise ValueError(f"--base {base}: not the base this run trained on ({', '.join(differ)})")
 
 
 def check_out(out: Path, inputs: list[str]) -> None:

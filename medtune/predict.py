@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from medtune.model import DTYPES, ModelError, load_weights
-from medtune.records import iter_json_lines, write_jsonl_line
+from medtune.records import RecordError, iter_json_lines, validate_record, write_jsonl_line
 from medtune.rundir import ModelSource, describe_source
 from medtune.templates import ChatTemplate, encode_conversation, get_template, stop_token_ids
 from medtune.tokenizer import TokenizerError, decode, load_tokenizer
@@ -38,8 +38,14 @@ def load_prompts(path: Path, strip_answer_cue: bool = False) -> list[dict[str, A
     return prompts
 
 
-def _prompt_of(row: dict, where: str, strip_answer_cue: bool) -> dict[str, Any]:
+def _prompt_of(row: Any, where: str, strip_answer_cue: bool) -> dict[str, Any]:
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {json.dumps(row)[:40]}")
     if "messages" in row:  # instruction record
+        try:
+            validate_record(row)
+        except RecordError as exc:
+            raise ValueError(f"{where}: {exc}") from None
         messages = [m for m in row["messages"]]
         if messages[-1]["role"] == "assistant":
             messages = messages[:-1]  # a training/dev record: predict its last reply
@@ -52,6 +58,8 @@ def _prompt_of(row: dict, where: str, strip_answer_cue: bool) -> dict[str, Any]:
             back = {"id": row["id"], "messages": messages, "prediction": ""}
         return {"id": row["id"], "messages": messages, "line": back}
     if "input" in row and "task_dataset" in row:  # raw PromptCBLUE
+        if not isinstance(row.get("sample_id"), str) or not isinstance(row["input"], str):
+            raise ValueError(f"{where}: a PromptCBLUE sample needs a sample_id and an input text")
         text = row["input"].replace("答：", "").strip() if strip_answer_cue else row["input"]
         return {"id": row["sample_id"], "messages": [{"role": "user", "content": text}], "line": dict(row)}
     raise ValueError(f"{where}: neither an instruction record (messages) nor a PromptCBLUE sample (input, task_dataset)")
@@ -122,19 +130,70 @@ def generate_batch(loaded: InferenceModel, batch: list[dict], max_new_tokens: in
     return [decode(tokenizer, row[width:].tolist()).strip() for row in output]
 
 
+def fingerprint(source: str, data: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """What the predictions in a file depend on: the model (its description and the identity of its
+    weight files), the prompts' file and the generation settings. Predictions are only resumed under
+    the same fingerprint."""
+    import hashlib
+
+    info = describe_source(source)
+    weights = {}
+    for place in (info.base, *info.adapters):
+        path = Path(place)
+        if path.is_dir():
+            weights[str(path.resolve())] = sorted(
+                (f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir()
+                if f.suffix in (".safetensors", ".bin"))
+    found = {"model": {**info.to_json(), "weights": weights}, "settings": settings,
+             "data": {"path": str(data.resolve()), "sha256": hashlib.sha256(data.read_bytes()).hexdigest()}}
+    return json.loads(json.dumps(found))  # as it reads back from the file (tuples become lists)
+
+
+def fingerprint_file(out: Path) -> Path:
+    return out.with_name(out.name + ".medtune.json")
+
+
+def check_resumable(out: Path, expected: dict[str, Any], overwrite: bool) -> None:
+    """Resume ``out`` only if this model, data and settings wrote it; --overwrite starts it again."""
+    sidecar = fingerprint_file(out)
+    if overwrite or not out.exists():
+        out.unlink(missing_ok=True)
+        sidecar.write_text(json.dumps(expected, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        return
+    if not sidecar.is_file():
+        raise ValueError(f"--out {out}: exists, and no {sidecar.name} says medtune predict wrote it with these "
+                         "settings; pass --overwrite to replace it, or choose another --out")
+    saved = json.loads(sidecar.read_text(encoding="utf-8"))
+    differ = [k for k in ("model", "data", "settings") if saved.get(k) != expected[k]]
+    if differ:
+        detail = ", ".join(f"{k}.{name}" for k in differ for name in sorted(set(saved.get(k, {})) | set(expected[k]))
+                           if saved.get(k, {}).get(name) != expected[k].get(name))
+        raise ValueError(f"--out {out}: its predictions were made with another {'/'.join(differ)} ({detail}); "
+                         "pass --overwrite to start again, or choose another --out")
+
+
 def predict(source: str, data: Path, out: Path, batch_size: int = 8, max_new_tokens: int = 256,
             do_sample: bool = False, temperature: float = 0.7, top_p: float = 0.9, dtype: str = "fp32",
-            template: str | None = None, strip_answer_cue: bool = False, progress: bool = True) -> int:
+            template: str | None = None, strip_answer_cue: bool = False, progress: bool = True,
+            overwrite: bool = False) -> int:
     """Generate for every prompt not yet in ``out``; returns how many were generated now."""
     from tqdm.auto import tqdm
 
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError("--batch-size and --max-new-tokens must be at least 1")
     prompts = load_prompts(data, strip_answer_cue)
+    if not prompts:
+        raise ValueError(f"{data}: no prompt in it")
+    settings = {"template": template, "max_new_tokens": max_new_tokens, "do_sample": do_sample, "dtype": dtype,
+                "strip_answer_cue": strip_answer_cue, **({"temperature": temperature, "top_p": top_p} if do_sample else {})}
+    check_resumable(out, fingerprint(source, data, settings), overwrite)
     done = _read_done(out)
     todo = [p for p in prompts if p["id"] not in done]
     if todo:
         loaded = load_model_for_inference(source, dtype, template)
         todo.sort(key=lambda p: sum(len(m["content"]) for m in p["messages"]))  # similar lengths pad less
-        bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), unit="sample", disable=not progress)
+        bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), unit="sample",
+                   disable=not progress or not sys.stderr.isatty())
         with out.open("a", encoding="utf-8") as handle:
             for start in range(0, len(todo), batch_size):
                 batch = todo[start:start + batch_size]
@@ -185,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-p", type=float, default=0.9)
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     parser.add_argument("--template", help="chat template, when the model does not record one")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start --out again instead of resuming it (needed when it was made otherwise)")
     parser.add_argument("--strip-answer-cue", action="store_true",
                         help="raw PromptCBLUE input: remove '答：' as data_prep --strip-answer-cue did for training")
     args = parser.parse_args(argv)
@@ -193,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         n = predict(args.model, args.data, args.out, args.batch_size, args.max_new_tokens, args.do_sample,
-                    args.temperature, args.top_p, args.dtype, args.template, args.strip_answer_cue)
+                    args.temperature, args.top_p, args.dtype, args.template, args.strip_answer_cue,
+                    overwrite=args.overwrite)
     except (ValueError, FileNotFoundError, ModelError, TokenizerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

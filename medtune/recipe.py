@@ -142,16 +142,18 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, strict: bo
     raw = yaml.safe_load(text) or {}
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of groups (model, lora, data, train, output)")
-    for item in overrides or []:
-        _apply_override(raw, item)
-    recipe = _build(Recipe, raw, "", lambda key: _where(path, lines, key), strict)
+    overridden = {_apply_override(raw, item) for item in overrides or []}
+    recipe = _build(Recipe, raw, "", lambda key: _where(path, lines, key, overridden), strict)
     if not recipe.output.dir:
         recipe.output.dir = str(Path("runs") / path.stem)
     check_recipe(recipe, str(path))
     return recipe
 
 
-def _where(path: Path, lines: dict[str, int], key: str) -> str:
+def _where(path: Path, lines: dict[str, int], key: str, overridden: set[str] = frozenset()) -> str:
+    """Blame the command line for a value it set, the file's line otherwise."""
+    if key in overridden or any(key.startswith(o + ".") for o in overridden):
+        return "command line"
     line = lines.get(key)
     return f"{path}:{line}" if line else f"{path} (command line)"
 
@@ -179,8 +181,8 @@ def _key_lines(text: str, name: str) -> dict[str, int]:
     return found
 
 
-def _apply_override(raw: dict[str, Any], item: str) -> None:
-    """``train.learning_rate=1e-4`` → raw['train']['learning_rate'] = 1e-4 (value parsed as YAML)."""
+def _apply_override(raw: dict[str, Any], item: str) -> str:
+    """``train.learning_rate=1e-4`` → raw['train']['learning_rate'] = 1e-4 (value parsed as YAML); returns the key."""
     if "=" not in item:
         raise RecipeError(f"override {item!r}: expected group.key=value, e.g. train.max_steps=10")
     dotted, value = item.split("=", 1)
@@ -190,7 +192,12 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise RecipeError(f"override {item!r}: {part} is not a group")
-    node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    try:
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as exc:
+        problem = str(exc).splitlines()[0]
+        raise RecipeError(f"command line: override {item!r}: the value is not valid YAML ({problem})") from None
+    return dotted.strip()
 
 
 def _build(cls: type, raw: Any, prefix: str, where: typing.Callable[[str], str], strict: bool) -> Any:
@@ -292,9 +299,14 @@ def check_recipe(recipe: Recipe, name: str = "recipe") -> None:
         problems.append(f"data.max_length: {data.max_length} is too small")
     if train.max_steps <= 0 and train.num_epochs <= 0:
         problems.append("train.max_steps / train.num_epochs: one of them must be positive")
-    for key in ("per_device_batch_size", "gradient_accumulation_steps", "logging_steps"):
+    for key in ("per_device_batch_size", "gradient_accumulation_steps", "logging_steps", "save_total_limit"):
         if getattr(train, key) < 1:
             problems.append(f"train.{key}: must be at least 1")
+    for key in ("eval_steps", "save_steps"):
+        if getattr(train, key) < 0:
+            problems.append(f"train.{key}: must be 0 (off) or positive")
+    if data.packing and train.stage in ("rm", "dpo"):
+        problems.append(f"data.packing: preference pairs are not packed; set it to false for train.stage {train.stage}")
     if not 0.0 <= train.warmup_ratio < 1.0:
         problems.append(f"train.warmup_ratio: {train.warmup_ratio} must be in [0, 1)")
     if train.dpo_beta <= 0:

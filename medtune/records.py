@@ -18,6 +18,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 ROLES = ("system", "user", "assistant")
+# Keys of the corpora's own formats (alpaca, sharegpt, ChatMed, PromptCBLUE): such a file was not converted yet.
+RAW_FORMAT_KEYS = {"instruction", "instruct", "output", "conversations", "query", "response", "input", "target"}
+CONVERT_HINT = ("this looks like a corpus in its own format: convert it first, e.g. "
+                "python -m data_prep alpaca FILE --out FILE.jsonl (see python -m data_prep --help)")
 
 
 class RecordError(ValueError):
@@ -83,7 +87,10 @@ def iter_json_lines(path: str | Path) -> Iterator[tuple[int, Any]]:
             try:
                 yield lineno, json.loads(line)
             except json.JSONDecodeError as exc:
-                raise RecordError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+                hint = f"; {CONVERT_HINT}" if line.lstrip().startswith(("[", "\ufeff[")) else ""
+                raise RecordError(f"{path}:{lineno}: not valid JSON lines ({exc.msg}){hint}") from None
+            except RecursionError:
+                raise RecordError(f"{path}:{lineno}: nested too deeply to read") from None
 
 
 def read_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -92,7 +99,8 @@ def read_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
         try:
             validate_record(record)
         except RecordError as exc:
-            raise RecordError(f"{path}:{lineno}: {exc}") from None
+            raw = isinstance(record, dict) and bool(set(record) & RAW_FORMAT_KEYS)
+            raise RecordError(f"{path}:{lineno}: {exc}" + (f"; {CONVERT_HINT}" if raw else "")) from None
         yield lineno, record
 
 

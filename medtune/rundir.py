@@ -51,16 +51,20 @@ class RunDir:
     def is_finished(self) -> bool:
         return self.info_file.is_file() and self.read_info().get("finished", False)
 
-    def has_training_state(self) -> bool:
-        return self.adapter_dir.exists() or self.latest_checkpoint() is not None
+    def is_empty(self) -> bool:
+        return not self.root.exists() or not any(self.root.iterdir())
 
     # -- checkpoints ---------------------------------------------------------
-    def latest_checkpoint(self) -> Path | None:
-        """The newest *complete* checkpoint: temp dirs of a killed save are never picked."""
+    def complete_checkpoints(self) -> list[Path]:
+        """Complete checkpoints, newest first: temp dirs of a killed save are never listed."""
         if not self.checkpoints_dir.is_dir():
-            return None
-        done = [p for p in self.checkpoints_dir.glob("step-*") if (p / TRAINER_STATE).is_file()]
-        return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+            return []
+        done = [p for p in self.checkpoints_dir.glob("step-*")
+                if (p / TRAINER_STATE).is_file() and p.name.split("-")[1].isdigit()]
+        return sorted(done, key=lambda p: -int(p.name.split("-")[1]))
+
+    def latest_checkpoint(self) -> Path | None:
+        return next(iter(self.complete_checkpoints()), None)
 
     def save_checkpoint(self, accelerator, step: int, trainer_state: dict[str, Any], keep: int, **save_kwargs) -> Path:
         """Save into a temp dir, then rename: a kill at any moment leaves either the old or the new checkpoint."""
@@ -71,6 +75,7 @@ class RunDir:
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp), **save_kwargs)
+        save_rng_state(tmp, accelerator.process_index)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             atomic_write_text(tmp / TRAINER_STATE, json.dumps(trainer_state, indent=2) + "\n")
@@ -96,14 +101,87 @@ class RunDir:
             handle.write(json.dumps(row) + "\n")
 
     def read_metrics(self) -> list[dict[str, Any]]:
+        """Logged rows; a line torn by a kill (or disk full) is skipped, the rest is kept."""
         if not self.metrics_file.is_file():
             return []
-        return [json.loads(line) for line in self.metrics_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = []
+        for line in self.metrics_file.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int):
+                rows.append(row)
+        return rows
 
     def truncate_metrics(self, step: int) -> None:
         """On resume, forget what the killed run logged after its last checkpoint."""
         rows = [r for r in self.read_metrics() if r.get("step", 0) <= step]
         atomic_write_text(self.metrics_file, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def save_rng_state(directory: Path, process_index: int) -> None:
+    """This process's torch RNG (dropout) as safetensors, so a resume never needs to unpickle it."""
+    import torch
+    from safetensors.torch import save_file
+
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    save_file(state, str(directory / f"rng_state_{process_index}.safetensors"))
+
+
+class RunLock:
+    """An exclusive lock on a run directory for as long as a training process lives (flock: the kernel
+    drops it when the process dies, so a killed run never leaves a stale lock). The file names the pid."""
+
+    def __init__(self, root: Path):
+        self.path = root / ".medtune.lock"
+        self.handle = None
+
+    def acquire(self) -> None:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = self.path.open("a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "?"
+            handle.close()
+            raise RunInUse(f"{self.path.parent}: another medtune process (pid {holder}) is training in this "
+                           "run directory; wait for it to end or stop it") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self.handle = handle
+
+    def release(self) -> None:
+        if self.handle is not None:
+            self.handle.close()  # closing the descriptor drops the flock
+            self.handle = None
+
+
+class RunInUse(RuntimeError):
+    """Another process holds the run directory's lock."""
+
+
+# What may change when a run is resumed: how long it trains and what it logs, not what it learns from.
+SAFE_TO_CHANGE_ON_RESUME = ("train.max_steps", "train.num_epochs", "train.logging_steps", "train.eval_steps",
+                            "train.save_steps", "train.save_total_limit", "train.report_to", "train.resume")
+
+
+def recipe_changes(saved: Recipe, new: Recipe) -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (saved value, new value)} for every setting that differs."""
+    def flat(value: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(value, dict):
+            return {k: v for key, item in value.items() for k, v in flat(item, f"{prefix}{key}.").items()}
+        return {prefix.rstrip("."): value}
+
+    old, cur = flat(saved.to_dict()), flat(new.to_dict())
+    return {k: (old.get(k), cur.get(k)) for k in sorted(set(old) | set(cur)) if old.get(k) != cur.get(k)}
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -161,6 +239,10 @@ class ModelSource:
         return dataclasses.asdict(self)
 
 
+def info_file_name(run: Path) -> Path:
+    return run / "run_info.json"
+
+
 def describe_source(path_or_id: str, base_override: str | None = None) -> ModelSource:
     """What a path given to merge/predict/chat is. A run directory (from its recipe and run_info), an
     adapter directory, a merged model directory (from medtune_merge.json), or anything else (a hub id or
@@ -171,8 +253,11 @@ def describe_source(path_or_id: str, base_override: str | None = None) -> ModelS
         info, recipe = run.read_info(), run.read_recipe()
         if not info.get("finished"):
             raise ValueError(f"{path}: this run has not finished (no final adapter yet); resume it first")
+        base = base_override or info["base_model"]
+        if Path(base).is_absolute() and not Path(base).is_dir():
+            raise ValueError(f"{info_file_name(path)}: base_model {base}: no such directory (moved?); merge with --base NEW_PATH, or put it back")
         return ModelSource(
-            base=base_override or info["base_model"], adapters=(str(run.adapter_dir.resolve()),),
+            base=base, adapters=(str(run.adapter_dir.resolve()),),
             template=recipe.data.template, system_prompt=recipe.data.system_prompt, stage=recipe.train.stage,
             dtype=info.get("dtype"), tokenizer=str(run.adapter_dir.resolve()),
             tokenizer_kind=info.get("tokenizer_kind", recipe.model.tokenizer),

@@ -30,7 +30,7 @@ from medtune.losses import causal_lm_loss_sum, count_target_tokens, dpo_loss_sum
 from medtune.model import ModelError, check_model_path, attach_lora, count_parameters, load_base_model, resolve_base, resolve_dtype
 from medtune.recipe import Recipe, RecipeError, check_data_files, load_recipe
 from medtune.records import RecordError
-from medtune.rundir import RunDir, TRAINER_STATE, plot_loss
+from medtune.rundir import SAFE_TO_CHANGE_ON_RESUME, TRAINER_STATE, RunDir, RunInUse, RunLock, plot_loss, recipe_changes
 from medtune.tiny_model import TINY_NAME
 from medtune.templates import get_template, jinja_chat_template
 from medtune.tokenizer import TokenizerError, load_tokenizer, tokenizer_kind
@@ -81,25 +81,43 @@ def build_accelerator(recipe: Recipe, dtype: str):
     )
 
 
-def prepare_run_dir(run: RunDir, recipe: Recipe, accelerator) -> tuple[str, Path | None]:
-    """Decide between a fresh start, a resume, and 'already done'; never silently overwrite a run."""
-    if recipe.train.resume:
-        if run.is_finished():
-            return "finished", None
-        checkpoint = run.latest_checkpoint()
-        if checkpoint is not None:
-            return "resume", checkpoint
-    elif run.has_training_state():
-        raise RecipeError(
-            f"{run.root}: a run already exists there. Continue it with --resume (train.resume=true), "
-            f"or start over with another output.dir=... or after deleting the directory."
-        )
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        shutil.rmtree(run.checkpoints_dir, ignore_errors=True)
-        run.metrics_file.unlink(missing_ok=True)
-    accelerator.wait_for_everyone()
-    return "fresh", None
+def prepare_run_dir(run: RunDir, recipe: Recipe) -> tuple[str, list[Path]]:
+    """Decide between a fresh start, a resume and 'already done', reading only: nothing is deleted, and a
+    directory holding anything medtune did not write (or a run with other settings) is refused.
+
+    Returns (mode, checkpoints to try newest first)."""
+    where = f"{run.root}"
+    saved = run.read_recipe() if run.recipe_file.is_file() else None
+    if saved is None or not recipe.train.resume:
+        if not run.is_empty():
+            what = "a run already exists there" if saved is not None else "it is not empty"
+            raise RecipeError(f"{where}: {what}. Continue a run with --resume (train.resume=true), or choose "
+                              f"another output.dir=...; medtune never deletes a folder it did not create")
+        return "fresh", []
+    changes = {k: v for k, v in recipe_changes(saved, recipe).items() if k != "train.resume"}
+    listed = "; ".join(f"{k}: {old!r} → {new!r}" for k, (old, new) in changes.items())
+    if run.is_finished():
+        if changes:
+            raise RecipeError(f"{where}: this run finished with other settings ({listed}); train into another "
+                              "output.dir to use them")
+        return "finished", []
+    unsafe = {k: v for k, v in changes.items() if k not in SAFE_TO_CHANGE_ON_RESUME}
+    if "train.max_steps" in changes and 0 < changes["train.max_steps"][1] < max(changes["train.max_steps"][0], 0):
+        unsafe["train.max_steps"] = changes["train.max_steps"]
+    if unsafe:
+        raise RecipeError(f"{where}: cannot resume with changed settings: "
+                          + "; ".join(f"{k}: {old!r} → {new!r}" for k, (old, new) in unsafe.items())
+                          + " (only how long it trains and what it logs may change; use another output.dir)")
+    checkpoints = run.complete_checkpoints()
+    if checkpoints:
+        return "resume", checkpoints
+    logged = max((r["step"] for r in run.read_metrics()), default=0)
+    every = recipe.train.save_steps
+    if every and logged >= every:
+        raise RecipeError(f"{where}: the run logged step {logged} but no complete checkpoint is there (one was "
+                          f"expected every {every} steps); refusing to start over silently. Move the directory "
+                          "away to start again")
+    return "restart", []
 
 
 def build_model(recipe: Recipe, base: str, dtype: str, tokenizer, accelerator):
@@ -117,10 +135,27 @@ def build_model(recipe: Recipe, base: str, dtype: str, tokenizer, accelerator):
                 f"{rows} rows; add [embed_tokens, lm_head] so the new rows are trained and saved with the adapter")
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
         accelerator.print(f"embeddings resized from {rows} to {model.get_input_embeddings().num_embeddings} rows")
+    check_module_names(model, recipe)
     model = attach_lora(model, recipe.lora, recipe.train.gradient_checkpointing, quantized, reward_head)
     trainable, total = count_parameters(model)
     accelerator.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
     return model
+
+
+def check_module_names(model, recipe: Recipe) -> None:
+    """Every name in lora.target_modules and lora.modules_to_save must match a module: peft skips an
+    unknown one without a word, and the run trains something else than the recipe says."""
+    import difflib
+
+    names = {n for n, _ in model.named_modules() if n}
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+    targets = [] if recipe.lora.target_modules == "all-linear" else list(recipe.lora.target_modules)
+    for key, entries in (("target_modules", targets), ("modules_to_save", recipe.lora.modules_to_save)):
+        for entry in entries:
+            if not any(n == entry or n.endswith("." + entry) for n in names):
+                close = difflib.get_close_matches(entry, leaves, n=1)
+                hint = f"; did you mean {close[0]}?" if close else f"; module names: {', '.join(leaves[:12])}"
+                raise RecipeError(f"lora.{key}: {entry!r} matches no module of this model{hint}")
 
 
 def make_train_loader(train_set, recipe: Recipe, num_processes: int, collate) -> DataLoader:
@@ -205,24 +240,83 @@ class TrainResult:
     model: Any = None  # the trained PeftModel (unwrapped); None when the run had already finished
 
 
+@dataclass
+class Setup:
+    """Everything the loop needs, built once by :func:`setup`; ``step`` is where the loop stands."""
+
+    recipe: Recipe
+    accelerator: Any
+    run: RunDir
+    base: str
+    tokenizer: Any
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    train_dl: Any
+    eval_dl: Any
+    total_steps: int
+    save_kwargs: dict
+    step: int = 0
+    tokens_seen: int = 0
+
+
 def train(recipe: Recipe) -> TrainResult:
     """Run (or resume) training to the end; the run directory holds everything it produced."""
+    check_data_files(recipe)
+    if recipe.model.base != TINY_NAME:
+        check_model_path(recipe.model.base, "model.base")  # before anything is loaded or written
+    check_tracker(recipe)
+    dtype = resolve_dtype(recipe.model.dtype)
+    accelerator = build_accelerator(recipe, dtype)
+    run = RunDir(recipe.output.dir)
+    mode, checkpoints = prepare_run_dir(run, recipe)  # every process decides before anyone writes
+    accelerator.wait_for_everyone()
+    if mode == "finished":
+        accelerator.print(f"{run.root}: this run already finished with these settings; its adapter is in "
+                          f"{run.adapter_dir}")
+        return TrainResult(run)
+    lock = RunLock(run.root)
+    if accelerator.is_main_process:
+        lock.acquire()
+    try:
+        s = setup(recipe, accelerator, run, dtype)
+        if mode == "resume":
+            restore(s, checkpoints)
+        elif mode == "restart":
+            accelerator.print(f"{run.root}: no checkpoint was written yet; starting again from step 0")
+        write_run_start(s, mode, dtype)
+        return fit(s)
+    except KeyboardInterrupt:
+        raise Interrupted(run, locals().get("s")) from None
+    finally:
+        lock.release()
+
+
+class Interrupted(Exception):
+    """Ctrl-C: where the run stood and how to go on."""
+
+    def __init__(self, run: RunDir, s: "Setup | None"):
+        last = run.latest_checkpoint()
+        at = f"at step {s.step}" if s is not None else "before the first step"
+        then = f"resume from {last.name} with --resume" if last else "no checkpoint yet: --resume starts again"
+        super().__init__(f"interrupted {at}; {then}")
+
+
+def check_tracker(recipe: Recipe) -> None:
+    """wandb online without a key would stop at a login prompt after the model has loaded: say so now."""
+    if recipe.train.report_to != "wandb" or os.environ.get("WANDB_MODE") in ("offline", "disabled"):
+        return
+    netrc = Path.home() / ".netrc"
+    if not os.environ.get("WANDB_API_KEY") and not (netrc.is_file() and "api.wandb.ai" in netrc.read_text()):
+        raise RecipeError("train.report_to: wandb needs WANDB_API_KEY (or `wandb login`), or WANDB_MODE=offline")
+
+
+def setup(recipe: Recipe, accelerator, run: RunDir, dtype: str) -> Setup:
+    """Data, model, optimizer, loaders and schedule: everything before the first step."""
     from accelerate.utils import set_seed
     from transformers import get_scheduler
 
     cfg = recipe.train
-    check_data_files(recipe)
-    if recipe.model.base != TINY_NAME:
-        check_model_path(recipe.model.base, "model.base")  # before anything is loaded or written
-    dtype = resolve_dtype(recipe.model.dtype)
-    accelerator = build_accelerator(recipe, dtype)
-    run = RunDir(recipe.output.dir)
-    mode, checkpoint = prepare_run_dir(run, recipe, accelerator)
-    if mode == "finished":
-        accelerator.print(f"{run.root}: this run already finished; its adapter is in {run.adapter_dir}")
-        return TrainResult(run)
-
-    # -- data and model -------------------------------------------------------
     with accelerator.main_process_first():  # the tiny base is built once, by the main process
         base = resolve_base(recipe.model, recipe.data.train_files)
     tokenizer = load_tokenizer(base, recipe.model.tokenizer, recipe.model.trust_remote_code)
@@ -245,57 +339,108 @@ def train(recipe: Recipe) -> TrainResult:
     eval_dl = None
     if len(eval_set):
         eval_dl = accelerator.prepare(DataLoader(eval_set, batch_size=cfg.per_device_batch_size, collate_fn=collate))
-
-    accumulation = cfg.gradient_accumulation_steps
     if cfg.max_steps > 0:
         total_steps = cfg.max_steps
     else:
-        total_steps = max(1, math.floor(cfg.num_epochs * len(train_dl)) // accumulation)
-    # Not passed through accelerator.prepare: that would step it once per process per step.
+        total_steps = max(1, math.floor(cfg.num_epochs * len(train_dl)) // cfg.gradient_accumulation_steps)
+    # Not passed through accelerator.prepare (that would step it once per process per step), and not
+    # registered for accelerate's checkpoints (those are pickles): its state goes into trainer_state.json.
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
-    accelerator.register_for_checkpointing(scheduler)
     accelerator.register_save_state_pre_hook(keep_only_trainable())
     is_deepspeed = accelerator.distributed_type.name == "DEEPSPEED"
-    save_kwargs = {"exclude_frozen_parameters": True} if is_deepspeed else {}
+    return Setup(recipe, accelerator, run, base, tokenizer, model, optimizer, scheduler, train_dl, eval_dl,
+                 total_steps, {"exclude_frozen_parameters": True} if is_deepspeed else {})
 
-    step, tokens_seen = 0, 0
-    if mode == "resume":
-        # Checkpoints hold only the trainable weights, so the frozen base is "missing" on purpose.
-        accelerator.load_state(str(checkpoint), **({"load_module_strict": False} if is_deepspeed else {"strict": False}))
-        state = json.loads((checkpoint / TRAINER_STATE).read_text())
-        step, tokens_seen = state["step"], state["tokens_seen"]
-        accelerator.print(f"resuming {run.root} from {checkpoint.name} (step {step} of {total_steps})")
-    if accelerator.is_main_process:
+
+def restore(s: Setup, checkpoints: list[Path]) -> None:
+    """Load the newest checkpoint that loads; a damaged one is named and the previous one used."""
+    is_deepspeed = bool(s.save_kwargs)
+    for i, checkpoint in enumerate(checkpoints):
+        try:
+            # Checkpoints hold only the trainable weights, so the frozen base is "missing" on purpose.
+            s.accelerator.load_state(str(checkpoint),
+                                     **({"load_module_strict": False} if is_deepspeed else {"strict": False}))
+            state = json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8"))
+            restore_schedule_and_rng(s, checkpoint, state)
+        except Exception as exc:  # noqa: BLE001 - any failure to read a checkpoint means: try the one before
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            if i + 1 == len(checkpoints):
+                raise RecipeError(f"{checkpoint}: cannot be loaded ({reason}), and no older checkpoint is left; "
+                                  "move the run directory away to start again") from None
+            s.accelerator.print(f"{checkpoint.name} is damaged ({reason}); resuming from {checkpoints[i + 1].name}")
+            continue
+        s.step, s.tokens_seen = state["step"], state["tokens_seen"]
+        s.accelerator.print(f"resuming {s.run.root} from {checkpoint.name} (step {s.step} of {s.total_steps})")
+        return
+
+
+def restore_schedule_and_rng(s: Setup, checkpoint: Path, state: dict[str, Any]) -> None:
+    """The scheduler from JSON, this process's torch RNG from safetensors: nothing pickled is loaded."""
+    from safetensors.torch import load_file
+
+    if "scheduler" in state:
+        s.scheduler.load_state_dict(state["scheduler"])
+    else:  # a checkpoint from before medtune 0.2: the schedule is a function of the step
+        for _ in range(state["step"]):
+            s.scheduler.step()
+    rng_file = checkpoint / f"rng_state_{s.accelerator.process_index}.safetensors"
+    if rng_file.is_file():
+        rng = load_file(str(rng_file))
+        torch.set_rng_state(rng["cpu"])
+        if torch.cuda.is_available() and "cuda" in rng:
+            torch.cuda.set_rng_state_all(list(rng["cuda"]))
+
+
+def write_run_start(s: Setup, mode: str, dtype: str) -> None:
+    """The recipe and what was actually loaded, before the first step (resume keeps earlier metrics)."""
+    recipe, run = s.recipe, s.run
+    if s.accelerator.is_main_process:
         run.root.mkdir(parents=True, exist_ok=True)
         run.recipe_file.write_text(recipe.to_yaml(), encoding="utf-8")
-        if mode == "resume":
-            run.truncate_metrics(step)
+        run.truncate_metrics(s.step)
         run.write_info({
-            "medtune_version": __version__, "base_model": base, "base_model_name": recipe.model.base,
+            "medtune_version": __version__, "base_model": s.base, "base_model_name": recipe.model.base,
+            "base_config": base_config_summary(s.base, recipe.model.trust_remote_code),
             "template": recipe.data.template, "system_prompt": recipe.data.system_prompt,
-            "tokenizer_kind": tokenizer_kind(tokenizer), "stage": cfg.stage, "world_size": accelerator.num_processes,
-            "dtype": dtype, "total_steps": total_steps, "finished": False,
+            "tokenizer_kind": tokenizer_kind(s.tokenizer), "stage": recipe.train.stage,
+            "world_size": s.accelerator.num_processes, "dtype": dtype, "total_steps": s.total_steps,
+            "finished": False,
         })
-    if cfg.report_to == "wandb":
-        accelerator.init_trackers("medtune", config=recipe.to_dict(), init_kwargs={"wandb": {"name": run.root.name}})
+    if recipe.train.report_to == "wandb":
+        s.accelerator.init_trackers("medtune", config=recipe.to_dict(), init_kwargs={"wandb": {"name": run.root.name}})
 
-    # -- the loop ---------------------------------------------------------------
+
+def base_config_summary(base: str, trust_remote_code: bool = False) -> dict[str, Any]:
+    """The shape of the base an adapter fits: merge refuses a --base of another shape or vocabulary."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
+    keys = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "intermediate_size")
+    return {k: getattr(config, k, None) for k in keys}
+
+
+def fit(s: Setup) -> TrainResult:
+    """The loop, from ``s.step`` to the end; then the adapter, the curve and the run's summary."""
     from tqdm.auto import tqdm
 
+    cfg, accelerator, model, run = s.recipe.train, s.accelerator, s.model, s.run
+    accumulation = cfg.gradient_accumulation_steps
     model.train()
-    loop_start, start_step, real_tokens = time.perf_counter(), step, 0
-    stream = micro_batches(train_dl, step * accumulation)
-    progress = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, desc="train")
+    loop_start, start_step, real_tokens = time.perf_counter(), s.step, 0
+    stream = micro_batches(s.train_dl, s.step * accumulation)
+    progress = tqdm(total=s.total_steps, initial=s.step, desc="train",
+                    disable=not accelerator.is_main_process or not sys.stderr.isatty())
     # this process's (loss sum, real tokens, processed tokens) since the last log line
     window_loss = torch.zeros(3, device=accelerator.device)
     # all processes' target tokens since the last log line / in the run: tensors, read only when
     # logging or saving, so no optimizer step waits on the device
     window_tokens = torch.zeros((), device=accelerator.device)
-    tokens_total = torch.tensor(float(tokens_seen), device=accelerator.device)
+    tokens_total = torch.tensor(float(s.tokens_seen), device=accelerator.device)
     last_log = time.perf_counter()
     last_eval = None
-    while step < total_steps:
+    while s.step < s.total_steps:
         window = [next(stream) for _ in range(accumulation)]
         # Normalise by the items (target tokens, or pairs) of the whole optimizer step, over all
         # micro-batches and all processes: every item weighs the same, however the batches split them.
@@ -307,58 +452,62 @@ def train(recipe: Recipe) -> TrainResult:
                 # backward() divides by the accumulation steps and DDP averages over processes:
                 # multiply both back so the gradient is exactly d(sum of token losses)/d(w) / step_tokens.
                 accelerator.backward(loss_sum * (accumulation * accelerator.num_processes) / step_tokens)
-                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                if accelerator.sync_gradients and cfg.max_grad_norm > 0:  # once per window, on the summed gradient
                     accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
+                s.optimizer.step()  # accelerate makes these no-ops until the window's last micro-batch
+                s.optimizer.zero_grad()
             window_loss += torch.stack([loss_sum.detach().float(), batch["real_tokens"].float(),
                                         torch.tensor(float(batch["input_ids"].numel()), device=accelerator.device)])
-        scheduler.step()
-        step += 1
+        s.scheduler.step()
+        s.step += 1
         tokens_total += step_tokens
         window_tokens += step_tokens
         progress.update(1)
 
-        if step % cfg.logging_steps == 0 or step == total_steps:
+        if s.step % cfg.logging_steps == 0 or s.step == s.total_steps:
             loss_total, real, processed = accelerator.reduce(window_loss, "sum").tolist()
             real_tokens += int(real)
             now = time.perf_counter()
-            row = {"step": step, "loss": round(loss_total / max(window_tokens.item(), 1.0), 6),
-                   "lr": scheduler.get_last_lr()[0], "tokens_per_s": round(real / (now - last_log), 1),
+            row = {"step": s.step, "loss": round(loss_total / max(window_tokens.item(), 1.0), 6),
+                   "lr": s.scheduler.get_last_lr()[0], "tokens_per_s": round(real / (now - last_log), 1),
                    "padding_efficiency": round(real / max(processed, 1.0), 4),
-                   "epoch": round(step * accumulation / len(train_dl), 4)}
+                   "epoch": round(s.step * accumulation / len(s.train_dl), 4)}
             last_log = now
             window_loss.zero_()
             window_tokens.zero_()
             _log(run, accelerator, progress, row)
-        if eval_dl is not None and cfg.eval_steps and step % cfg.eval_steps == 0:
-            last_eval = evaluate(model, eval_dl, accelerator, cfg.stage, cfg.dpo_beta)
-            _log(run, accelerator, progress, {"step": step, "eval_loss": round(last_eval, 6)})
-        if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
-            state = {"step": step, "tokens_seen": int(tokens_total.item()), "total_steps": total_steps}
-            run.save_checkpoint(accelerator, step, state, cfg.save_total_limit, **save_kwargs)
+        if s.eval_dl is not None and cfg.eval_steps and s.step % cfg.eval_steps == 0:
+            last_eval = evaluate(model, s.eval_dl, accelerator, cfg.stage, cfg.dpo_beta)
+            _log(run, accelerator, progress, {"step": s.step, "eval_loss": round(last_eval, 6)})
+        if cfg.save_steps and s.step % cfg.save_steps == 0 and s.step < s.total_steps:
+            state = {"step": s.step, "tokens_seen": int(tokens_total.item()), "total_steps": s.total_steps,
+                     "scheduler": s.scheduler.state_dict()}
+            run.save_checkpoint(accelerator, s.step, state, cfg.save_total_limit, **s.save_kwargs)
     progress.close()
-    loop_seconds = time.perf_counter() - loop_start
-    tokens_seen = int(tokens_total.item())
+    session = {"loop_seconds": round(time.perf_counter() - loop_start, 2), "real_tokens_this_session": real_tokens,
+               "steps_this_session": s.step - start_step, "tokens_seen": int(tokens_total.item())}
+    if s.eval_dl is not None and not (cfg.eval_steps and s.step % cfg.eval_steps == 0):
+        last_eval = evaluate(model, s.eval_dl, accelerator, cfg.stage, cfg.dpo_beta)
+        _log(run, accelerator, None, {"step": s.step, "eval_loss": round(last_eval, 6)})
+    return finish(s, session, last_eval)
 
-    if eval_dl is not None and not (cfg.eval_steps and step % cfg.eval_steps == 0):
-        last_eval = evaluate(model, eval_dl, accelerator, cfg.stage, cfg.dpo_beta)
-        _log(run, accelerator, None, {"step": step, "eval_loss": round(last_eval, 6)})
-    save_adapter(run, model, tokenizer, accelerator)
+
+def finish(s: Setup, session: dict[str, Any], last_eval: float | None) -> TrainResult:
+    """The adapter, the loss curve and run_info's summary; the run is 'finished' only after all of them."""
+    accelerator, run = s.accelerator, s.run
+    save_adapter(run, s.model, s.tokenizer, accelerator)
     if accelerator.is_main_process:
         rows = run.read_metrics()
         plot_loss(rows, run.loss_plot)
         info = run.read_info()
         losses = [r["loss"] for r in rows if "loss" in r]
-        info.update(finished=True, steps=step, tokens_seen=tokens_seen, loop_seconds=round(loop_seconds, 2),
-                    real_tokens_this_session=real_tokens,
-                    steps_this_session=step - start_step, first_loss=losses[0] if losses else None,
-                    final_loss=losses[-1] if losses else None, eval_loss=last_eval)
+        info.update(finished=True, steps=s.step, first_loss=losses[0] if losses else None,
+                    final_loss=losses[-1] if losses else None, eval_loss=last_eval, **session)
         run.write_info(info)
         accelerator.print(f"done: adapter in {run.adapter_dir}; loss {info['first_loss']} → {info['final_loss']}"
                           + (f"; eval loss {last_eval:.4f}" if last_eval is not None else ""))
     accelerator.end_training()
-    return TrainResult(run, accelerator.unwrap_model(model))
+    return TrainResult(run, accelerator.unwrap_model(s.model))
 
 
 def _log(run: RunDir, accelerator, progress, row: dict[str, Any]) -> None:
@@ -398,7 +547,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.resume:
             recipe.train.resume = True
         train(recipe)
-    except (RecipeError, RecordError, ModelError, TokenizerError, ValueError) as exc:
+    except Interrupted as exc:
+        print(f"{exc}", file=sys.stderr)
+        return 130
+    except (RecipeError, RecordError, ModelError, TokenizerError, RunInUse, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -45,8 +45,10 @@ def test_chatmed_strips_wrapper_and_reports_every_skip(tmp_path):
     records, skipped, report = convert(tmp_path, "chatmed-consult", CHATMED)
     assert [r["messages"][0]["content"] for r in records] == ["孩子咳嗽一周了怎么办？", "胃痛吃什么药？"]
     assert records[0]["messages"][1] == {"role": "assistant", "content": "建议到儿科就诊，听诊肺部。"}
-    assert report.skipped == {"empty answer": 1, "malformed JSON": 1, "not an object": 1, "missing field": 1}
+    # a line holding an array is read as its elements: three strings, three records that are not objects
+    assert report.skipped == {"empty answer": 1, "malformed JSON": 1, "not an object": 3, "missing field": 1}
     assert [(s["line"], s["reason"]) for s in skipped] == [(3, "empty answer"), (4, "malformed JSON"),
+                                                           (5, "not an object"), (5, "not an object"),
                                                            (5, "not an object"), (6, "missing field")]
     assert all(s["file"].endswith("in.jsonl") for s in skipped)
 

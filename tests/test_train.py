@@ -59,11 +59,12 @@ def test_existing_run_is_never_overwritten(trained, tmp_path):
 
     result, _, _ = trained
     path = write_recipe(tmp_path / "r.yaml", SMALL_RECIPE)
-    recipe = load_recipe(path, [f"output.dir={result.run.root}"])
+    same = [f"output.dir={result.run.root}", "train.max_steps=40", "train.save_steps=0"]
     with pytest.raises(RecipeError, match="--resume"):
-        train(recipe)
-    recipe.train.resume = True  # a finished run is reported, not retrained
-    assert train(recipe).model is None
+        train(load_recipe(path, same))
+    assert train(load_recipe(path, same + ["train.resume=true"])).model is None  # reported, not retrained
+    with pytest.raises(RecipeError, match=r"finished with other settings \(train.max_steps: 40 → 12"):
+        train(load_recipe(path, [f"output.dir={result.run.root}", "train.save_steps=0", "train.resume=true"]))
 
 
 def test_checkpointing_bf16_and_offline_wandb(tmp_path, capfd, monkeypatch):

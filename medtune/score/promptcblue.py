@@ -322,6 +322,8 @@ class ScoreReport:
     per_task: dict[str, float]  # official 0–100 scale, keyed by task name
     counts: dict[str, int]
     problems: Problems
+    matched: int = 0  # gold samples that have a prediction
+    gold_total: int = 0
 
     @property
     def overall(self) -> float:
@@ -333,6 +335,8 @@ class ScoreReport:
             metric = TASKS[name].score_key[len(name) + 1:]
             lines.append(f"{name:<14} {metric:<15} {self.counts[name]:>6} {value:>8.2f}")
         lines.append(f"{'overall':<14} {'mean of tasks':<15} {sum(self.counts.values()):>6} {self.overall:>8.2f}")
+        lines.append(f"matched {self.matched} of {self.gold_total} gold samples"
+                     f" ({self.gold_total - self.matched} missing, scored as empty)")
         if self.problems.counts:
             lines.append("problems: " + "; ".join(f"{n} × {kind}" for kind, n in self.problems.counts.items()))
             lines += [f"  e.g. {example}" for example in self.problems.examples]
@@ -343,6 +347,9 @@ def score_files(pred_path: Path, gold_path: Path) -> ScoreReport:
     """Score predictions (PromptCBLUE lines with target = generated text) against a gold file."""
     problems = Problems()
     gold = read_samples(gold_path, problems)
+    if not gold:
+        raise ScoreError(f"{gold_path}: no PromptCBLUE sample in it (lines with input, target, task_dataset, "
+                         "sample_id); is it the gold file?")
     predictions: dict[str, dict] = {}
     for sample in read_samples(pred_path, problems):
         sid = sample.get("sample_id")
@@ -377,7 +384,15 @@ def score_files(pred_path: Path, gold_path: Path) -> ScoreReport:
         except (ValueError, IndexError) as exc:
             problems.add(f"task not scorable ({exc}); scored 0", name)
             per_task[name] = 0.0
-    return ScoreReport(per_task, {name: len(by_task[name][0]) for name in per_task}, problems)
+    matched = sum(1 for sid in gold_ids if sid in predictions)
+    if not matched:
+        raise ScoreError(f"{pred_path}: none of its {len(predictions)} predictions matches a sample_id of {gold_path}; "
+                         "were they made for another file?")
+    return ScoreReport(per_task, {name: len(by_task[name][0]) for name in per_task}, problems, matched, len(gold))
+
+
+class ScoreError(ValueError):
+    """Nothing to score: the files do not belong together."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -393,9 +408,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.gold is None and args.results is None:
         parser.error("give --gold to score, or --results to write a submission file")
+    for path in (args.pred, args.gold):
+        if path is not None and not path.is_file():
+            print(f"error: {path}: file not found", file=sys.stderr)
+            return 2
+    try:
+        return _run(args)
+    except (ScoreError, OSError, UnicodeDecodeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    import sys
+
     if args.results:
         problems = Problems()
         results = results_json(read_samples(args.pred, problems), problems)
+        if not any(results.values()):
+            raise ScoreError(f"{args.pred}: no PromptCBLUE prediction in it; nothing to submit")
         args.results.write_text(json.dumps(results, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
         print(f"wrote {args.results} ({sum(map(len, results.values()))} answers)")
         for kind, n in problems.counts.items():
@@ -404,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         report = score_files(args.pred, args.gold)
         print(report.table())
         if args.json:
-            args.json.write_text(json.dumps({"overall": report.overall, "per_task": report.per_task},
+            args.json.write_text(json.dumps({"overall": report.overall, "per_task": report.per_task,
+                                             "matched": report.matched, "gold_samples": report.gold_total},
                                             ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     return 0
