@@ -26,10 +26,16 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16
 def build_model(args, mode: str):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate or int(args.hidden * 2.6875),
-                         num_hidden_layers=args.layers, num_attention_heads=max(1, args.hidden // 128),
-                         num_key_value_heads=max(1, args.hidden // 128), vocab_size=32000,
-                         max_position_embeddings=max(4096, args.seq), attn_implementation="sdpa")
+    config = LlamaConfig(
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate or int(args.hidden * 2.6875),
+        num_hidden_layers=args.layers,
+        num_attention_heads=max(1, args.hidden // 128),
+        num_key_value_heads=max(1, args.hidden // 128),
+        vocab_size=32000,
+        max_position_embeddings=max(4096, args.seq),
+        attn_implementation="sdpa",
+    )
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     if mode == "lora":
         with torch.device(args.device):
@@ -37,8 +43,13 @@ def build_model(args, mode: str):
     path = Path(args.workdir) / f"llama-h{args.hidden}-l{args.layers}"
     if not (path / "config.json").is_file():
         LlamaForCausalLM(config).to(dtype).save_pretrained(path, safe_serialization=True)
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=dtype,
+    )
     device_map = {"": 0} if args.device == "cuda" else None
     return AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=dtype, device_map=device_map)
 
@@ -49,13 +60,21 @@ def run(args, mode: str) -> dict:
     model = build_model(args, mode)
     params = sum(p.numel() for p in model.parameters())
     if mode == "qlora":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
     else:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, task_type="CAUSAL_LM", target_modules=[
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=16,
+            lora_alpha=32,
+            task_type="CAUSAL_LM",
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        ),
+    )
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, 32000, (args.batch, args.seq), device=args.device)
     if args.device == "cuda":
@@ -74,8 +93,14 @@ def run(args, mode: str) -> dict:
     step_time = sum(times) / len(times)
     tokens = args.batch * args.seq
     flops = (6 * params + 12 * args.layers * args.hidden * args.seq) * tokens  # per step, recompute included
-    result = {"mode": mode, "params": params, "seq": args.seq, "batch": args.batch, "step_s": round(step_time, 4),
-              "tokens_per_s": round(tokens / step_time, 1)}
+    result = {
+        "mode": mode,
+        "params": params,
+        "seq": args.seq,
+        "batch": args.batch,
+        "step_s": round(step_time, 4),
+        "tokens_per_s": round(tokens / step_time, 1),
+    }
     if args.device == "cuda":
         name = torch.cuda.get_device_name()
         peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
@@ -103,7 +128,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.device == "cpu" and args.intermediate == 11008 and args.hidden != 4096:
         args.intermediate = None
-    for mode in (["lora", "qlora"] if args.mode == "both" else [args.mode]):
+    for mode in ["lora", "qlora"] if args.mode == "both" else [args.mode]:
         print(json.dumps(run(args, mode)), flush=True)
 
 

@@ -64,21 +64,29 @@ MEDTUNE_RECIPE = """
 model: {{base: {base}, dtype: fp32}}
 lora: {{r: 8, alpha: 16, dropout: 0.0, target_modules: all-linear}}
 data: {{train_files: [{data}], template: chatmed, max_length: 1024}}
-train: {{learning_rate: 1e-4, max_steps: {steps}, per_device_batch_size: 8, logging_steps: 10, save_steps: 0, seed: 42}}
+train:
+  {{learning_rate: 1e-4, max_steps: {steps}, per_device_batch_size: 8, logging_steps: 10, save_steps: 0, seed: 42}}
 """
 
 
 def run_llamafactory(cli: str, base: Path, records: list[dict], steps: int, tmp: Path) -> float:
     data_dir = tmp / "lf_data"
     data_dir.mkdir()
-    alpaca = [{"instruction": r["messages"][0]["content"], "input": "", "output": r["messages"][1]["content"]}
-              for r in records]
+    alpaca = [
+        {"instruction": r["messages"][0]["content"], "input": "", "output": r["messages"][1]["content"]}
+        for r in records
+    ]
     (data_dir / "synthetic.json").write_text(json.dumps(alpaca, ensure_ascii=False), encoding="utf-8")
     (data_dir / "dataset_info.json").write_text(json.dumps({"synthetic": {"file_name": "synthetic.json"}}))
     config = tmp / "lf.yaml"
     config.write_text(LF_CONFIG.format(base=base, data_dir=data_dir, out=tmp / "lf_out", steps=steps))
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "WANDB_DISABLED": "true", "DISABLE_VERSION_CHECK": "1",
-           "CUDA_VISIBLE_DEVICES": ""}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "2",
+        "WANDB_DISABLED": "true",
+        "DISABLE_VERSION_CHECK": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
     proc = subprocess.run([cli, "train", str(config)], capture_output=True, text=True, env=env)
     if proc.returncode:
         sys.exit("LLaMA-Factory failed:\n" + proc.stdout[-3000:] + proc.stderr[-3000:])
@@ -91,8 +99,13 @@ def run_medtune(base: Path, data: Path, steps: int, tmp: Path, overrides: list[s
     recipe.write_text(MEDTUNE_RECIPE.format(base=base, data=data, steps=steps))
     out = tmp / ("medtune-" + "-".join(o.replace("=", "_") for o in overrides))
     cmd = [sys.executable, "medtune/train.py", str(recipe), f"output.dir={out}", *overrides]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent,
-                          env={**os.environ, "OMP_NUM_THREADS": "2"})
+    proc = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+        env={**os.environ, "OMP_NUM_THREADS": "2"},
+    )
     if proc.returncode:
         sys.exit("medtune failed:\n" + proc.stderr[-3000:])
     info = json.loads((out / "run_info.json").read_text())
@@ -105,8 +118,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--samples", type=int, default=2000)
     args = parser.parse_args()
-    from medtune.tokenizer import load_tokenizer
     from medtune.tiny_model import build_tiny_llama, corpus_texts
+    from medtune.tokenizer import load_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -115,22 +128,32 @@ def main() -> None:
         data = write_jsonl(records, tmp / "data.jsonl")
         base = build_tiny_llama(tmp / "base", corpus_texts([data]), hidden_size=256, layers=4)
         tokenizer = load_tokenizer(str(base))
-        mean_tokens = sum(len(tokenizer.encode(r["messages"][0]["content"] + r["messages"][1]["content"]))
-                          for r in records) / len(records)
+        mean_tokens = sum(
+            len(tokenizer.encode(r["messages"][0]["content"] + r["messages"][1]["content"])) for r in records
+        ) / len(records)
         samples = args.steps * 8
         lf_seconds = run_llamafactory(args.lf_cli, base, records, args.steps, tmp)
         rows = {"LLaMA-Factory 0.9.5 (defaults)": (lf_seconds, samples * mean_tokens)}
-        for name, overrides in {"medtune (length-grouped, default)": [],
-                                "medtune (random batches, no grouping)": ["data.group_by_length=false"],
-                                "medtune (packed)": ["data.packing=true"]}.items():
+        for name, overrides in {
+            "medtune (length-grouped, default)": [],
+            "medtune (random batches, no grouping)": ["data.group_by_length=false"],
+            "medtune (packed)": ["data.packing=true"],
+        }.items():
             rows[name] = run_medtune(base, data, args.steps, tmp, overrides)
         lf_rate = rows["LLaMA-Factory 0.9.5 (defaults)"][1] / lf_seconds
         # samples/s only where a row is one sample (not packed): the conservative figure for medtune,
         # whose token count also includes its template's markers.
         print(f"{'':40} {'loop s':>7} {'real tokens':>12} {'tokens/s':>9} {'vs LF':>6} {'samples/s':>10} {'vs LF':>6}")
         for name, (seconds, tokens) in rows.items():
-            per_sample = f"{samples / seconds:10.2f} {lf_seconds / seconds:5.2f}x" if "packed" not in name else f"{'-':>10} {'-':>6}"
-            print(f"{name:40} {seconds:7.1f} {tokens:12.0f} {tokens / seconds:9.0f} {tokens / seconds / lf_rate:5.2f}x {per_sample}")
+            per_sample = (
+                f"{samples / seconds:10.2f} {lf_seconds / seconds:5.2f}x"
+                if "packed" not in name
+                else f"{'-':>10} {'-':>6}"
+            )
+            print(
+                f"{name:40} {seconds:7.1f} {tokens:12.0f} {tokens / seconds:9.0f} {tokens / seconds / lf_rate:5.2f}x {per_sample}"  # noqa: E501
+            )
+
 
 if __name__ == "__main__":
     main()

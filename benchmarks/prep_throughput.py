@@ -20,8 +20,13 @@ from pathlib import Path
 
 SYMPTOMS = ["头痛", "发烧", "咳嗽", "胃痛", "失眠", "腰疼", "皮疹", "心慌", "腹泻", "头晕"]
 PEOPLE = ["我", "孩子", "老人", "我妈妈", "我爱人"]
-ADVICE = ["建议及时就医，完善相关检查。", "注意休息，多喝温水，清淡饮食。", "可在医生指导下短期用药。",
-          "如症状加重或持续不缓解，请尽快到医院就诊。", "保持规律作息，避免劳累和熬夜。"]
+ADVICE = [
+    "建议及时就医，完善相关检查。",
+    "注意休息，多喝温水，清淡饮食。",
+    "可在医生指导下短期用药。",
+    "如症状加重或持续不缓解，请尽快到医院就诊。",
+    "保持规律作息，避免劳累和熬夜。",
+]
 
 
 def write_rows(path: Path, rows: int, seed: int = 0) -> None:
@@ -29,7 +34,7 @@ def write_rows(path: Path, rows: int, seed: int = 0) -> None:
     with path.open("w", encoding="utf-8") as handle:
         for i in range(rows):
             symptom = rng.choice(SYMPTOMS)
-            query = f"<s>问：\n{rng.choice(PEOPLE)}最近{rng.randint(1, 30)}天一直{symptom}，{rng.choice(SYMPTOMS)}也有，编号{i}，需要怎么处理？\n答：\n"
+            query = f"<s>问：\n{rng.choice(PEOPLE)}最近{rng.randint(1, 30)}天一直{symptom}，{rng.choice(SYMPTOMS)}也有，编号{i}，需要怎么处理？\n答：\n"  # noqa: E501
             response = "您好，" + "".join(rng.sample(ADVICE, 3)) + f"针对{symptom}，" + rng.choice(ADVICE)
             handle.write(json.dumps({"query": query, "response": response}, ensure_ascii=False) + "\n")
 
@@ -44,9 +49,21 @@ def main() -> None:
         src, out = Path(tmp) / "consult.jsonl", Path(tmp) / "out.jsonl"
         start = time.perf_counter()
         write_rows(src, args.rows)
-        print(f"generated {args.rows:,} rows ({src.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - start:.1f} s")
-        cmd = [sys.executable, "-m", "data_prep", "chatmed-consult", str(src), "--out", str(out),
-               "--dev-ratio", str(args.dev_ratio), "--quiet"] + (["--dedup"] if args.dedup else [])
+        print(
+            f"generated {args.rows:,} rows ({src.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - start:.1f} s"  # noqa: E501
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "data_prep",
+            "chatmed-consult",
+            str(src),
+            "--out",
+            str(out),
+            "--dev-ratio",
+            str(args.dev_ratio),
+            "--quiet",
+        ] + (["--dedup"] if args.dedup else [])
         start = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
         elapsed = time.perf_counter() - start
@@ -54,8 +71,10 @@ def main() -> None:
             sys.exit(proc.stderr)
         peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         print(proc.stdout.strip())
-        print(f"conversion: {args.rows / elapsed:,.0f} rows/s ({elapsed:.1f} s wall, process start included); "
-              f"peak RSS {peak_mb:.0f} MB")
+        print(
+            f"conversion: {args.rows / elapsed:,.0f} rows/s ({elapsed:.1f} s wall, process start included); "
+            f"peak RSS {peak_mb:.0f} MB"
+        )
 
 
 if __name__ == "__main__":

@@ -6,9 +6,49 @@ import json
 import random
 from pathlib import Path
 
-WORDS = ["患者", "头痛", "发热", "咳嗽", "三天", "医生", "建议", "检查", "血常规", "胸片", "治疗", "药物", "布洛芬", "休息",
-         "饮食", "清淡", "症状", "加重", "就医", "高血压", "糖尿病", "胃痛", "腹泻", "复查", "注意", "病因", "诊断", "感染",
-         "炎症", "儿童", "老人", "孕妇", "过敏", "皮疹", "失眠", "心慌", "头晕", "乏力", "，", "。", "？"]
+WORDS = [
+    "患者",
+    "头痛",
+    "发热",
+    "咳嗽",
+    "三天",
+    "医生",
+    "建议",
+    "检查",
+    "血常规",
+    "胸片",
+    "治疗",
+    "药物",
+    "布洛芬",
+    "休息",
+    "饮食",
+    "清淡",
+    "症状",
+    "加重",
+    "就医",
+    "高血压",
+    "糖尿病",
+    "胃痛",
+    "腹泻",
+    "复查",
+    "注意",
+    "病因",
+    "诊断",
+    "感染",
+    "炎症",
+    "儿童",
+    "老人",
+    "孕妇",
+    "过敏",
+    "皮疹",
+    "失眠",
+    "心慌",
+    "头晕",
+    "乏力",
+    "，",
+    "。",
+    "？",
+]
 
 
 def text(rng: random.Random, chars: int) -> str:
@@ -30,16 +70,31 @@ def promptcblue_like(n: int, seed: int = 0) -> list[dict]:
             q, a = text(rng, rng.randint(200, 400)), text(rng, rng.randint(30, 80))
         else:
             q, a = text(rng, rng.randint(700, 1400)), text(rng, rng.randint(100, 250))
-        records.append({"id": f"syn-{i}", "source": "synthetic", "meta": {},
-                        "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+        records.append(
+            {
+                "id": f"syn-{i}",
+                "source": "synthetic",
+                "meta": {},
+                "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+            }
+        )
     return records
 
 
 def chatmed_like(n: int, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
-    return [{"id": f"syn-{i}", "source": "synthetic", "meta": {},
-             "messages": [{"role": "user", "content": text(rng, rng.randint(20, 120))},
-                          {"role": "assistant", "content": text(rng, rng.randint(80, 300))}]} for i in range(n)]
+    return [
+        {
+            "id": f"syn-{i}",
+            "source": "synthetic",
+            "meta": {},
+            "messages": [
+                {"role": "user", "content": text(rng, rng.randint(20, 120))},
+                {"role": "assistant", "content": text(rng, rng.randint(80, 300))},
+            ],
+        }
+        for i in range(n)
+    ]
 
 
 def write_jsonl(records: list[dict], path: Path) -> Path:

@@ -30,9 +30,9 @@ def main() -> None:
         tmp = Path(tmp)
         os.environ["MEDTUNE_CACHE"] = str(tmp / "cache")
         from medtune.data import load_datasets
-        from medtune.tokenizer import load_tokenizer
         from medtune.recipe import DataConfig
         from medtune.tiny_model import build_tiny_llama, corpus_texts
+        from medtune.tokenizer import load_tokenizer
 
         data = write_jsonl(chatmed_like(args.rows), tmp / "data.jsonl")
         sample = write_jsonl(chatmed_like(2000, seed=1), tmp / "sample.jsonl")
@@ -43,11 +43,19 @@ def main() -> None:
             start = time.perf_counter()
             train, _ = load_datasets(config, 42, tokenizer, log=lambda message: None)
             timings.append(time.perf_counter() - start)
-        print(json.dumps({
-            "rows": args.rows, "cold_s": round(timings[0], 2), "cold_rows_per_s": round(args.rows / timings[0]),
-            "warm_s": round(timings[1], 3), "warm_over_cold": round(timings[1] / timings[0], 4),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), "train_rows": len(train),
-        }))
+        print(
+            json.dumps(
+                {
+                    "rows": args.rows,
+                    "cold_s": round(timings[0], 2),
+                    "cold_rows_per_s": round(args.rows / timings[0]),
+                    "warm_s": round(timings[1], 3),
+                    "warm_over_cold": round(timings[1] / timings[0], 4),
+                    "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+                    "train_rows": len(train),
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

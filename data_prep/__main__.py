@@ -25,7 +25,8 @@ SOURCES = {
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m data_prep", description="Convert a corpus into medtune's instruction JSONL.",
+        prog="python -m data_prep",
+        description="Convert a corpus into medtune's instruction JSONL.",
         epilog="sources: " + "; ".join(f"{name}: {desc}" for name, (_, _, desc) in SOURCES.items()),
     )
     parser.add_argument("source", choices=list(SOURCES))
@@ -36,8 +37,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-length", type=int, help="skip records longer than this many characters")
     parser.add_argument("--dedup", action="store_true", help="skip records whose content repeats an earlier one")
     parser.add_argument("--max-per-task", type=int, help="promptcblue: keep at most N records per task")
-    parser.add_argument("--strip-answer-cue", action="store_true",
-                        help="promptcblue: remove '答：' from prompts, as the LLaMA baseline does")
+    parser.add_argument(
+        "--strip-answer-cue",
+        action="store_true",
+        help="promptcblue: remove '答：' from prompts, as the LLaMA baseline does",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress line")
     args = parser.parse_args(argv)
     if not 0.0 <= args.dev_ratio < 1.0:
@@ -48,8 +52,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     convert, reader, _ = SOURCES[args.source]
-    options = Options(dev_ratio=args.dev_ratio, seed=args.seed, max_length=args.max_length, dedup=args.dedup,
-                      max_per_task=args.max_per_task, strip_answer_cue=args.strip_answer_cue)
+    options = Options(
+        dev_ratio=args.dev_ratio,
+        seed=args.seed,
+        max_length=args.max_length,
+        dedup=args.dedup,
+        max_per_task=args.max_per_task,
+        strip_answer_cue=args.strip_answer_cue,
+    )
     try:
         report = run(convert, args.inputs, args.out, options, reader=reader, progress=not args.quiet)
     except PrepError as exc:
@@ -57,10 +67,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(report.summary())
     if sum(report.skipped.values()):
-        print(f"skipped records are listed in {args.out.with_name(args.out.name.removesuffix('.jsonl') + '.skipped.jsonl')}")
+        print(
+            f"skipped records are listed in {args.out.with_name(args.out.name.removesuffix('.jsonl') + '.skipped.jsonl')}"  # noqa: E501
+        )
     if not report.written:
-        print(f"error: no record was written from {', '.join(map(str, args.inputs))} "
-              f"(is {args.source} the right source?)", file=sys.stderr)
+        print(
+            f"error: no record was written from {', '.join(map(str, args.inputs))} "
+            f"(is {args.source} the right source?)",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

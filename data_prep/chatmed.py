@@ -11,7 +11,7 @@ def strip_chatmed_wrapper(query: str) -> str:
     text = query.strip()
     for prefix in ("<s>", "问：", "问:"):
         if text.startswith(prefix):
-            text = text[len(prefix):].lstrip()
+            text = text[len(prefix) :].lstrip()
     for suffix in ("</s>", "答：", "答:"):
         if text.endswith(suffix):
             text = text[: -len(suffix)].rstrip()

@@ -16,7 +16,7 @@ def convert(obj: dict, item: Item, options: Options) -> list[dict]:
     if len(questions) != len(answers) or not questions:
         raise Skip("invalid field", f"{len(questions)} questions but {len(answers)} answers")
     messages = []
-    for question, answer in zip(questions, answers):
+    for question, answer in zip(questions, answers, strict=True):
         if not isinstance(question, str) or not isinstance(answer, str):
             raise Skip("invalid field", "a turn is not text")
         if not question.strip():

@@ -13,9 +13,10 @@ import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from medtune.records import RecordError, validate_record, write_jsonl_line
 
@@ -62,8 +63,11 @@ class Report:
     skipped: Counter = field(default_factory=Counter)
 
     def summary(self) -> str:
-        parts = [f"read {self.read}", f"written {self.written} (train {self.written - self.dev}, dev {self.dev})",
-                 f"skipped {sum(self.skipped.values())}"]
+        parts = [
+            f"read {self.read}",
+            f"written {self.written} (train {self.written - self.dev}, dev {self.dev})",
+            f"skipped {sum(self.skipped.values())}",
+        ]
         lines = ["; ".join(parts)]
         lines += [f"  skipped, {reason}: {n}" for reason, n in self.skipped.most_common()]
         return "\n".join(lines)
@@ -142,7 +146,7 @@ def _read_array(handle, name: str, chunk_size: int = 1 << 20) -> Iterator[Item]:
         if pos >= len(buffer):
             raise PrepError(f"{name}: the JSON array is not closed (no final ']')")
         if buffer[pos] == "]":
-            _check_nothing_after(handle, buffer[pos + 1:], name, line)
+            _check_nothing_after(handle, buffer[pos + 1 :], name, line)
             return
         while True:
             try:
@@ -150,8 +154,10 @@ def _read_array(handle, name: str, chunk_size: int = 1 << 20) -> Iterator[Item]:
                 break
             except json.JSONDecodeError as exc:
                 if eof:
-                    raise PrepError(f"{name}:{line}: malformed JSON inside the array ({exc.msg}); "
-                                    "a broken JSON array cannot be read past this point") from None
+                    raise PrepError(
+                        f"{name}:{line}: malformed JSON inside the array ({exc.msg}); "
+                        "a broken JSON array cannot be read past this point"
+                    ) from None
                 buffer, pos = buffer[pos:], 0
                 more = handle.read(chunk_size)
                 eof = not more
@@ -165,8 +171,10 @@ def _check_nothing_after(handle, rest: str, name: str, line: int) -> None:
     """A JSON array file ends at its ']': anything but white space after it would be silently lost."""
     while True:
         if rest.strip():
-            raise PrepError(f"{name}:{line}: more content after the JSON array's closing ']'; a file holds one "
-                            "array or JSON lines: split it, or join the arrays")
+            raise PrepError(
+                f"{name}:{line}: more content after the JSON array's closing ']'; a file holds one "
+                "array or JSON lines: split it, or join the arrays"
+            )
         rest = handle.read(1 << 20)
         if not rest:
             return
@@ -198,8 +206,14 @@ def is_dev(record_id: str, options: Options) -> bool:
     return int.from_bytes(digest, "big") / 2**64 < options.dev_ratio
 
 
-def run(convert: Converter, inputs: list[Path], out: Path, options: Options,
-        reader: Callable[[Path], Iterator[Item]] = read_items, progress: bool = True) -> Report:
+def run(
+    convert: Converter,
+    inputs: list[Path],
+    out: Path,
+    options: Options,
+    reader: Callable[[Path], Iterator[Item]] = read_items,
+    progress: bool = True,
+) -> Report:
     """Convert every input record, write train/dev/skipped atomically, return the counts."""
     check_paths(inputs, out)
     paths = output_paths(out)
@@ -222,9 +236,17 @@ def run(convert: Converter, inputs: list[Path], out: Path, options: Options,
                         records = _convert_one(convert, item, options, seen, per_task)
                     except Skip as skip:
                         report.skipped[skip.reason] += 1
-                        handles["skipped"].write(write_jsonl_line(
-                            {"file": item.file, "line": item.line, "index": item.index,
-                             "reason": skip.reason, "detail": skip.detail}))
+                        handles["skipped"].write(
+                            write_jsonl_line(
+                                {
+                                    "file": item.file,
+                                    "line": item.line,
+                                    "index": item.index,
+                                    "reason": skip.reason,
+                                    "detail": skip.detail,
+                                }
+                            )
+                        )
                         continue
                     for record in records:
                         dev = is_dev(record["id"], options)
@@ -232,8 +254,10 @@ def run(convert: Converter, inputs: list[Path], out: Path, options: Options,
                         report.written += 1
                         report.dev += dev
             except UnicodeDecodeError as exc:
-                raise PrepError(f"{path}: not UTF-8 (byte offset {exc.start}: {exc.reason}); "
-                                "convert the file to UTF-8 first (e.g. iconv -f GB18030 -t UTF-8)") from None
+                raise PrepError(
+                    f"{path}: not UTF-8 (byte offset {exc.start}: {exc.reason}); "
+                    "convert the file to UTF-8 first (e.g. iconv -f GB18030 -t UTF-8)"
+                ) from None
         for handle in handles.values():
             handle.close()
         for kind, path in tmp.items():
@@ -311,7 +335,11 @@ def _convert_one(convert: Converter, item: Item, options: Options, seen: set, pe
 def _length(record: dict) -> int:
     if "text" in record and "messages" not in record:
         return len(record["text"])
-    return sum(len(m["content"]) for m in record["messages"]) + len(record.get("chosen", "")) + len(record.get("rejected", ""))
+    return (
+        sum(len(m["content"]) for m in record["messages"])
+        + len(record.get("chosen", ""))
+        + len(record.get("rejected", ""))
+    )
 
 
 def _content_key(record: dict) -> str:

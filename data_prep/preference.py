@@ -29,5 +29,13 @@ def convert(obj: dict, item: Item, options: Options) -> list[dict]:
     if chosen == rejected:
         raise Skip("identical pair", "chosen and rejected are the same text")
     messages = turns_from_pairs(obj.get("history")) + [{"role": "user", "content": question}]
-    return [{"id": record_id(obj, item, SOURCE, "id"), "source": SOURCE, "messages": messages,
-             "chosen": chosen, "rejected": rejected, "meta": {}}]
+    return [
+        {
+            "id": record_id(obj, item, SOURCE, "id"),
+            "source": SOURCE,
+            "messages": messages,
+            "chosen": chosen,
+            "rejected": rejected,
+            "meta": {},
+        }
+    ]

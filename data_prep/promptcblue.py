@@ -1,4 +1,6 @@
-"""PromptCBLUE (16 CBLUE tasks as prompt → answer text): {input, target, answer_choices, task_type, task_dataset, sample_id}.
+"""PromptCBLUE (16 CBLUE tasks as prompt → answer text).
+
+Lines are {input, target, answer_choices, task_type, task_dataset, sample_id}.
 
 The prompt is kept verbatim (the benchmark's rule), except that ``--strip-answer-cue``
 removes every "答：" as the official LLaMA baseline does before applying its own
@@ -27,8 +29,10 @@ def convert(obj: dict, item: Item, options: Options) -> list[dict]:
     if target:
         messages.append({"role": "assistant", "content": target})
     meta = {
-        "sample_id": obj["sample_id"], "task_dataset": obj["task_dataset"],
-        "task_type": obj.get("task_type"), "answer_choices": obj.get("answer_choices"),
+        "sample_id": obj["sample_id"],
+        "task_dataset": obj["task_dataset"],
+        "task_type": obj.get("task_type"),
+        "answer_choices": obj.get("answer_choices"),
         "input": obj["input"],  # the verbatim prompt, for the official predictions file
     }
     return [chat(obj["sample_id"], SOURCE, messages, meta)]

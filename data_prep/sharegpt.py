@@ -4,8 +4,16 @@
 from data_prep.pipeline import Item, Options, Skip, chat, record_id
 
 SOURCE = "sharegpt"
-ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
-              "chatgpt": "assistant", "model": "assistant", "system": "system"}
+ROLE_NAMES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "bot": "assistant",
+    "chatgpt": "assistant",
+    "model": "assistant",
+    "system": "system",
+}
 
 
 def convert(obj: dict, item: Item, options: Options) -> list[dict]:

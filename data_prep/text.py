@@ -1,7 +1,7 @@
 """Raw medical text for continued pre-training: `.txt` paragraphs or JSON lines {"text"}."""
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from data_prep.pipeline import Item, Options, Skip, read_items, record_id
 

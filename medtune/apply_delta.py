@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 
+from medtune.console import quiet_libraries, run_command
 from medtune.merge import check_out, write_merged
 from medtune.model import DTYPES, ModelError, check_model_path, load_weights
-from medtune.tokenizer import TokenizerError, load_tokenizer, tokenizer_kind
+from medtune.tokenizer import load_tokenizer, tokenizer_kind
 
 
 def add_base(target_state: dict[str, torch.Tensor], base_state: dict[str, torch.Tensor]) -> int:
@@ -33,16 +34,18 @@ def add_base(target_state: dict[str, torch.Tensor], base_state: dict[str, torch.
         done.add(delta.data_ptr())
         base = base_state.get(name)
         if base is None:
-            raise ModelError(f"delta tensor {name}: the base has no such tensor; is --base the model the delta "
-                             "was made against?")
+            raise ModelError(
+                f"delta tensor {name}: the base has no such tensor; is --base the model the delta was made against?"
+            )
         if delta.shape == base.shape:
             delta += base.to(delta.dtype)
         elif delta.dim() == 2 and delta.shape[1] == base.shape[1] and delta.shape[0] > base.shape[0]:
             delta[: base.shape[0]] += base.to(delta.dtype)  # an extended vocabulary: new rows stay as given
             extended = max(extended, delta.shape[0] - base.shape[0])
         else:
-            raise ModelError(f"delta tensor {name}: shape {tuple(delta.shape)} does not fit the base's "
-                             f"{tuple(base.shape)}")
+            raise ModelError(
+                f"delta tensor {name}: shape {tuple(delta.shape)} does not fit the base's {tuple(base.shape)}"
+            )
     return extended
 
 
@@ -59,13 +62,16 @@ def apply_delta(base: str, delta: str, out: Path, dtype: str = "fp16") -> dict:
     with torch.no_grad():
         extended = add_base(model.state_dict(), base_state)
     del base_model, base_state
-    summary = {"source": {"dtype": dtype, "tokenizer_kind": tokenizer_kind(tokenizer)},
-               "applied_delta": {"base": base, "delta": delta, "extended_rows": extended}}
+    summary = {
+        "source": {"dtype": dtype, "tokenizer_kind": tokenizer_kind(tokenizer)},
+        "applied_delta": {"base": base, "delta": delta, "extended_rows": extended},
+    }
     write_merged(out, model, tokenizer, summary, "5GB")
     reloaded = load_weights(AutoModelForCausalLM, str(out), dtype=DTYPES[dtype]).state_dict()
     expected = model.state_dict()
     summary["max_abs_diff_after_reload"] = max(
-        (reloaded[k].float() - expected[k].float()).abs().max().item() for k in expected)
+        (reloaded[k].float() - expected[k].float()).abs().max().item() for k in expected
+    )
     return summary
 
 
@@ -75,16 +81,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--delta", required=True, help="the delta weights (e.g. IDEA-CCNL/Ziya-LLaMA-13B-v1)")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp16")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors too")
+    quiet_libraries()
     args = parser.parse_args(argv)
-    try:
+
+    def work() -> int:
         summary = apply_delta(args.base, args.delta, args.out, args.dtype)
-    except (ValueError, OSError, ModelError, TokenizerError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    rows = summary["applied_delta"]["extended_rows"]
-    print(f"{args.out}: base + delta written" + (f" ({rows} vocabulary rows beyond the base)" if rows else ""))
-    print(f"check: max |reloaded - (base + delta)| = {summary['max_abs_diff_after_reload']:.2e}")
-    return 0 if summary["max_abs_diff_after_reload"] == 0 else 1
+        rows = summary["applied_delta"]["extended_rows"]
+        print(f"{args.out}: base + delta written" + (f" ({rows} vocabulary rows beyond the base)" if rows else ""))
+        print(f"check: max |reloaded - (base + delta)| = {summary['max_abs_diff_after_reload']:.2e}")
+        return 0 if summary["max_abs_diff_after_reload"] == 0 else 1
+
+    return run_command(work, args.debug)
 
 
 if __name__ == "__main__":

@@ -6,28 +6,40 @@ import argparse
 import importlib
 import sys
 
-
 # name → (one-line help, module whose main(argv) runs it). Imported only when chosen: each pulls in torch.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("train a LoRA adapter from a recipe, in this process "
-              "(multi-GPU: accelerate launch medtune/train.py RECIPE)", "medtune.train"),
+    "train": (
+        "train a LoRA adapter from a recipe, in this process (multi-GPU: accelerate launch medtune/train.py RECIPE)",
+        "medtune.train",
+    ),
     "merge": ("merge LoRA adapters into the base and save a plain model", "medtune.merge"),
     "predict": ("batched, resumable generation with the training template", "medtune.predict"),
     "score": ("score predictions (promptcblue: the official track's scoring)", "medtune.score"),
     "chat": ("talk to a run directory or merged model in the terminal", "medtune.chat"),
-    "template": ("show a chat template's text, ids and trained tokens on a real tokenizer", "medtune.inspect_template"),
-    "apply-delta": ("rebuild a model released as delta weights (Ziya-LLaMA-13B-v1) from its base", "medtune.apply_delta"),
+    "template": (
+        "show a chat template's text, ids and trained tokens on a real tokenizer",
+        "medtune.inspect_template",
+    ),
+    "apply-delta": (
+        "rebuild a model released as delta weights (Ziya-LLaMA-13B-v1) from its base",
+        "medtune.apply_delta",
+    ),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(
-        prog="medtune", description="Fine-tune Chinese medical LLMs with LoRA/QLoRA.",
+        prog="medtune",
+        description="Fine-tune Chinese medical LLMs with LoRA/QLoRA.",
         epilog="Run `medtune COMMAND --help` for a command's options.",
     )
-    parser.add_argument("command", choices=sorted(COMMANDS), metavar="COMMAND",
-                        help="; ".join(f"{name}: {help_}" for name, (help_, _) in sorted(COMMANDS.items())))
+    parser.add_argument(
+        "command",
+        choices=sorted(COMMANDS),
+        metavar="COMMAND",
+        help="; ".join(f"{name}: {help_}" for name, (help_, _) in sorted(COMMANDS.items())),
+    )
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0 if argv else 2

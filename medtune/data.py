@@ -14,8 +14,9 @@ import hashlib
 import random
 import shutil
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -35,7 +36,7 @@ class TokenizeReport:
     truncated: int = 0
     dropped: Counter = field(default_factory=Counter)
 
-    def add(self, other: "TokenizeReport") -> None:
+    def add(self, other: TokenizeReport) -> None:
         self.kept, self.truncated = self.kept + other.kept, self.truncated + other.truncated
         self.dropped.update(other.dropped)
 
@@ -62,7 +63,9 @@ def load_records(files: Sequence[str], stage: str = "sft") -> list[dict[str, Any
             if kind != want:
                 raise RecordError(f"{path}:{lineno}: a {kind} record; train.stage {stage} needs {KIND_HELP[want]}")
             if kind == "chat" and record["messages"][-1]["role"] != "assistant":
-                raise RecordError(f"{path}:{lineno}: field 'messages': the last message must be the assistant's reply to train on it")
+                raise RecordError(
+                    f"{path}:{lineno}: field 'messages': the last message must be the assistant's reply to train on it"
+                )
             records.append(record)
     if not records:
         raise RecordError(f"no records in {', '.join(files)}")
@@ -81,14 +84,19 @@ def split_eval(records: list[dict], ratio: float, seed: int) -> tuple[list[dict]
 
 
 def tokenize_chat(
-    records: Sequence[dict], tokenizer, template: ChatTemplate, max_length: int,
-    system_prompt: str | None = None, train_on: str = "all_turns", chunk: int = 2048,
+    records: Sequence[dict],
+    tokenizer,
+    template: ChatTemplate,
+    max_length: int,
+    system_prompt: str | None = None,
+    train_on: str = "all_turns",
+    chunk: int = 2048,
 ) -> tuple[list[Example], TokenizeReport]:
     """Encode each conversation (batched); cut at max_length, drop it if no trained token is left."""
     report = TokenizeReport()
     examples: list[Example] = []
     for start in range(0, len(records), chunk):
-        conversations = [r["messages"] for r in records[start:start + chunk]]
+        conversations = [r["messages"] for r in records[start : start + chunk]]
         for ids, labels in encode_conversations(tokenizer, template, conversations, system_prompt, train_on):
             if len(ids) > max_length:
                 ids, labels = ids[:max_length], labels[:max_length]
@@ -101,29 +109,39 @@ def tokenize_chat(
     return examples, report
 
 
-def tokenize_pairs(records: Sequence[dict], tokenizer, template: ChatTemplate, max_length: int,
-                   system_prompt: str | None = None) -> tuple[list[Example], TokenizeReport]:
+def tokenize_pairs(
+    records: Sequence[dict], tokenizer, template: ChatTemplate, max_length: int, system_prompt: str | None = None
+) -> tuple[list[Example], TokenizeReport]:
     """Each preference record → the prompt with its chosen reply and with its rejected reply;
     only the reply is labelled."""
     report = TokenizeReport()
-    conversations = [r["messages"] + [{"role": "assistant", "content": r[side]}]
-                     for r in records for side in ("chosen", "rejected")]
+    conversations = [
+        r["messages"] + [{"role": "assistant", "content": r[side]}] for r in records for side in ("chosen", "rejected")
+    ]
     encoded = encode_conversations(tokenizer, template, conversations, system_prompt, "last_turn")
     rows = []
-    for (c_ids, c_labels), (r_ids, r_labels) in zip(encoded[0::2], encoded[1::2]):
+    for (c_ids, c_labels), (r_ids, r_labels) in zip(encoded[0::2], encoded[1::2], strict=True):
         if max(len(c_ids), len(r_ids)) > max_length:
             report.truncated += 1
         c_ids, c_labels, r_ids, r_labels = (x[:max_length] for x in (c_ids, c_labels, r_ids, r_labels))
-        if all(l == IGNORE_INDEX for l in c_labels[1:]) or all(l == IGNORE_INDEX for l in r_labels[1:]):
+        if all(item == IGNORE_INDEX for item in c_labels[1:]) or all(item == IGNORE_INDEX for item in r_labels[1:]):
             report.dropped["with no reply token left within max_length"] += 1
             continue
-        rows.append({"chosen_input_ids": c_ids, "chosen_labels": c_labels,
-                     "rejected_input_ids": r_ids, "rejected_labels": r_labels})
+        rows.append(
+            {
+                "chosen_input_ids": c_ids,
+                "chosen_labels": c_labels,
+                "rejected_input_ids": r_ids,
+                "rejected_labels": r_labels,
+            }
+        )
         report.kept += 1
     return rows, report
 
 
-def text_blocks(records: Sequence[dict], tokenizer, max_length: int, carry: list[int]) -> tuple[list[Example], TokenizeReport]:
+def text_blocks(
+    records: Sequence[dict], tokenizer, max_length: int, carry: list[int]
+) -> tuple[list[Example], TokenizeReport]:
     """Pre-training: each text as BOS + tokens + EOS, concatenated and cut into max_length blocks
     (the usual continued pre-training layout); ``carry`` holds the tail for the next chunk."""
     report = TokenizeReport()
@@ -132,7 +150,10 @@ def text_blocks(records: Sequence[dict], tokenizer, max_length: int, carry: list
         carry.extend(bos + ids + [tokenizer.eos_token_id])
         report.kept += 1
     full = len(carry) // max_length * max_length
-    blocks = [{"input_ids": carry[i:i + max_length], "labels": carry[i:i + max_length]} for i in range(0, full, max_length)]
+    blocks = [
+        {"input_ids": carry[i : i + max_length], "labels": carry[i : i + max_length]}
+        for i in range(0, full, max_length)
+    ]
     del carry[:full]  # one trim, not one copy of the remainder per block
     return blocks, report
 
@@ -172,13 +193,15 @@ def concat_examples(examples: Sequence[Example], block: int) -> list[Example]:
     concatenated and cut into blocks, attending across sample boundaries."""
     ids = [t for e in examples for t in e["input_ids"]]
     labels = [t for e in examples for t in e["labels"]]
-    return [{"input_ids": ids[i:i + block], "labels": labels[i:i + block]} for i in range(0, len(ids), block)]
+    return [{"input_ids": ids[i : i + block], "labels": labels[i : i + block]} for i in range(0, len(ids), block)]
 
 
 # ----------------------------------------------------------------------------- batching
 
 
-def pad_batch(examples: Sequence[Example], pad_id: int, pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
+def pad_batch(
+    examples: Sequence[Example], pad_id: int, pad_to_multiple_of: int | None = None
+) -> dict[str, torch.Tensor]:
     """Right-pad to the longest row of the batch (not to max_length: padding is wasted compute).
 
     Packed rows carry position_ids and no attention mask (the positions say where samples
@@ -201,14 +224,23 @@ def pad_batch(examples: Sequence[Example], pad_id: int, pad_to_multiple_of: int 
         else:
             extra[row, :n] = 1
     real = torch.tensor(sum(len(e["input_ids"]) for e in examples))  # for the padding-efficiency metric
-    return {"input_ids": input_ids, "labels": labels, ("position_ids" if packed else "attention_mask"): extra,
-            "real_tokens": real}
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        ("position_ids" if packed else "attention_mask"): extra,
+        "real_tokens": real,
+    }
 
 
-def pad_pairs(examples: Sequence[Example], pad_id: int, pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
+def pad_pairs(
+    examples: Sequence[Example], pad_id: int, pad_to_multiple_of: int | None = None
+) -> dict[str, torch.Tensor]:
     """Preference pairs as one padded batch: rows [chosen_1..chosen_n, rejected_1..rejected_n]."""
-    rows = [{"input_ids": e[f"{side}_input_ids"], "labels": e[f"{side}_labels"]}
-            for side in ("chosen", "rejected") for e in examples]
+    rows = [
+        {"input_ids": e[f"{side}_input_ids"], "labels": e[f"{side}_labels"]}
+        for side in ("chosen", "rejected")
+        for e in examples
+    ]
     return pad_batch(rows, pad_id, pad_to_multiple_of)
 
 
@@ -233,8 +265,8 @@ class LengthGroupedSampler(torch.utils.data.Sampler[int]):
         span = self.batch_size * self.group  # sort within windows: long and short samples still mix over an epoch
         batches = []
         for start in range(0, len(order), span):
-            window = sorted(order[start:start + span], key=lambda i: -self.lengths[i])
-            batches += [window[i:i + self.batch_size] for i in range(0, len(window), self.batch_size)]
+            window = sorted(order[start : start + span], key=lambda i: -self.lengths[i])
+            batches += [window[i : i + self.batch_size] for i in range(0, len(window), self.batch_size)]
         rng.shuffle(batches)
         return iter([i for batch in batches for i in batch])
 
@@ -251,7 +283,9 @@ def cache_key(data_cfg, seed: int, tokenizer, files: Sequence[str], stage: str =
             for block in iter(lambda: handle.read(1 << 22), b""):
                 digest.update(block)
     settings = {k: v for k, v in dataclasses.asdict(data_cfg).items() if k not in ("train_files", "eval_files")}
-    digest.update(repr((sorted(settings.items()), seed, dataclasses.astuple(get_template(data_cfg.template)))).encode())
+    digest.update(
+        repr((sorted(settings.items()), seed, dataclasses.astuple(get_template(data_cfg.template)))).encode()
+    )
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         digest.update(backend.to_str().encode())
@@ -271,33 +305,44 @@ def _split_records(data_cfg, seed: int, stage: str = "sft") -> tuple[list[dict],
     return split_eval(records, data_cfg.eval_ratio, seed)
 
 
-def train_row_chunks(records: list[dict], data_cfg, tokenizer, report: TokenizeReport,
-                     chunk: int = 8192, stage: str = "sft") -> Iterator[list[Example]]:
+def train_row_chunks(
+    records: list[dict], data_cfg, tokenizer, report: TokenizeReport, chunk: int = 8192, stage: str = "sft"
+) -> Iterator[list[Example]]:
     """Tokenized (and packed) training rows, a chunk at a time, so only one chunk lives as Python lists."""
     if stage == "pt":
         carry: list[int] = []
         for start in range(0, len(records), chunk):
-            rows, part = text_blocks(records[start:start + chunk], tokenizer, data_cfg.max_length, carry)
+            rows, part = text_blocks(records[start : start + chunk], tokenizer, data_cfg.max_length, carry)
             report.add(part)
             yield rows
         yield [{"input_ids": carry, "labels": list(carry)}] if len(carry) > 1 else []
         return
     if stage in ("rm", "dpo"):
         for start in range(0, len(records), chunk):
-            rows, part = tokenize_pairs(records[start:start + chunk], tokenizer, get_template(data_cfg.template),
-                                        data_cfg.max_length, data_cfg.system_prompt)
+            rows, part = tokenize_pairs(
+                records[start : start + chunk],
+                tokenizer,
+                get_template(data_cfg.template),
+                data_cfg.max_length,
+                data_cfg.system_prompt,
+            )
             report.add(part)
             yield rows
         return
-    encode = dict(tokenizer=tokenizer, template=get_template(data_cfg.template), max_length=data_cfg.max_length,
-                  system_prompt=data_cfg.system_prompt, train_on=data_cfg.train_on)
+    encode = dict(
+        tokenizer=tokenizer,
+        template=get_template(data_cfg.template),
+        max_length=data_cfg.max_length,
+        system_prompt=data_cfg.system_prompt,
+        train_on=data_cfg.train_on,
+    )
     if data_cfg.packing == "concat":  # one stream of tokens: blocks run across chunk boundaries
         rows, part = tokenize_chat(records, **encode)
         report.add(part)
         yield concat_examples(rows, data_cfg.max_length)
         return
     for start in range(0, len(records), chunk):
-        rows, part = tokenize_chat(records[start:start + chunk], **encode)
+        rows, part = tokenize_chat(records[start : start + chunk], **encode)
         report.add(part)
         yield pack_examples(rows, data_cfg.max_length) if data_cfg.packing else rows
 
@@ -307,8 +352,11 @@ def build_sft_rows(data_cfg, seed: int, tokenizer) -> tuple[list[Example], list[
     train_records, eval_records = _split_records(data_cfg, seed)
     report = TokenizeReport()
     train_rows = [row for rows in train_row_chunks(train_records, data_cfg, tokenizer, report) for row in rows]
-    eval_rows = [row for rows in train_row_chunks(eval_records, _unpacked(data_cfg), tokenizer, TokenizeReport())
-                 for row in rows]
+    eval_rows = [
+        row
+        for rows in train_row_chunks(eval_records, _unpacked(data_cfg), tokenizer, TokenizeReport())
+        for row in rows
+    ]
     return train_rows, eval_rows, report
 
 
@@ -322,7 +370,8 @@ def load_datasets(data_cfg, seed: int, tokenizer, stage: str = "sft", is_main: b
     Only the main process tokenizes (call under ``accelerator.main_process_first()``): the
     others find its cache and memory-map it.
     """
-    from datasets import Dataset, DatasetDict, Features, Sequence as Ids, Value, concatenate_datasets, load_from_disk
+    from datasets import Dataset, DatasetDict, Features, Value, concatenate_datasets, load_from_disk
+    from datasets import Sequence as Ids
 
     files = list(data_cfg.train_files) + list(data_cfg.eval_files)
     path = cache_root() / "tokenized" / cache_key(data_cfg, seed, tokenizer, files, stage)
@@ -343,8 +392,11 @@ def load_datasets(data_cfg, seed: int, tokenizer, stage: str = "sft", is_main: b
     if not parts:
         raise RecordError(f"no trainable example in {', '.join(data_cfg.train_files)}: {report.summary()}")
     splits = {"train": concatenate_datasets(parts)}
-    eval_parts = [table(rows) for rows in train_row_chunks(eval_records, _unpacked(data_cfg), tokenizer,
-                                                           TokenizeReport(), stage=stage) if rows]
+    eval_parts = [
+        table(rows)
+        for rows in train_row_chunks(eval_records, _unpacked(data_cfg), tokenizer, TokenizeReport(), stage=stage)
+        if rows
+    ]
     if eval_parts:  # datasets cannot memory-map a table with no rows
         splits["eval"] = concatenate_datasets(eval_parts)
     packed = f"; {report.kept} samples in {len(splits['train'])} packed rows" if data_cfg.packing else ""
@@ -364,4 +416,6 @@ def load_datasets(data_cfg, seed: int, tokenizer, stage: str = "sft", is_main: b
 def row_lengths(dataset) -> list[int]:
     if "input_ids" in dataset.column_names:
         return [len(ids) for ids in dataset["input_ids"]]
-    return [max(len(c), len(r)) for c, r in zip(dataset["chosen_input_ids"], dataset["rejected_input_ids"])]
+    return [
+        max(len(c), len(r)) for c, r in zip(dataset["chosen_input_ids"], dataset["rejected_input_ids"], strict=True)
+    ]

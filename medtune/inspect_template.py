@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
+from medtune.console import MedtuneError, quiet_libraries, run_command
 from medtune.templates import IGNORE_INDEX, TEMPLATES, encode_conversation, get_template, render_text
 
 SAMPLE = [
@@ -32,7 +32,7 @@ def read_messages(path: Path) -> list[dict[str, str]]:
         value = json.loads(text.splitlines()[0])  # the first record of a JSONL file
     messages = value.get("messages") if isinstance(value, dict) else value
     if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
-        raise ValueError(f"{path}: expected a list of messages or a record with \"messages\"")
+        raise MedtuneError(f'{path}: expected a list of messages or a record with "messages"')
     return messages
 
 
@@ -43,12 +43,17 @@ def show(name: str, tokenizer_path: str, messages: list[dict[str, str]], system:
     tokenizer = load_tokenizer(tokenizer_path, kind)
     ids, labels = encode_conversation(tokenizer, template, messages, system)
     pieces = tokenizer.convert_ids_to_tokens(ids)
-    lines = [f"template {name}: {template.reference}",
-             f"labels: {template.labels}",
-             f"tokenizer: {tokenizer_path} ({tokenizer_kind(tokenizer)}, {len(tokenizer)} tokens)",
-             "", "text:", render_text(template, messages, tokenizer.bos_token, tokenizer.eos_token, system), "",
-             f"{len(ids)} tokens, {sum(label != IGNORE_INDEX for label in labels)} trained (*):"]
-    for i, (token, piece, label) in enumerate(zip(ids, pieces, labels)):
+    lines = [
+        f"template {name}: {template.reference}",
+        f"labels: {template.labels}",
+        f"tokenizer: {tokenizer_path} ({tokenizer_kind(tokenizer)}, {len(tokenizer)} tokens)",
+        "",
+        "text:",
+        render_text(template, messages, tokenizer.bos_token, tokenizer.eos_token, system),
+        "",
+        f"{len(ids)} tokens, {sum(label != IGNORE_INDEX for label in labels)} trained (*):",
+    ]
+    for i, (token, piece, label) in enumerate(zip(ids, pieces, labels, strict=True)):
         lines.append(f"{i:5d} {'*' if label != IGNORE_INDEX else ' '} {token:7d}  {piece!r}")
     return "\n".join(lines)
 
@@ -63,15 +68,16 @@ def main(argv: list[str] | None = None) -> int:
     show_parser.add_argument("--messages", type=Path, help="JSON list of messages or a record (default: a sample)")
     show_parser.add_argument("--system", help="system prompt (as data.system_prompt)")
     show_parser.add_argument("--tokenizer-kind", default="auto", choices=["auto", "sentencepiece", "fast"])
+    quiet_libraries()
     args = parser.parse_args(argv)
     if args.action == "list":
         for template in TEMPLATES.values():
             print(f"{template.name:15s} {template.reference}")
         return 0
-    try:
+
+    def work() -> int:
         messages = read_messages(args.messages) if args.messages else SAMPLE
         print(show(args.name, args.tokenizer, messages, args.system, args.tokenizer_kind))
-    except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return run_command(work, also=(OSError, json.JSONDecodeError))

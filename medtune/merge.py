@@ -21,10 +21,11 @@ from pathlib import Path
 
 import torch
 
-from medtune.model import DTYPES, ModelError, check_model_path, load_weights
+from medtune.console import MedtuneError, quiet_libraries, run_command
+from medtune.model import DTYPES, check_model_path, load_weights
 from medtune.rundir import MERGE_INFO, ModelSource, describe_source
 from medtune.templates import encode_conversation, get_template, jinja_chat_template, stop_token_ids
-from medtune.tokenizer import TokenizerError, load_tokenizer, tokenizer_kind
+from medtune.tokenizer import load_tokenizer, tokenizer_kind
 
 PARITY_PROMPTS = ["头痛发烧两天了，需要去医院吗？", "高血压患者饮食要注意什么？", "孩子咳嗽有痰怎么办？"]
 
@@ -32,9 +33,10 @@ PARITY_PROMPTS = ["头痛发烧两天了，需要去医院吗？", "高血压患
 def refuse_quantized(base: str) -> None:
     config = Path(base) / "config.json"
     if config.is_file() and "quantization_config" in json.loads(config.read_text(encoding="utf-8")):
-        raise ValueError(
+        raise MedtuneError(
             f"{base}: this base is stored quantized (config.json has quantization_config). Merging into "
-            "4/8-bit weights rounds the LoRA update away; give the original fp16/bf16 base with --base.")
+            "4/8-bit weights rounds the LoRA update away; give the original fp16/bf16 base with --base."
+        )
 
 
 def adapter_vocab_size(adapter: str) -> int | None:
@@ -66,12 +68,21 @@ def parity_prompts(tokenizer, source: ModelSource) -> list[list[int]]:
     if source.template is None:
         return [tokenizer(p, add_special_tokens=False)["input_ids"] for p in PARITY_PROMPTS]
     template = get_template(source.template)
-    return [encode_conversation(tokenizer, template, [{"role": "user", "content": p}], source.system_prompt)[0]
-            for p in PARITY_PROMPTS]
+    return [
+        encode_conversation(tokenizer, template, [{"role": "user", "content": p}], source.system_prompt)[0]
+        for p in PARITY_PROMPTS
+    ]
 
 
-def merge(source: str, out: Path, extra_adapters: list[str], base: str | None = None, dtype: str | None = None,
-          shard_size: str = "5GB", trust_remote_code: bool = False) -> dict:
+def merge(
+    source: str,
+    out: Path,
+    extra_adapters: list[str],
+    base: str | None = None,
+    dtype: str | None = None,
+    shard_size: str = "5GB",
+    trust_remote_code: bool = False,
+) -> dict:
     """Merge and save; returns what was done, including the parity check's max logit gap."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -79,7 +90,7 @@ def merge(source: str, out: Path, extra_adapters: list[str], base: str | None = 
     reward_model = info.stage == "rm"  # a reward model keeps its score head instead of the LM head
     adapters = list(info.adapters) + list(extra_adapters)
     if not adapters:
-        raise ValueError(f"{source}: no adapter to merge (give a run directory, an adapter directory, or --adapter)")
+        raise MedtuneError(f"{source}: no adapter to merge (give a run directory, an adapter directory, or --adapter)")
     refuse_quantized(info.base)
     check_out(out, [source, info.base, *adapters])
     if base:
@@ -88,8 +99,13 @@ def merge(source: str, out: Path, extra_adapters: list[str], base: str | None = 
     trust_remote_code = trust_remote_code or info.trust_remote_code
     tokenizer = load_tokenizer(info.tokenizer, info.tokenizer_kind, trust_remote_code)
     auto = AutoModelForSequenceClassification if reward_model else AutoModelForCausalLM
-    model = load_weights(auto, info.base, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
-                         **({"num_labels": 1} if reward_model else {})).eval()
+    model = load_weights(
+        auto,
+        info.base,
+        dtype=DTYPES[dtype],
+        trust_remote_code=trust_remote_code,
+        **({"num_labels": 1} if reward_model else {}),
+    ).eval()
     if reward_model:
         model.config.pad_token_id = tokenizer.pad_token_id
     prompts = parity_prompts(tokenizer, info)
@@ -99,18 +115,23 @@ def merge(source: str, out: Path, extra_adapters: list[str], base: str | None = 
             peft_model = apply_adapter(model, adapter)
             reference = [peft_model(input_ids=torch.tensor([ids])).logits.float() for ids in prompts]
             model = peft_model.merge_and_unload()
-            for ids, expected in zip(prompts, reference):
+            for ids, expected in zip(prompts, reference, strict=True):
                 gap = max(gap, (model(input_ids=torch.tensor([ids])).logits.float() - expected).abs().max().item())
     if info.template:
         tokenizer.chat_template = jinja_chat_template(get_template(info.template), info.system_prompt)
     if not reward_model:
         model.generation_config.eos_token_id = (
-            stop_token_ids(tokenizer, get_template(info.template)) if info.template else tokenizer.eos_token_id)
+            stop_token_ids(tokenizer, get_template(info.template)) if info.template else tokenizer.eos_token_id
+        )
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    merged = dataclasses.replace(info, base="", adapters=(), tokenizer="", dtype=dtype,
-                                 tokenizer_kind=tokenizer_kind(tokenizer))
-    summary = {"source": merged.to_json(), "merged_from": {"base": info.base, "adapters": adapters},
-               "parity_max_abs_logit_diff": gap}
+    merged = dataclasses.replace(
+        info, base="", adapters=(), tokenizer="", dtype=dtype, tokenizer_kind=tokenizer_kind(tokenizer)
+    )
+    summary = {
+        "source": merged.to_json(),
+        "merged_from": {"base": info.base, "adapters": adapters},
+        "parity_max_abs_logit_diff": gap,
+    }
     write_merged(out, model, tokenizer, summary, shard_size)
     return summary
 
@@ -130,7 +151,7 @@ def check_same_base(source: str, base: str) -> None:
     given = base_config_summary(base)
     differ = [f"{k} {trained[k]} → {given.get(k)}" for k in trained if given.get(k) != trained[k]]
     if differ:
-        raise ValueError(f"--base {base}: not the base this run trained on ({', '.join(differ)})")
+        raise MedtuneError(f"--base {base}: not the base this run trained on ({', '.join(differ)})")
 
 
 def check_out(out: Path, inputs: list[str]) -> None:
@@ -140,12 +161,14 @@ def check_out(out: Path, inputs: list[str]) -> None:
     for item in inputs:
         path = Path(item)
         if path.exists() and (path.resolve() == target or target in path.resolve().parents):
-            raise ValueError(f"--out {out}: that is (or holds) the input {item}; merging there would destroy it")
+            raise MedtuneError(f"--out {out}: that is (or holds) the input {item}; merging there would destroy it")
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: exists and is not a directory")
+        raise MedtuneError(f"--out {out}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not (out / MERGE_INFO).is_file():
-        raise ValueError(f"--out {out}: a non-empty directory that is not an earlier merge output "
-                         f"(no {MERGE_INFO}); medtune replaces only what it wrote. Choose a new directory")
+        raise MedtuneError(
+            f"--out {out}: a non-empty directory that is not an earlier merge output "
+            f"(no {MERGE_INFO}); medtune replaces only what it wrote. Choose a new directory"
+        )
 
 
 def write_merged(out: Path, model, tokenizer, summary: dict, shard_size: str) -> None:
@@ -175,21 +198,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", help="base model (default: the one the run or adapter names)")
     parser.add_argument("--adapter", action="append", default=[], help="another adapter to apply after, in order")
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--dtype", choices=list(DTYPES),
-                        help="dtype to load, merge and save in (default: the run's training dtype, else fp32)")
+    parser.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        help="dtype to load, merge and save in (default: the run's training dtype, else fp32)",
+    )
     parser.add_argument("--shard-size", default="5GB")
     parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors too")
+    quiet_libraries()
     args = parser.parse_args(argv)
-    try:
-        summary = merge(args.source, args.out, args.adapter, args.base, args.dtype, args.shard_size,
-                        args.trust_remote_code)
-    except (ValueError, FileNotFoundError, ModelError, TokenizerError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    merged_from = summary["merged_from"]
-    print(f"merged {len(merged_from['adapters'])} adapter(s) into {merged_from['base']} → {args.out}")
-    print(f"parity check: max |logits(merged) - logits(base + adapter)| = {summary['parity_max_abs_logit_diff']:.2e}")
-    return 0
+
+    def work() -> int:
+        summary = merge(
+            args.source, args.out, args.adapter, args.base, args.dtype, args.shard_size, args.trust_remote_code
+        )
+        merged_from = summary["merged_from"]
+        print(f"merged {len(merged_from['adapters'])} adapter(s) into {merged_from['base']} → {args.out}")
+        gap = summary["parity_max_abs_logit_diff"]
+        print(f"parity check: max |logits(merged) - logits(base + adapter)| = {gap:.2e}")
+        return 0
+
+    return run_command(work, args.debug)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from medtune.console import MedtuneError
 from medtune.recipe import LoraSettings, ModelConfig, QuantizationConfig
 from medtune.tiny_model import TINY_NAME, ensure_tiny_llama
 
@@ -19,9 +20,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 def resolve_dtype(name: str) -> str:
     """`auto` → bf16 on a GPU that has it, else fp32 (CPU bf16 is slow and fp16 on CPU is unsupported)."""
     if name == "fp16" and not torch.cuda.is_available():
-        raise ValueError("model.dtype: fp16 mixed precision needs a CUDA GPU; use bf16 or fp32 on this machine")
+        raise MedtuneError("model.dtype: fp16 mixed precision needs a CUDA GPU; use bf16 or fp32 on this machine")
     if name == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-        raise ValueError("model.dtype: this GPU has no bf16 (pre-Ampere); use fp16 or fp32")
+        raise MedtuneError("model.dtype: this GPU has no bf16 (pre-Ampere); use fp16 or fp32")
     if name != "auto":
         return name
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
@@ -37,7 +38,7 @@ def resolve_base(model: ModelConfig, train_files: list[str]) -> str:
     return check_model_path(model.base, "model.base")
 
 
-class ModelError(ValueError):
+class ModelError(MedtuneError):
     """A model that cannot be loaded as asked; the message names the key and what to do."""
 
 
@@ -51,14 +52,35 @@ def check_model_path(base: str, key: str) -> str:
         return str(path.resolve())
     if looks_local(base):
         raise ModelError(f"{key}: {base}: no such model directory; a hub id looks like org/name")
+    problem = hub_model_problem(base)
+    if problem:
+        raise ModelError(f"{key}: {base}: no such model directory, and {problem}")
     return base
+
+
+def hub_model_problem(repo_id: str) -> str | None:
+    """Why ``repo_id`` cannot be loaded from the hub, or None: a cached copy, or one request that finds it
+    (instead of from_pretrained's retries and a traceback a minute later)."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    if isinstance(huggingface_hub.try_to_load_from_cache(repo_id, "config.json"), str):
+        return None
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set with no cached copy of a hub model by that id"
+    try:
+        found = huggingface_hub.repo_exists(repo_id)
+    except Exception as exc:  # noqa: BLE001 - network, auth, rate limit: all mean "cannot be fetched now"
+        return f"the hub cannot be reached to look it up ({type(exc).__name__})"
+    return None if found else "no hub model by that id (or it is private: log in with `hf auth login`)"
 
 
 def looks_local(name: str) -> bool:
     """Meant as a local path rather than a hub id (org/name): a hub look-up of it could only time out."""
     first = name.split("/")[0]
-    return (name.startswith((".", "/", "~", "\\")) or name.count("/") != 1 or Path(first).is_dir()
-            or Path(name).exists())
+    return (
+        name.startswith((".", "/", "~", "\\")) or name.count("/") != 1 or Path(first).is_dir() or Path(name).exists()
+    )
 
 
 def load_weights(auto, base: str, **kwargs):
@@ -70,8 +92,10 @@ def load_weights(auto, base: str, **kwargs):
         return auto.from_pretrained(base, **kwargs)
     except pickle.UnpicklingError as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ModelError(f"{base}: refused to load a .bin checkpoint that is not plain tensors ({first}); "
-                         "convert it to safetensors from a trusted copy") from None
+        raise ModelError(
+            f"{base}: refused to load a .bin checkpoint that is not plain tensors ({first}); "
+            "convert it to safetensors from a trusted copy"
+        ) from None
 
 
 def quantization_config(quant: QuantizationConfig):
@@ -81,14 +105,16 @@ def quantization_config(quant: QuantizationConfig):
     from transformers import BitsAndBytesConfig
 
     if find_spec("bitsandbytes") is None:
-        raise ValueError("model.quantization needs bitsandbytes: pip install 'medtune[quant]'")
+        raise MedtuneError("model.quantization needs bitsandbytes: pip install 'medtune[quant]'")
     if quant.compute_dtype == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-        raise ValueError("model.quantization.compute_dtype: this GPU has no bf16; use fp16")
+        raise MedtuneError("model.quantization.compute_dtype: this GPU has no bf16; use fp16")
     compute = DTYPES[quant.compute_dtype]
     if quant.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type=quant.type, bnb_4bit_use_double_quant=quant.double_quant,
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.type,
+        bnb_4bit_use_double_quant=quant.double_quant,
         bnb_4bit_compute_dtype=compute,
         bnb_4bit_quant_storage=compute,  # ZeRO-3 can shard 4-bit weights only if they are stored in a float dtype
     )
@@ -103,7 +129,8 @@ def load_base_model(base: str, model: ModelConfig, dtype: str, device_map=None, 
 
     auto = AutoModelForSequenceClassification if reward_head else AutoModelForCausalLM
     kwargs = dict(
-        dtype=DTYPES[dtype], attn_implementation=model.attn_implementation,
+        dtype=DTYPES[dtype],
+        attn_implementation=model.attn_implementation,
         trust_remote_code=model.trust_remote_code,
     )
     if model.quantization is not None:
@@ -122,7 +149,8 @@ def attach_lora(model, lora: LoraSettings, gradient_checkpointing: bool, quantiz
     if quantized:
         # Casts norms to fp32 and enables input grads, which k-bit + checkpointing need.
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gradient_checkpointing,
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     elif gradient_checkpointing:
@@ -131,9 +159,13 @@ def attach_lora(model, lora: LoraSettings, gradient_checkpointing: bool, quantiz
     if gradient_checkpointing:
         model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
     config = LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
         # SEQ_CLS makes peft train and save the new score head too
-        modules_to_save=lora.modules_to_save or None, task_type="SEQ_CLS" if reward_head else "CAUSAL_LM",
+        modules_to_save=lora.modules_to_save or None,
+        task_type="SEQ_CLS" if reward_head else "CAUSAL_LM",
     )
     return get_peft_model(model, config)
 

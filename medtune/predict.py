@@ -22,11 +22,12 @@ from typing import Any
 
 import torch
 
-from medtune.model import DTYPES, ModelError, load_weights
+from medtune.console import MedtuneError, quiet_libraries, run_command
+from medtune.model import DTYPES, load_weights
 from medtune.records import RecordError, iter_json_lines, validate_record, write_jsonl_line
 from medtune.rundir import ModelSource, describe_source
 from medtune.templates import ChatTemplate, encode_conversation, get_template, stop_token_ids
-from medtune.tokenizer import TokenizerError, decode, load_tokenizer
+from medtune.tokenizer import decode, load_tokenizer
 
 
 def load_prompts(path: Path, strip_answer_cue: bool = False) -> list[dict[str, Any]]:
@@ -34,35 +35,42 @@ def load_prompts(path: Path, strip_answer_cue: bool = False) -> list[dict[str, A
     prompts = [_prompt_of(row, f"{path}:{lineno}", strip_answer_cue) for lineno, row in iter_json_lines(path)]
     ids = [p["id"] for p in prompts]
     if len(set(ids)) != len(ids):
-        raise ValueError(f"{path}: duplicate ids; predictions could not be matched back to inputs")
+        raise MedtuneError(f"{path}: duplicate ids; predictions could not be matched back to inputs")
     return prompts
 
 
 def _prompt_of(row: Any, where: str, strip_answer_cue: bool) -> dict[str, Any]:
     if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {json.dumps(row)[:40]}")
+        raise MedtuneError(f"{where}: expected a JSON object, got {json.dumps(row)[:40]}")
     if "messages" in row:  # instruction record
         try:
             validate_record(row)
         except RecordError as exc:
-            raise ValueError(f"{where}: {exc}") from None
+            raise MedtuneError(f"{where}: {exc}") from None
         messages = [m for m in row["messages"]]
         if messages[-1]["role"] == "assistant":
             messages = messages[:-1]  # a training/dev record: predict its last reply
         meta = row.get("meta", {})
         if "sample_id" in meta and "task_dataset" in meta:  # converted PromptCBLUE: write the official format
-            back = {"input": meta.get("input", messages[-1]["content"]), "target": "",
-                    "answer_choices": meta.get("answer_choices"), "task_type": meta.get("task_type"),
-                    "task_dataset": meta["task_dataset"], "sample_id": meta["sample_id"]}
+            back = {
+                "input": meta.get("input", messages[-1]["content"]),
+                "target": "",
+                "answer_choices": meta.get("answer_choices"),
+                "task_type": meta.get("task_type"),
+                "task_dataset": meta["task_dataset"],
+                "sample_id": meta["sample_id"],
+            }
         else:
             back = {"id": row["id"], "messages": messages, "prediction": ""}
         return {"id": row["id"], "messages": messages, "line": back}
     if "input" in row and "task_dataset" in row:  # raw PromptCBLUE
         if not isinstance(row.get("sample_id"), str) or not isinstance(row["input"], str):
-            raise ValueError(f"{where}: a PromptCBLUE sample needs a sample_id and an input text")
+            raise MedtuneError(f"{where}: a PromptCBLUE sample needs a sample_id and an input text")
         text = row["input"].replace("答：", "").strip() if strip_answer_cue else row["input"]
         return {"id": row["sample_id"], "messages": [{"role": "user", "content": text}], "line": dict(row)}
-    raise ValueError(f"{where}: neither an instruction record (messages) nor a PromptCBLUE sample (input, task_dataset)")
+    raise MedtuneError(
+        f"{where}: neither an instruction record (messages) nor a PromptCBLUE sample (input, task_dataset)"
+    )
 
 
 def write_prediction(line: dict, text: str) -> dict:
@@ -89,8 +97,9 @@ class InferenceModel:
         return encode_conversation(self.tokenizer, self.template, messages, self.system_prompt)[0]
 
 
-def load_model_for_inference(source: str, dtype: str, template_name: str | None,
-                             trust_remote_code: bool = False) -> InferenceModel:
+def load_model_for_inference(
+    source: str, dtype: str, template_name: str | None, trust_remote_code: bool = False
+) -> InferenceModel:
     """A run dir, merged dir or hub id, with its template, system prompt and tokenizer; adapters merged in memory."""
     from transformers import AutoModelForCausalLM
 
@@ -98,10 +107,10 @@ def load_model_for_inference(source: str, dtype: str, template_name: str | None,
 
     info = describe_source(source)
     if info.stage == "rm":
-        raise ValueError(f"{source}: a reward model scores replies, it does not generate them")
+        raise MedtuneError(f"{source}: a reward model scores replies, it does not generate them")
     template_name = template_name or info.template
     if template_name is None:
-        raise ValueError(f"{source}: no chat template is recorded for this model; pass --template")
+        raise MedtuneError(f"{source}: no chat template is recorded for this model; pass --template")
     trust_remote_code = trust_remote_code or info.trust_remote_code
     tokenizer = load_tokenizer(info.tokenizer, info.tokenizer_kind, trust_remote_code)
     tokenizer.padding_side = "left"  # generation continues at the right end of every row
@@ -113,8 +122,9 @@ def load_model_for_inference(source: str, dtype: str, template_name: str | None,
 
 
 @torch.no_grad()
-def generate_batch(loaded: InferenceModel, batch: list[dict], max_new_tokens: int, do_sample: bool,
-                   temperature: float, top_p: float) -> list[str]:
+def generate_batch(
+    loaded: InferenceModel, batch: list[dict], max_new_tokens: int, do_sample: bool, temperature: float, top_p: float
+) -> list[str]:
     """Left-padded batch generation from the training-format prompt ids; stops at the template's end."""
     model, tokenizer = loaded.model, loaded.tokenizer
     encoded = [loaded.prompt_ids(p["messages"]) for p in batch]
@@ -122,8 +132,12 @@ def generate_batch(loaded: InferenceModel, batch: list[dict], max_new_tokens: in
     pad = tokenizer.pad_token_id
     input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=model.device)
     attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=model.device)
-    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad,
-                  eos_token_id=stop_token_ids(tokenizer, loaded.template))
+    kwargs = dict(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        pad_token_id=pad,
+        eos_token_id=stop_token_ids(tokenizer, loaded.template),
+    )
     if do_sample:
         kwargs.update(temperature=temperature, top_p=top_p)
     output = model.generate(input_ids=input_ids, attention_mask=attention, **kwargs)
@@ -142,10 +156,15 @@ def fingerprint(source: str, data: Path, settings: dict[str, Any]) -> dict[str, 
         path = Path(place)
         if path.is_dir():
             weights[str(path.resolve())] = sorted(
-                (f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir()
-                if f.suffix in (".safetensors", ".bin"))
-    found = {"model": {**info.to_json(), "weights": weights}, "settings": settings,
-             "data": {"path": str(data.resolve()), "sha256": hashlib.sha256(data.read_bytes()).hexdigest()}}
+                (f.name, f.stat().st_size, f.stat().st_mtime_ns)
+                for f in path.iterdir()
+                if f.suffix in (".safetensors", ".bin")
+            )
+    found = {
+        "model": {**info.to_json(), "weights": weights},
+        "settings": settings,
+        "data": {"path": str(data.resolve()), "sha256": hashlib.sha256(data.read_bytes()).hexdigest()},
+    }
     return json.loads(json.dumps(found))  # as it reads back from the file (tuples become lists)
 
 
@@ -161,44 +180,73 @@ def check_resumable(out: Path, expected: dict[str, Any], overwrite: bool) -> Non
         sidecar.write_text(json.dumps(expected, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
         return
     if not sidecar.is_file():
-        raise ValueError(f"--out {out}: exists, and no {sidecar.name} says medtune predict wrote it with these "
-                         "settings; pass --overwrite to replace it, or choose another --out")
+        raise MedtuneError(
+            f"--out {out}: exists, and no {sidecar.name} says medtune predict wrote it with these "
+            "settings; pass --overwrite to replace it, or choose another --out"
+        )
     saved = json.loads(sidecar.read_text(encoding="utf-8"))
     differ = [k for k in ("model", "data", "settings") if saved.get(k) != expected[k]]
     if differ:
-        detail = ", ".join(f"{k}.{name}" for k in differ for name in sorted(set(saved.get(k, {})) | set(expected[k]))
-                           if saved.get(k, {}).get(name) != expected[k].get(name))
-        raise ValueError(f"--out {out}: its predictions were made with another {'/'.join(differ)} ({detail}); "
-                         "pass --overwrite to start again, or choose another --out")
+        detail = ", ".join(
+            f"{k}.{name}"
+            for k in differ
+            for name in sorted(set(saved.get(k, {})) | set(expected[k]))
+            if saved.get(k, {}).get(name) != expected[k].get(name)
+        )
+        raise MedtuneError(
+            f"--out {out}: its predictions were made with another {'/'.join(differ)} ({detail}); "
+            "pass --overwrite to start again, or choose another --out"
+        )
 
 
-def predict(source: str, data: Path, out: Path, batch_size: int = 8, max_new_tokens: int = 256,
-            do_sample: bool = False, temperature: float = 0.7, top_p: float = 0.9, dtype: str = "fp32",
-            template: str | None = None, strip_answer_cue: bool = False, progress: bool = True,
-            overwrite: bool = False) -> int:
+def predict(
+    source: str,
+    data: Path,
+    out: Path,
+    batch_size: int = 8,
+    max_new_tokens: int = 256,
+    do_sample: bool = False,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+    dtype: str = "fp32",
+    template: str | None = None,
+    strip_answer_cue: bool = False,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> int:
     """Generate for every prompt not yet in ``out``; returns how many were generated now."""
     from tqdm.auto import tqdm
 
     if batch_size < 1 or max_new_tokens < 1:
-        raise ValueError("--batch-size and --max-new-tokens must be at least 1")
+        raise MedtuneError("--batch-size and --max-new-tokens must be at least 1")
     prompts = load_prompts(data, strip_answer_cue)
     if not prompts:
-        raise ValueError(f"{data}: no prompt in it")
-    settings = {"template": template, "max_new_tokens": max_new_tokens, "do_sample": do_sample, "dtype": dtype,
-                "strip_answer_cue": strip_answer_cue, **({"temperature": temperature, "top_p": top_p} if do_sample else {})}
+        raise MedtuneError(f"{data}: no prompt in it")
+    settings = {
+        "template": template,
+        "max_new_tokens": max_new_tokens,
+        "do_sample": do_sample,
+        "dtype": dtype,
+        "strip_answer_cue": strip_answer_cue,
+        **({"temperature": temperature, "top_p": top_p} if do_sample else {}),
+    }
     check_resumable(out, fingerprint(source, data, settings), overwrite)
     done = _read_done(out)
     todo = [p for p in prompts if p["id"] not in done]
     if todo:
         loaded = load_model_for_inference(source, dtype, template)
         todo.sort(key=lambda p: sum(len(m["content"]) for m in p["messages"]))  # similar lengths pad less
-        bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), unit="sample",
-                   disable=not progress or not sys.stderr.isatty())
+        bar = tqdm(
+            total=len(prompts),
+            initial=len(prompts) - len(todo),
+            unit="sample",
+            disable=not progress or not sys.stderr.isatty(),
+        )
         with out.open("a", encoding="utf-8") as handle:
             for start in range(0, len(todo), batch_size):
-                batch = todo[start:start + batch_size]
+                batch = todo[start : start + batch_size]
                 texts = generate_batch(loaded, batch, max_new_tokens, do_sample, temperature, top_p)
-                for prompt, text in zip(batch, texts):
+                for prompt, text in zip(batch, texts, strict=True):
                     row = write_prediction(prompt["line"], text)
                     handle.write(write_jsonl_line(row))
                     done[prediction_id(row)] = row
@@ -244,23 +292,42 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-p", type=float, default=0.9)
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     parser.add_argument("--template", help="chat template, when the model does not record one")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="start --out again instead of resuming it (needed when it was made otherwise)")
-    parser.add_argument("--strip-answer-cue", action="store_true",
-                        help="raw PromptCBLUE input: remove '答：' as data_prep --strip-answer-cue did for training")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start --out again instead of resuming it (needed when it was made otherwise)",
+    )
+    parser.add_argument(
+        "--strip-answer-cue",
+        action="store_true",
+        help="raw PromptCBLUE input: remove '答：' as data_prep --strip-answer-cue did for training",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors too")
+    quiet_libraries()
     args = parser.parse_args(argv)
     if args.data.resolve() == args.out.resolve():
         print("error: --out must not be the input file", file=sys.stderr)
         return 2
-    try:
-        n = predict(args.model, args.data, args.out, args.batch_size, args.max_new_tokens, args.do_sample,
-                    args.temperature, args.top_p, args.dtype, args.template, args.strip_answer_cue,
-                    overwrite=args.overwrite)
-    except (ValueError, FileNotFoundError, ModelError, TokenizerError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"generated {n} predictions; {args.out} is complete")
-    return 0
+
+    def work() -> int:
+        n = predict(
+            args.model,
+            args.data,
+            args.out,
+            args.batch_size,
+            args.max_new_tokens,
+            args.do_sample,
+            args.temperature,
+            args.top_p,
+            args.dtype,
+            args.template,
+            args.strip_answer_cue,
+            overwrite=args.overwrite,
+        )
+        print(f"generated {n} predictions; {args.out} is complete")
+        return 0
+
+    return run_command(work, args.debug)
 
 
 if __name__ == "__main__":

@@ -18,10 +18,12 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from medtune.console import MedtuneError
+
 Dtype = Literal["auto", "bf16", "fp16", "fp32"]
 
 
-class RecipeError(ValueError):
+class RecipeError(MedtuneError):
     """A recipe that cannot be used as written; the message says where and why."""
 
 
@@ -42,7 +44,9 @@ class ModelConfig:
     base: str = "tiny-llama"  # hub id, local path, or the built-in `tiny-llama` (random weights, built locally)
     dtype: Dtype = "auto"  # weights and mixed precision; auto = bf16 on a bf16 GPU, else fp32
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
-    tokenizer: Literal["auto", "sentencepiece", "fast"] = "auto"  # auto: SentencePiece when the model ships only tokenizer.model (or asks for the slow tokenizer)
+    tokenizer: Literal["auto", "sentencepiece", "fast"] = (
+        "auto"  # auto: SentencePiece when the model ships only tokenizer.model (or asks for the slow tokenizer)
+    )
     trust_remote_code: bool = False  # run code shipped with the model; only when you trust its author
     quantization: QuantizationConfig | None = None  # null = no quantization
 
@@ -54,7 +58,7 @@ class LoraSettings:
     r: int = 8  # rank of the update matrices
     alpha: int = 16  # scaling numerator: the update is scaled by alpha / r
     dropout: float = 0.05  # dropout on the adapter input
-    target_modules: Union[str, list[str]] = "all-linear"  # module names, or `all-linear`
+    target_modules: str | list[str] = "all-linear"  # module names, or `all-linear`
     modules_to_save: list[str] = field(default_factory=list)  # fully trained and saved, e.g. [lm_head]
 
 
@@ -69,7 +73,7 @@ class DataConfig:
     system_prompt: str | None = None  # replaces the template's default system prompt
     max_length: int = 1024  # tokens per sample; longer samples are cut, and dropped if no answer is left
     train_on: Literal["all_turns", "last_turn"] = "all_turns"  # which assistant turns carry loss
-    packing: Union[bool, Literal["concat"]] = False  # true: several samples per row, kept apart; concat: baseline blocks
+    packing: bool | Literal["concat"] = False  # true: several samples per row, kept apart; concat: baseline blocks
     group_by_length: bool = True  # batch samples of similar length together (when not packing)
     pad_to_multiple_of: int = 0  # pad batches to a multiple of this (8 suits tensor cores); 0 = exact
 
@@ -78,7 +82,9 @@ class DataConfig:
 class TrainConfig:
     """The optimisation, one loop for every stage."""
 
-    stage: Literal["pt", "sft", "rm", "dpo"] = "sft"  # pre-training on text, SFT on chats, reward model or DPO on pairs
+    stage: Literal["pt", "sft", "rm", "dpo"] = (
+        "sft"  # pre-training on text, SFT on chats, reward model or DPO on pairs
+    )
     dpo_beta: float = 0.1  # DPO: how far the policy may move from the reference (the base without the adapter)
     learning_rate: float = 2e-4
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
@@ -172,7 +178,9 @@ def _key_lines(text: str, name: str) -> dict[str, int]:
         for key_node, value_node in node.value:
             key = f"{prefix}{key_node.value}"
             if key in found:
-                raise RecipeError(f"{name}:{key_node.start_mark.line + 1}: {key}: duplicate key (first at line {found[key]})")
+                raise RecipeError(
+                    f"{name}:{key_node.start_mark.line + 1}: {key}: duplicate key (first at line {found[key]})"
+                )
             found[key] = key_node.start_mark.line + 1
             walk(value_node, key + ".")
 
@@ -275,8 +283,10 @@ def check_data_files(recipe: Recipe) -> None:
     for key in ("train_files", "eval_files"):
         for path in getattr(recipe.data, key):
             if not Path(path).is_file():
-                raise RecipeError(f"data.{key}: {path}: file not found (write it with python -m data_prep, "
-                                  f"or override it: data.{key}=[PATH])")
+                raise RecipeError(
+                    f"data.{key}: {path}: file not found (write it with python -m data_prep, "
+                    f"or override it: data.{key}=[PATH])"
+                )
 
 
 def check_recipe(recipe: Recipe, name: str = "recipe") -> None:
@@ -306,7 +316,9 @@ def check_recipe(recipe: Recipe, name: str = "recipe") -> None:
         if getattr(train, key) < 0:
             problems.append(f"train.{key}: must be 0 (off) or positive")
     if data.packing and train.stage in ("rm", "dpo"):
-        problems.append(f"data.packing: preference pairs are not packed; set it to false for train.stage {train.stage}")
+        problems.append(
+            f"data.packing: preference pairs are not packed; set it to false for train.stage {train.stage}"
+        )
     if not 0.0 <= train.warmup_ratio < 1.0:
         problems.append(f"train.warmup_ratio: {train.warmup_ratio} must be in [0, 1)")
     if train.dpo_beta <= 0:
@@ -325,10 +337,14 @@ def check_recipe(recipe: Recipe, name: str = "recipe") -> None:
 
         stage = json.loads(Path(train.deepspeed).read_text()).get("zero_optimization", {}).get("stage", 0)
         if quant.bits == 8 and stage == 3:
-            problems.append("model.quantization.bits: 8-bit weights cannot be sharded by ZeRO-3; "
-                            "use bits: 4 (stored in the compute dtype, which ZeRO-3 can shard) or ZeRO-2")
+            problems.append(
+                "model.quantization.bits: 8-bit weights cannot be sharded by ZeRO-3; "
+                "use bits: 4 (stored in the compute dtype, which ZeRO-3 can shard) or ZeRO-2"
+            )
     if quant is not None and recipe.model.dtype == "fp32" and quant.compute_dtype != "fp32":
-        problems.append(f"model.quantization.compute_dtype: {quant.compute_dtype} with model.dtype fp32; "
-                        f"set model.dtype: {quant.compute_dtype} (or compute_dtype: fp32 on a CPU)")
+        problems.append(
+            f"model.quantization.compute_dtype: {quant.compute_dtype} with model.dtype fp32; "
+            f"set model.dtype: {quant.compute_dtype} (or compute_dtype: fp32 on a CPU)"
+        )
     if problems:
         raise RecipeError(f"{name}: " + f"\n{name}: ".join(problems))

@@ -14,17 +14,22 @@ Both sides validate through :func:`validate_record`, so they cannot drift apart.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+
+from medtune.console import MedtuneError
 
 ROLES = ("system", "user", "assistant")
 # Keys of the corpora's own formats (alpaca, sharegpt, ChatMed, PromptCBLUE): such a file was not converted yet.
 RAW_FORMAT_KEYS = {"instruction", "instruct", "output", "conversations", "query", "response", "input", "target"}
-CONVERT_HINT = ("this looks like a corpus in its own format: convert it first, e.g. "
-                "python -m data_prep alpaca FILE --out FILE.jsonl (see python -m data_prep --help)")
+CONVERT_HINT = (
+    "this looks like a corpus in its own format: convert it first, e.g. "
+    "python -m data_prep alpaca FILE --out FILE.jsonl (see python -m data_prep --help)"
+)
 
 
-class RecordError(ValueError):
+class RecordError(MedtuneError):
     """A record that does not follow the format; the message names file, line and field."""
 
 
@@ -63,7 +68,9 @@ def validate_record(record: Any) -> str:
         expected = "user" if i % 2 == 0 else "assistant"
         if message["role"] != expected:
             offset = len(messages) - len(turns)
-            raise RecordError(f"field 'messages[{i + offset}].role': expected {expected!r} (turns alternate user/assistant)")
+            raise RecordError(
+                f"field 'messages[{i + offset}].role': expected {expected!r} (turns alternate user/assistant)"
+            )
     if kind == "preference":
         if turns[-1]["role"] != "user":
             raise RecordError("field 'messages': a preference prompt must end with a user message")
@@ -99,7 +106,7 @@ def read_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
         try:
             validate_record(record)
         except RecordError as exc:
-            raw = isinstance(record, dict) and bool(set(record) & RAW_FORMAT_KEYS)
+            raw = isinstance(record, list) or (isinstance(record, dict) and bool(set(record) & RAW_FORMAT_KEYS))
             raise RecordError(f"{path}:{lineno}: {exc}" + (f"; {CONVERT_HINT}" if raw else "")) from None
         yield lineno, record
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from medtune.console import MedtuneError
 from medtune.recipe import Recipe, load_recipe
 
 TRAINER_STATE = "trainer_state.json"
@@ -46,21 +47,25 @@ class RunDir:
 
     def read_recipe(self) -> Recipe:
         """Tolerant: a key written by an older or newer medtune is skipped, not an error."""
-        return load_recipe(self.recipe_file, strict=False)
+        return load_recipe(self.recipe_file, strict=True)
 
     def is_finished(self) -> bool:
         return self.info_file.is_file() and self.read_info().get("finished", False)
 
     def is_empty(self) -> bool:
-        return not self.root.exists() or not any(self.root.iterdir())
+        """Nothing there but (maybe) the lock a run that failed to start left behind."""
+        return not self.root.exists() or all(p.name == LOCK_NAME for p in self.root.iterdir())
 
     # -- checkpoints ---------------------------------------------------------
     def complete_checkpoints(self) -> list[Path]:
         """Complete checkpoints, newest first: temp dirs of a killed save are never listed."""
         if not self.checkpoints_dir.is_dir():
             return []
-        done = [p for p in self.checkpoints_dir.glob("step-*")
-                if (p / TRAINER_STATE).is_file() and p.name.split("-")[1].isdigit()]
+        done = [
+            p
+            for p in self.checkpoints_dir.glob("step-*")
+            if (p / TRAINER_STATE).is_file() and p.name.split("-")[1].isdigit()
+        ]
         return sorted(done, key=lambda p: -int(p.name.split("-")[1]))
 
     def latest_checkpoint(self) -> Path | None:
@@ -131,12 +136,16 @@ def save_rng_state(directory: Path, process_index: int) -> None:
     save_file(state, str(directory / f"rng_state_{process_index}.safetensors"))
 
 
+LOCK_NAME = ".medtune.lock"
+
+
 class RunLock:
     """An exclusive lock on a run directory for as long as a training process lives (flock: the kernel
     drops it when the process dies, so a killed run never leaves a stale lock). The file names the pid."""
 
     def __init__(self, root: Path):
-        self.path = root / ".medtune.lock"
+        self.path = root / LOCK_NAME
+        self.created_root = not root.exists()
         self.handle = None
 
     def acquire(self) -> None:
@@ -150,8 +159,10 @@ class RunLock:
             handle.seek(0)
             holder = handle.read().strip() or "?"
             handle.close()
-            raise RunInUse(f"{self.path.parent}: another medtune process (pid {holder}) is training in this "
-                           "run directory; wait for it to end or stop it") from None
+            raise RunInUse(
+                f"{self.path.parent}: another medtune process (pid {holder}) is training in this "
+                "run directory; wait for it to end or stop it"
+            ) from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"{os.getpid()}\n")
@@ -159,22 +170,37 @@ class RunLock:
         self.handle = handle
 
     def release(self) -> None:
-        if self.handle is not None:
-            self.handle.close()  # closing the descriptor drops the flock
-            self.handle = None
+        """Drop the lock; a run directory this lock created and nothing else wrote into goes again."""
+        if self.handle is None:
+            return
+        self.handle.close()  # closing the descriptor drops the flock
+        self.handle = None
+        root = self.path.parent
+        if self.created_root and [p.name for p in root.iterdir()] == [LOCK_NAME]:
+            self.path.unlink(missing_ok=True)
+            root.rmdir()
 
 
-class RunInUse(RuntimeError):
+class RunInUse(MedtuneError):
     """Another process holds the run directory's lock."""
 
 
 # What may change when a run is resumed: how long it trains and what it logs, not what it learns from.
-SAFE_TO_CHANGE_ON_RESUME = ("train.max_steps", "train.num_epochs", "train.logging_steps", "train.eval_steps",
-                            "train.save_steps", "train.save_total_limit", "train.report_to", "train.resume")
+SAFE_TO_CHANGE_ON_RESUME = (
+    "train.max_steps",
+    "train.num_epochs",
+    "train.logging_steps",
+    "train.eval_steps",
+    "train.save_steps",
+    "train.save_total_limit",
+    "train.report_to",
+    "train.resume",
+)
 
 
 def recipe_changes(saved: Recipe, new: Recipe) -> dict[str, tuple[Any, Any]]:
     """{dotted key: (saved value, new value)} for every setting that differs."""
+
     def flat(value: Any, prefix: str = "") -> dict[str, Any]:
         if isinstance(value, dict):
             return {k: v for key, item in value.items() for k, v in flat(item, f"{prefix}{key}.").items()}
@@ -202,9 +228,9 @@ def plot_loss(rows: list[dict[str, Any]], out: Path) -> None:
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
     fig, ax = plt.subplots(figsize=(6, 4))
     if train:
-        ax.plot(*zip(*train), label="train loss")
+        ax.plot(*zip(*train, strict=True), label="train loss")
     if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss")
+        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (per target token)")
     ax.legend()
@@ -252,22 +278,29 @@ def describe_source(path_or_id: str, base_override: str | None = None) -> ModelS
         run = RunDir(path)
         info, recipe = run.read_info(), run.read_recipe()
         if not info.get("finished"):
-            raise ValueError(f"{path}: this run has not finished (no final adapter yet); resume it first")
+            raise MedtuneError(f"{path}: this run has not finished (no final adapter yet); resume it first")
         base = base_override or info["base_model"]
         if Path(base).is_absolute() and not Path(base).is_dir():
-            raise ValueError(f"{info_file_name(path)}: base_model {base}: no such directory (moved?); merge with --base NEW_PATH, or put it back")
+            raise MedtuneError(
+                f"{info_file_name(path)}: base_model {base}: no such directory (moved?); merge with --base NEW_PATH, or put it back"  # noqa: E501
+            )
         return ModelSource(
-            base=base, adapters=(str(run.adapter_dir.resolve()),),
-            template=recipe.data.template, system_prompt=recipe.data.system_prompt, stage=recipe.train.stage,
-            dtype=info.get("dtype"), tokenizer=str(run.adapter_dir.resolve()),
+            base=base,
+            adapters=(str(run.adapter_dir.resolve()),),
+            template=recipe.data.template,
+            system_prompt=recipe.data.system_prompt,
+            stage=recipe.train.stage,
+            dtype=info.get("dtype"),
+            tokenizer=str(run.adapter_dir.resolve()),
             tokenizer_kind=info.get("tokenizer_kind", recipe.model.tokenizer),
             trust_remote_code=recipe.model.trust_remote_code,
-            quantized_training=recipe.model.quantization is not None)
+            quantized_training=recipe.model.quantization is not None,
+        )
     if (path / "adapter_config.json").is_file():
         config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
         base = base_override or config.get("base_model_name_or_path")
         if not base:
-            raise ValueError(f"{path}: the adapter does not name its base model; pass --base")
+            raise MedtuneError(f"{path}: the adapter does not name its base model; pass --base")
         has_tokenizer = any((path / n).is_file() for n in ("tokenizer.json", "tokenizer.model"))
         return ModelSource(base=base, adapters=(str(path.resolve()),), tokenizer=str(path) if has_tokenizer else base)
     if (path / MERGE_INFO).is_file():

@@ -21,8 +21,11 @@ Each template names its reference in ``reference`` and where medtune's labels di
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
+
+from medtune.console import MedtuneError
 
 IGNORE_INDEX = -100
 CALL = "\x1f"  # in a template string: the authors tokenized what follows in a separate call
@@ -119,7 +122,7 @@ def get_template(name: str) -> ChatTemplate:
     try:
         return TEMPLATES[name]
     except KeyError:
-        raise ValueError(f"unknown chat template {name!r}; known: {', '.join(TEMPLATES)}") from None
+        raise MedtuneError(f"unknown chat template {name!r}; known: {', '.join(TEMPLATES)}") from None
 
 
 # A part of a laid-out conversation: (text, trained). BOS and EOS are names, never text; CALL
@@ -183,8 +186,10 @@ def _check_alternation(messages: Sequence[Message]) -> None:
     for i, message in enumerate(messages):
         expected = "user" if i % 2 == 0 else "assistant"
         if message.get("role") != expected:
-            raise ValueError(f"message {i}: expected role {expected!r}, got {message.get('role')!r} "
-                             "(turns must alternate user/assistant)")
+            raise MedtuneError(
+                f"message {i}: expected role {expected!r}, got {message.get('role')!r} "
+                "(turns must alternate user/assistant)"
+            )
 
 
 # A tokenizer call: its text, and how much of its start is not trained (the prompt of a joined turn).
@@ -212,7 +217,10 @@ def _calls(parts: Sequence[Part]) -> list[tuple[str, Call | str, bool]]:
 
 
 def encode_conversations(
-    tokenizer, template: ChatTemplate, conversations: Sequence[Sequence[Message]], system_prompt: str | None = None,
+    tokenizer,
+    template: ChatTemplate,
+    conversations: Sequence[Sequence[Message]],
+    system_prompt: str | None = None,
     train_on: Literal["all_turns", "last_turn"] = "all_turns",
 ) -> list[tuple[list[int], list[int]]]:
     """Token ids and labels (-100 where no loss) for many conversations, with one batched tokenizer call.
@@ -223,10 +231,12 @@ def encode_conversations(
     layouts = [_calls(render_parts(template, messages, system_prompt, train_on)) for messages in conversations]
     texts = {text for layout in layouts for kind, item, _ in layout if kind == "call" for text in item if text}
     texts = list(texts)
-    pieces = dict(zip(texts, tokenizer(texts, add_special_tokens=False)["input_ids"])) if texts else {}
+    pieces = dict(zip(texts, tokenizer(texts, add_special_tokens=False)["input_ids"], strict=True)) if texts else {}
     pieces[""] = []
-    special = {BOS: [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else [],
-               EOS: [tokenizer.eos_token_id]}
+    special = {
+        BOS: [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else [],
+        EOS: [tokenizer.eos_token_id],
+    }
     encoded = []
     for layout in layouts:
         ids: list[int] = []
@@ -245,7 +255,10 @@ def encode_conversations(
 
 
 def encode_conversation(
-    tokenizer, template: ChatTemplate, messages: Sequence[Message], system_prompt: str | None = None,
+    tokenizer,
+    template: ChatTemplate,
+    messages: Sequence[Message],
+    system_prompt: str | None = None,
     train_on: Literal["all_turns", "last_turn"] = "all_turns",
 ) -> tuple[list[int], list[int]]:
     """Token ids and labels (-100 where no loss) for one conversation."""
@@ -258,14 +271,21 @@ def stop_token_ids(tokenizer, template: ChatTemplate) -> list[int]:
     if template.stop:
         marker = tokenizer.convert_tokens_to_ids(template.stop)
         if marker is None or marker == tokenizer.unk_token_id:
-            raise ValueError(f"template {template.name}: {template.stop} is not a token of this tokenizer; "
-                             f"a {template.name} model's vocabulary has it")
+            raise MedtuneError(
+                f"template {template.name}: {template.stop} is not a token of this tokenizer; "
+                f"a {template.name} model's vocabulary has it"
+            )
         ids.append(marker)
     return ids
 
 
-def render_text(template: ChatTemplate, messages: Sequence[Message], bos_token: str, eos_token: str,
-                system_prompt: str | None = None) -> str:
+def render_text(
+    template: ChatTemplate,
+    messages: Sequence[Message],
+    bos_token: str,
+    eos_token: str,
+    system_prompt: str | None = None,
+) -> str:
     """The conversation as one string, BOS/EOS written as the tokenizer's token strings (what the saved
     Jinja template renders)."""
     special = {BOS: bos_token or "", EOS: eos_token, CALL: ""}
@@ -301,8 +321,9 @@ def jinja_chat_template(template: ChatTemplate, system_prompt: str | None = None
     if template.system:
         sys_before, sys_after = template.system.split("{content}")
         sys_block = "{% if ns.system %}{{ " + q(sys_before) + " + ns.system + " + q(sys_after) + " }}{% endif %}"
-    separator = ("{% if not loop.first %}{{ " + q(template.turn_separator) + " }}{% endif %}"
-                 if template.turn_separator else "")
+    separator = (
+        "{% if not loop.first %}{{ " + q(template.turn_separator) + " }}{% endif %}" if template.turn_separator else ""
+    )
     user = separator + ("{{ bos_token }}" if template.bos == "every_turn" else "")
     if not template.system_in_first_user:
         user += "{% if loop.first %}" + sys_block + "{% endif %}"
@@ -310,7 +331,19 @@ def jinja_chat_template(template: ChatTemplate, system_prompt: str | None = None
     if template.system_in_first_user:
         user += "{% if loop.first %}" + sys_block + "{% endif %}"
     user += "{{ message['content'] + " + q(user_after) + " }}"
-    reply = "{{ " + q(reply_before) + " + message['content'] + " + q(reply_after) + (" + eos_token" if template.eos else "") + " }}"
-    parts.append("{% for message in ns.msgs %}{% if message['role'] == 'user' %}" + user
-                 + "{% else %}" + reply + "{% endif %}{% endfor %}")
+    reply = (
+        "{{ "
+        + q(reply_before)
+        + " + message['content'] + "
+        + q(reply_after)
+        + (" + eos_token" if template.eos else "")
+        + " }}"
+    )
+    parts.append(
+        "{% for message in ns.msgs %}{% if message['role'] == 'user' %}"
+        + user
+        + "{% else %}"
+        + reply
+        + "{% endif %}{% endfor %}"
+    )
     return "".join(parts)

@@ -15,8 +15,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 TINY_NAME = "tiny-llama"
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
@@ -68,17 +68,25 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096):
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     bpe.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        tokenizer_object=bpe,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
         clean_up_tokenization_spaces=False,
     )
 
 
-def build_tiny_llama(out_dir: Path, texts: Iterable[str], hidden_size: int = 64, layers: int = 2, seed: int = 0) -> Path:
+def build_tiny_llama(
+    out_dir: Path, texts: Iterable[str], hidden_size: int = 64, layers: int = 2, seed: int = 0
+) -> Path:
     """Write a tokenizer and a random LlamaForCausalLM to ``out_dir`` (atomically: temp dir, then rename)."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
@@ -88,16 +96,25 @@ def build_tiny_llama(out_dir: Path, texts: Iterable[str], hidden_size: int = 64,
     tokenizer = train_tokenizer(texts)
     vocab = -(-len(tokenizer) // 64) * 64  # multiple of 64: bitsandbytes' CPU 4-bit kernel needs it
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden_size, intermediate_size=hidden_size * 2,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
-        max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+        vocab_size=vocab,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
     )
     with torch.random.fork_rng():  # leave the caller's RNG alone: building must not change training
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
     model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out_dir.parent))

@@ -21,12 +21,23 @@ import json
 from pathlib import Path
 from typing import Literal
 
+from medtune.console import MedtuneError
+
 TokenizerKind = Literal["auto", "sentencepiece", "fast"]
-TOKENIZER_FILES = ["tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "config.json"]
+TOKENIZER_FILES = [
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "config.json",
+]
 
 
-class TokenizerError(ValueError):
+class TokenizerError(MedtuneError):
     """A tokenizer that cannot be loaded as asked; the message says what to do."""
 
 
@@ -44,8 +55,10 @@ def local_tokenizer_dir(path_or_id: str) -> Path:
     try:
         return Path(snapshot_download(path_or_id, allow_patterns=TOKENIZER_FILES))
     except Exception as exc:  # offline, unknown repo, no access: all mean "cannot get the tokenizer"
-        raise TokenizerError(f"{path_or_id}: cannot fetch the tokenizer from the hub ({type(exc).__name__}); "
-                             "give a local model directory, or check the id and network") from None
+        raise TokenizerError(
+            f"{path_or_id}: cannot fetch the tokenizer from the hub ({type(exc).__name__}); "
+            "give a local model directory, or check the id and network"
+        ) from None
 
 
 def detect_kind(directory: Path) -> Literal["sentencepiece", "fast"]:
@@ -69,8 +82,9 @@ def load_tokenizer(path_or_id: str, kind: TokenizerKind = "auto", trust_remote_c
     resolved = detect_kind(directory) if kind == "auto" else kind
     if resolved == "sentencepiece":
         if not (directory / "tokenizer.model").is_file():
-            raise TokenizerError(f"{path_or_id}: no tokenizer.model, so no SentencePiece tokenizer; "
-                                 f"use model.tokenizer: auto or fast")
+            raise TokenizerError(
+                f"{path_or_id}: no tokenizer.model, so no SentencePiece tokenizer; use model.tokenizer: auto or fast"
+            )
         tokenizer = SentencePieceBackend.from_pretrained(str(directory), legacy=True)
     else:
         tokenizer = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=trust_remote_code)

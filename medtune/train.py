@@ -15,25 +15,42 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
 from medtune import __version__
+from medtune.console import quiet_libraries, run_command
 from medtune.data import LengthGroupedSampler, load_datasets, pad_batch, pad_pairs, row_lengths
 from medtune.losses import causal_lm_loss_sum, count_target_tokens, dpo_loss_sum, reward_loss_sum, sequence_logps
-from medtune.model import ModelError, check_model_path, attach_lora, count_parameters, load_base_model, resolve_base, resolve_dtype
+from medtune.model import (
+    attach_lora,
+    check_model_path,
+    count_parameters,
+    load_base_model,
+    resolve_base,
+    resolve_dtype,
+)
 from medtune.recipe import Recipe, RecipeError, check_data_files, load_recipe
-from medtune.records import RecordError
-from medtune.rundir import SAFE_TO_CHANGE_ON_RESUME, TRAINER_STATE, RunDir, RunInUse, RunLock, plot_loss, recipe_changes
-from medtune.tiny_model import TINY_NAME
+from medtune.rundir import (
+    SAFE_TO_CHANGE_ON_RESUME,
+    TRAINER_STATE,
+    RunDir,
+    RunLock,
+    plot_loss,
+    recipe_changes,
+)
 from medtune.templates import get_template, jinja_chat_template
-from medtune.tokenizer import TokenizerError, load_tokenizer, tokenizer_kind
+from medtune.tiny_model import TINY_NAME
+from medtune.tokenizer import load_tokenizer, tokenizer_kind
 
 
 def build_accelerator(recipe: Recipe, dtype: str):
@@ -53,7 +70,8 @@ def build_accelerator(recipe: Recipe, dtype: str):
         # on a machine without CUDA never join DeepSpeed's process group.
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
         deepspeed = DeepSpeedPlugin(
-            hf_ds_config=train.deepspeed, gradient_accumulation_steps=train.gradient_accumulation_steps,
+            hf_ds_config=train.deepspeed,
+            gradient_accumulation_steps=train.gradient_accumulation_steps,
             gradient_clipping=train.max_grad_norm or None,
         )
     use_deepspeed = deepspeed is not None or launched_with_deepspeed
@@ -71,7 +89,8 @@ def build_accelerator(recipe: Recipe, dtype: str):
         # Windows are always exactly N micro-batches (see micro_batches), so syncing on the
         # step count alone is right, also across epoch boundaries.
         gradient_accumulation_plugin=GradientAccumulationPlugin(
-            num_steps=train.gradient_accumulation_steps, sync_with_dataloader=False,
+            num_steps=train.gradient_accumulation_steps,
+            sync_with_dataloader=False,
         ),
         # A seeded sampler makes each epoch's order a function of (seed, epoch): a resumed run replays it.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
@@ -91,32 +110,39 @@ def prepare_run_dir(run: RunDir, recipe: Recipe) -> tuple[str, list[Path]]:
     if saved is None or not recipe.train.resume:
         if not run.is_empty():
             what = "a run already exists there" if saved is not None else "it is not empty"
-            raise RecipeError(f"{where}: {what}. Continue a run with --resume (train.resume=true), or choose "
-                              f"another output.dir=...; medtune never deletes a folder it did not create")
+            raise RecipeError(
+                f"{where}: {what}. Continue a run with --resume (train.resume=true), or choose "
+                f"another output.dir=...; medtune never deletes a folder it did not create"
+            )
         return "fresh", []
     changes = {k: v for k, v in recipe_changes(saved, recipe).items() if k != "train.resume"}
     listed = "; ".join(f"{k}: {old!r} → {new!r}" for k, (old, new) in changes.items())
     if run.is_finished():
         if changes:
-            raise RecipeError(f"{where}: this run finished with other settings ({listed}); train into another "
-                              "output.dir to use them")
+            raise RecipeError(
+                f"{where}: this run finished with other settings ({listed}); train into another output.dir to use them"
+            )
         return "finished", []
     unsafe = {k: v for k, v in changes.items() if k not in SAFE_TO_CHANGE_ON_RESUME}
     if "train.max_steps" in changes and 0 < changes["train.max_steps"][1] < max(changes["train.max_steps"][0], 0):
         unsafe["train.max_steps"] = changes["train.max_steps"]
     if unsafe:
-        raise RecipeError(f"{where}: cannot resume with changed settings: "
-                          + "; ".join(f"{k}: {old!r} → {new!r}" for k, (old, new) in unsafe.items())
-                          + " (only how long it trains and what it logs may change; use another output.dir)")
+        raise RecipeError(
+            f"{where}: cannot resume with changed settings: "
+            + "; ".join(f"{k}: {old!r} → {new!r}" for k, (old, new) in unsafe.items())
+            + " (only how long it trains and what it logs may change; use another output.dir)"
+        )
     checkpoints = run.complete_checkpoints()
     if checkpoints:
         return "resume", checkpoints
     logged = max((r["step"] for r in run.read_metrics()), default=0)
     every = recipe.train.save_steps
     if every and logged >= every:
-        raise RecipeError(f"{where}: the run logged step {logged} but no complete checkpoint is there (one was "
-                          f"expected every {every} steps); refusing to start over silently. Move the directory "
-                          "away to start again")
+        raise RecipeError(
+            f"{where}: the run logged step {logged} but no complete checkpoint is there (one was "
+            f"expected every {every} steps); refusing to start over silently. Move the directory "
+            "away to start again"
+        )
     return "restart", []
 
 
@@ -132,7 +158,8 @@ def build_model(recipe: Recipe, base: str, dtype: str, tokenizer, accelerator):
         if not {"embed_tokens", "lm_head"} <= set(recipe.lora.modules_to_save):
             raise RecipeError(
                 f"lora.modules_to_save: the tokenizer has {len(tokenizer)} tokens but the model's embeddings only "
-                f"{rows} rows; add [embed_tokens, lm_head] so the new rows are trained and saved with the adapter")
+                f"{rows} rows; add [embed_tokens, lm_head] so the new rows are trained and saved with the adapter"
+            )
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
         accelerator.print(f"embeddings resized from {rows} to {model.get_input_embeddings().num_embeddings} rows")
     check_module_names(model, recipe)
@@ -167,19 +194,23 @@ def make_train_loader(train_set, recipe: Recipe, num_processes: int, collate) ->
     if recipe.data.group_by_length and not recipe.data.packing:
         # Grouped over the global batch: accelerate deals consecutive batches to the processes.
         sampler = LengthGroupedSampler(row_lengths(train_set), cfg.per_device_batch_size * num_processes, cfg.seed)
-        return DataLoader(train_set, batch_size=cfg.per_device_batch_size, sampler=sampler, collate_fn=collate,
-                          generator=loader_rng)
-    return DataLoader(train_set, batch_size=cfg.per_device_batch_size, shuffle=True, collate_fn=collate,
-                      generator=loader_rng)
+        return DataLoader(
+            train_set, batch_size=cfg.per_device_batch_size, sampler=sampler, collate_fn=collate, generator=loader_rng
+        )
+    return DataLoader(
+        train_set, batch_size=cfg.per_device_batch_size, shuffle=True, collate_fn=collate, generator=loader_rng
+    )
 
 
 def keep_only_trainable():
     """Checkpoints hold only what training changes (the adapter), not a copy of the frozen base."""
+
     def hook(models, weights, output_dir):
-        for m, state in zip(models, weights):
+        for m, state in zip(models, weights, strict=True):
             names = {n for n, p in m.named_parameters() if p.requires_grad}
             for key in [k for k in state if k not in names]:
                 del state[key]
+
     return hook
 
 
@@ -197,8 +228,12 @@ def micro_batches(dataloader, start: int) -> Iterator[dict[str, torch.Tensor]]:
 def forward_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Padded rows carry an attention mask; packed rows carry restarting position ids instead, from
     which transformers builds the per-sample (block-diagonal) causal mask. No KV cache in training."""
-    return model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                 position_ids=batch.get("position_ids"), use_cache=False).logits
+    return model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch.get("attention_mask"),
+        position_ids=batch.get("position_ids"),
+        use_cache=False,
+    ).logits
 
 
 def count_items(batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
@@ -227,8 +262,12 @@ def evaluate(model, dataloader, accelerator, stage: str = "sft", dpo_beta: float
     model.eval()
     total = torch.zeros(2, device=accelerator.device)
     for batch in dataloader:
-        total += torch.stack([stage_loss_sum(model, batch, stage, accelerator, dpo_beta).detach().float(),
-                              count_items(batch, stage).float()])
+        total += torch.stack(
+            [
+                stage_loss_sum(model, batch, stage, accelerator, dpo_beta).detach().float(),
+                count_items(batch, stage).float(),
+            ]
+        )
     total = accelerator.reduce(total, "sum")
     model.train()
     return (total[0] / total[1].clamp(min=1)).item()
@@ -272,8 +311,9 @@ def train(recipe: Recipe) -> TrainResult:
     mode, checkpoints = prepare_run_dir(run, recipe)  # every process decides before anyone writes
     accelerator.wait_for_everyone()
     if mode == "finished":
-        accelerator.print(f"{run.root}: this run already finished with these settings; its adapter is in "
-                          f"{run.adapter_dir}")
+        accelerator.print(
+            f"{run.root}: this run already finished with these settings; its adapter is in {run.adapter_dir}"
+        )
         return TrainResult(run)
     lock = RunLock(run.root)
     if accelerator.is_main_process:
@@ -295,7 +335,7 @@ def train(recipe: Recipe) -> TrainResult:
 class Interrupted(Exception):
     """Ctrl-C: where the run stood and how to go on."""
 
-    def __init__(self, run: RunDir, s: "Setup | None"):
+    def __init__(self, run: RunDir, s: Setup | None):
         last = run.latest_checkpoint()
         at = f"at step {s.step}" if s is not None else "before the first step"
         then = f"resume from {last.name} with --resume" if last else "no checkpoint yet: --resume starts again"
@@ -322,16 +362,22 @@ def setup(recipe: Recipe, accelerator, run: RunDir, dtype: str) -> Setup:
     tokenizer = load_tokenizer(base, recipe.model.tokenizer, recipe.model.trust_remote_code)
     tokenizer.chat_template = jinja_chat_template(get_template(recipe.data.template), recipe.data.system_prompt)
     with accelerator.main_process_first():  # the main process tokenizes (or finds the cache); the others load it
-        train_set, eval_set = load_datasets(recipe.data, cfg.seed, tokenizer, cfg.stage, accelerator.is_main_process,
-                                            log=accelerator.print)
+        train_set, eval_set = load_datasets(
+            recipe.data, cfg.seed, tokenizer, cfg.stage, accelerator.is_main_process, log=accelerator.print
+        )
     set_seed(cfg.seed)  # right before anything random: the adapter's init, then dropout and shuffling
     model = build_model(recipe, base, dtype, tokenizer, accelerator)
     optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+        [p for p in model.parameters() if p.requires_grad],
+        lr=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
         fused=torch.cuda.is_available() and not cfg.deepspeed,  # one kernel for all parameters on a GPU
     )
-    collate = partial(pad_pairs if cfg.stage in ("rm", "dpo") else pad_batch, pad_id=tokenizer.pad_token_id,
-                      pad_to_multiple_of=recipe.data.pad_to_multiple_of or None)
+    collate = partial(
+        pad_pairs if cfg.stage in ("rm", "dpo") else pad_batch,
+        pad_id=tokenizer.pad_token_id,
+        pad_to_multiple_of=recipe.data.pad_to_multiple_of or None,
+    )
     train_dl = make_train_loader(train_set, recipe, accelerator.num_processes, collate)
     if cfg.compile:
         model = torch.compile(model)
@@ -345,12 +391,28 @@ def setup(recipe: Recipe, accelerator, run: RunDir, dtype: str) -> Setup:
         total_steps = max(1, math.floor(cfg.num_epochs * len(train_dl)) // cfg.gradient_accumulation_steps)
     # Not passed through accelerator.prepare (that would step it once per process per step), and not
     # registered for accelerate's checkpoints (those are pickles): its state goes into trainer_state.json.
-    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * total_steps),
-                              num_training_steps=total_steps)
+    scheduler = get_scheduler(
+        cfg.lr_scheduler,
+        optimizer,
+        num_warmup_steps=math.ceil(cfg.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
     accelerator.register_save_state_pre_hook(keep_only_trainable())
     is_deepspeed = accelerator.distributed_type.name == "DEEPSPEED"
-    return Setup(recipe, accelerator, run, base, tokenizer, model, optimizer, scheduler, train_dl, eval_dl,
-                 total_steps, {"exclude_frozen_parameters": True} if is_deepspeed else {})
+    return Setup(
+        recipe,
+        accelerator,
+        run,
+        base,
+        tokenizer,
+        model,
+        optimizer,
+        scheduler,
+        train_dl,
+        eval_dl,
+        total_steps,
+        {"exclude_frozen_parameters": True} if is_deepspeed else {},
+    )
 
 
 def restore(s: Setup, checkpoints: list[Path]) -> None:
@@ -358,21 +420,40 @@ def restore(s: Setup, checkpoints: list[Path]) -> None:
     is_deepspeed = bool(s.save_kwargs)
     for i, checkpoint in enumerate(checkpoints):
         try:
-            # Checkpoints hold only the trainable weights, so the frozen base is "missing" on purpose.
-            s.accelerator.load_state(str(checkpoint),
-                                     **({"load_module_strict": False} if is_deepspeed else {"strict": False}))
+            with checkpoint_without_pickles(checkpoint) as view:
+                # Checkpoints hold only the trainable weights, so the frozen base is "missing" on purpose.
+                s.accelerator.load_state(
+                    str(view), **({"load_module_strict": False} if is_deepspeed else {"strict": False})
+                )
             state = json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8"))
             restore_schedule_and_rng(s, checkpoint, state)
         except Exception as exc:  # noqa: BLE001 - any failure to read a checkpoint means: try the one before
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             if i + 1 == len(checkpoints):
-                raise RecipeError(f"{checkpoint}: cannot be loaded ({reason}), and no older checkpoint is left; "
-                                  "move the run directory away to start again") from None
+                raise RecipeError(
+                    f"{checkpoint}: cannot be loaded ({reason}), and no older checkpoint is left; "
+                    "move the run directory away to start again"
+                ) from None
             s.accelerator.print(f"{checkpoint.name} is damaged ({reason}); resuming from {checkpoints[i + 1].name}")
             continue
         s.step, s.tokens_seen = state["step"], state["tokens_seen"]
         s.accelerator.print(f"resuming {s.run.root} from {checkpoint.name} (step {s.step} of {s.total_steps})")
         return
+
+
+@contextmanager
+def checkpoint_without_pickles(checkpoint: Path) -> Iterator[Path]:
+    """The checkpoint as accelerate sees it, minus ``custom_checkpoint_*.pkl``: accelerate unpickles those
+    with weights_only=False (code could run), and medtune registers none (its scheduler state is JSON), so
+    a planted or older one is never even opened. Everything else accelerate reads with weights_only=True."""
+    view = Path(tempfile.mkdtemp(prefix=".load-", dir=checkpoint.parent))
+    try:
+        for entry in checkpoint.iterdir():
+            if not (entry.name.startswith("custom_checkpoint_") and entry.suffix == ".pkl"):
+                (view / entry.name).symlink_to(entry.resolve())
+        yield view
+    finally:
+        shutil.rmtree(view, ignore_errors=True)
 
 
 def restore_schedule_and_rng(s: Setup, checkpoint: Path, state: dict[str, Any]) -> None:
@@ -399,14 +480,22 @@ def write_run_start(s: Setup, mode: str, dtype: str) -> None:
         run.root.mkdir(parents=True, exist_ok=True)
         run.recipe_file.write_text(recipe.to_yaml(), encoding="utf-8")
         run.truncate_metrics(s.step)
-        run.write_info({
-            "medtune_version": __version__, "base_model": s.base, "base_model_name": recipe.model.base,
-            "base_config": base_config_summary(s.base, recipe.model.trust_remote_code),
-            "template": recipe.data.template, "system_prompt": recipe.data.system_prompt,
-            "tokenizer_kind": tokenizer_kind(s.tokenizer), "stage": recipe.train.stage,
-            "world_size": s.accelerator.num_processes, "dtype": dtype, "total_steps": s.total_steps,
-            "finished": False,
-        })
+        run.write_info(
+            {
+                "medtune_version": __version__,
+                "base_model": s.base,
+                "base_model_name": recipe.model.base,
+                "base_config": base_config_summary(s.base, recipe.model.trust_remote_code),
+                "template": recipe.data.template,
+                "system_prompt": recipe.data.system_prompt,
+                "tokenizer_kind": tokenizer_kind(s.tokenizer),
+                "stage": recipe.train.stage,
+                "world_size": s.accelerator.num_processes,
+                "dtype": dtype,
+                "total_steps": s.total_steps,
+                "finished": False,
+            }
+        )
     if recipe.train.report_to == "wandb":
         s.accelerator.init_trackers("medtune", config=recipe.to_dict(), init_kwargs={"wandb": {"name": run.root.name}})
 
@@ -416,8 +505,15 @@ def base_config_summary(base: str, trust_remote_code: bool = False) -> dict[str,
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
-    keys = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "intermediate_size")
+    keys = (
+        "model_type",
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "intermediate_size",
+    )
     return {k: getattr(config, k, None) for k in keys}
 
 
@@ -430,8 +526,12 @@ def fit(s: Setup) -> TrainResult:
     model.train()
     loop_start, start_step, real_tokens = time.perf_counter(), s.step, 0
     stream = micro_batches(s.train_dl, s.step * accumulation)
-    progress = tqdm(total=s.total_steps, initial=s.step, desc="train",
-                    disable=not accelerator.is_main_process or not sys.stderr.isatty())
+    progress = tqdm(
+        total=s.total_steps,
+        initial=s.step,
+        desc="train",
+        disable=not accelerator.is_main_process or not sys.stderr.isatty(),
+    )
     # this process's (loss sum, real tokens, processed tokens) since the last log line
     window_loss = torch.zeros(3, device=accelerator.device)
     # all processes' target tokens since the last log line / in the run: tensors, read only when
@@ -456,8 +556,13 @@ def fit(s: Setup) -> TrainResult:
                     accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 s.optimizer.step()  # accelerate makes these no-ops until the window's last micro-batch
                 s.optimizer.zero_grad()
-            window_loss += torch.stack([loss_sum.detach().float(), batch["real_tokens"].float(),
-                                        torch.tensor(float(batch["input_ids"].numel()), device=accelerator.device)])
+            window_loss += torch.stack(
+                [
+                    loss_sum.detach().float(),
+                    batch["real_tokens"].float(),
+                    torch.tensor(float(batch["input_ids"].numel()), device=accelerator.device),
+                ]
+            )
         s.scheduler.step()
         s.step += 1
         tokens_total += step_tokens
@@ -468,10 +573,14 @@ def fit(s: Setup) -> TrainResult:
             loss_total, real, processed = accelerator.reduce(window_loss, "sum").tolist()
             real_tokens += int(real)
             now = time.perf_counter()
-            row = {"step": s.step, "loss": round(loss_total / max(window_tokens.item(), 1.0), 6),
-                   "lr": s.scheduler.get_last_lr()[0], "tokens_per_s": round(real / (now - last_log), 1),
-                   "padding_efficiency": round(real / max(processed, 1.0), 4),
-                   "epoch": round(s.step * accumulation / len(s.train_dl), 4)}
+            row = {
+                "step": s.step,
+                "loss": round(loss_total / max(window_tokens.item(), 1.0), 6),
+                "lr": s.scheduler.get_last_lr()[0],
+                "tokens_per_s": round(real / (now - last_log), 1),
+                "padding_efficiency": round(real / max(processed, 1.0), 4),
+                "epoch": round(s.step * accumulation / len(s.train_dl), 4),
+            }
             last_log = now
             window_loss.zero_()
             window_tokens.zero_()
@@ -480,12 +589,20 @@ def fit(s: Setup) -> TrainResult:
             last_eval = evaluate(model, s.eval_dl, accelerator, cfg.stage, cfg.dpo_beta)
             _log(run, accelerator, progress, {"step": s.step, "eval_loss": round(last_eval, 6)})
         if cfg.save_steps and s.step % cfg.save_steps == 0 and s.step < s.total_steps:
-            state = {"step": s.step, "tokens_seen": int(tokens_total.item()), "total_steps": s.total_steps,
-                     "scheduler": s.scheduler.state_dict()}
+            state = {
+                "step": s.step,
+                "tokens_seen": int(tokens_total.item()),
+                "total_steps": s.total_steps,
+                "scheduler": s.scheduler.state_dict(),
+            }
             run.save_checkpoint(accelerator, s.step, state, cfg.save_total_limit, **s.save_kwargs)
     progress.close()
-    session = {"loop_seconds": round(time.perf_counter() - loop_start, 2), "real_tokens_this_session": real_tokens,
-               "steps_this_session": s.step - start_step, "tokens_seen": int(tokens_total.item())}
+    session = {
+        "loop_seconds": round(time.perf_counter() - loop_start, 2),
+        "real_tokens_this_session": real_tokens,
+        "steps_this_session": s.step - start_step,
+        "tokens_seen": int(tokens_total.item()),
+    }
     if s.eval_dl is not None and not (cfg.eval_steps and s.step % cfg.eval_steps == 0):
         last_eval = evaluate(model, s.eval_dl, accelerator, cfg.stage, cfg.dpo_beta)
         _log(run, accelerator, None, {"step": s.step, "eval_loss": round(last_eval, 6)})
@@ -501,11 +618,19 @@ def finish(s: Setup, session: dict[str, Any], last_eval: float | None) -> TrainR
         plot_loss(rows, run.loss_plot)
         info = run.read_info()
         losses = [r["loss"] for r in rows if "loss" in r]
-        info.update(finished=True, steps=s.step, first_loss=losses[0] if losses else None,
-                    final_loss=losses[-1] if losses else None, eval_loss=last_eval, **session)
+        info.update(
+            finished=True,
+            steps=s.step,
+            first_loss=losses[0] if losses else None,
+            final_loss=losses[-1] if losses else None,
+            eval_loss=last_eval,
+            **session,
+        )
         run.write_info(info)
-        accelerator.print(f"done: adapter in {run.adapter_dir}; loss {info['first_loss']} → {info['final_loss']}"
-                          + (f"; eval loss {last_eval:.4f}" if last_eval is not None else ""))
+        accelerator.print(
+            f"done: adapter in {run.adapter_dir}; loss {info['first_loss']} → {info['final_loss']}"
+            + (f"; eval loss {last_eval:.4f}" if last_eval is not None else "")
+        )
     accelerator.end_training()
     return TrainResult(run, accelerator.unwrap_model(s.model))
 
@@ -537,23 +662,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("recipe", help="recipe YAML, e.g. recipes/demo.yaml")
     parser.add_argument("overrides", nargs="*", help="group.key=value, e.g. train.max_steps=10")
     parser.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
-    return parser.parse_args(argv)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors too")
+    return parser.parse_intermixed_args(argv)  # overrides may come before or after --resume
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_libraries()
     args = parse_args(argv)
-    try:
+
+    def work() -> int:
         recipe = load_recipe(args.recipe, args.overrides)
         if args.resume:
             recipe.train.resume = True
         train(recipe)
+        return 0
+
+    try:
+        return run_command(work, args.debug)
     except Interrupted as exc:
         print(f"{exc}", file=sys.stderr)
         return 130
-    except (RecipeError, RecordError, ModelError, TokenizerError, RunInUse, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
 
 
 if __name__ == "__main__":

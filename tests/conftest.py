@@ -12,8 +12,12 @@ import pytest
 # Set before anything imports medtune, so subprocesses inherit it too.
 _CACHE = Path(tempfile.mkdtemp(prefix="medtune-test-cache-"))
 os.environ.setdefault("MEDTUNE_CACHE", str(_CACHE))
-for key, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline",
-                   "TOKENIZERS_PARALLELISM": "false"}.items():
+for key, value in {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "WANDB_MODE": "offline",
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
     os.environ.setdefault(key, value)
 
 REPO = Path(__file__).resolve().parent.parent

@@ -54,8 +54,10 @@ def promptcblue_chatmed(tok: LegacyLlamaTokenizer, q: str, a: str) -> tuple[list
     return ids, [IGNORE] * prompt_len + ids[prompt_len:]
 
 
-ALPACA_PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
-                 "the request.\n\n### Instruction:\n{instruction}\n\n### Response: ")
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes "
+    "the request.\n\n### Instruction:\n{instruction}\n\n### Response: "
+)
 ALPACA2_PROMPT = "[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{instruction} [/INST]"
 ALPACA2_SYSTEM = "You are a helpful assistant. 你是一个乐于助人的助手。"
 
@@ -74,14 +76,17 @@ def alpaca2_demo_prompt(tok: LegacyLlamaTokenizer, turns: list[tuple[str, str]],
     questions = [q for q, _ in turns] + [query]
     text = ""
     for i, q in enumerate(questions):
-        text += ("<s>" if i else "") + (ALPACA2_PROMPT.format(system=system, instruction=q) if i == 0
-                                        else f"[INST] {q} [/INST]")
+        text += ("<s>" if i else "") + (
+            ALPACA2_PROMPT.format(system=system, instruction=q) if i == 0 else f"[INST] {q} [/INST]"
+        )
         if i < len(turns):
             text += f" {turns[i][1]}</s>"
     return tok(text)
 
 
-def zhongjing_ziya(tok: LegacyLlamaTokenizer, turns: list[tuple[str, str]], system: str = "") -> tuple[list[int], list[int]]:
+def zhongjing_ziya(
+    tok: LegacyLlamaTokenizer, turns: list[tuple[str, str]], system: str = ""
+) -> tuple[list[int], list[int]]:
     """Zhongjing's ziya template: prefix = BOS (+ system + '\\n') first, '\\n' + BOS later; query = <human> +
     ':{q}\\n' + <bot> + ':'; answer = '{a}' + EOS; every piece encoded alone, add_special_tokens=False."""
     enc = lambda text: tok(text, add_special_tokens=False)  # noqa: E731

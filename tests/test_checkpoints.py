@@ -8,7 +8,6 @@ import shutil
 
 import pytest
 import torch
-
 from references import TOKENIZERS
 
 
@@ -73,14 +72,18 @@ def test_apply_delta_round_trips_with_an_extended_vocabulary(tiny_base, tmp_path
     bin_copy(tiny_base, delta_dir, delta)  # Ziya's delta ships as .bin
     config = (delta_dir / "config.json").read_text().replace(f'"vocab_size": {vocab}', f'"vocab_size": {vocab + 64}')
     (delta_dir / "config.json").write_text(config)
-    assert main(["--base", str(tiny_base), "--delta", str(delta_dir), "--out", str(tmp_path / "out"),
-                 "--dtype", "fp32"]) == 0
+    assert (
+        main(["--base", str(tiny_base), "--delta", str(delta_dir), "--out", str(tmp_path / "out"), "--dtype", "fp32"])
+        == 0
+    )
     assert "max |reloaded - (base + delta)| = 0.00e+00" in capsys.readouterr().out
     rebuilt = AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
     assert max((rebuilt[k] - target[k]).abs().max().item() for k in target) == 0
     # a second run into the same output replaces its own earlier output; a foreign folder is refused
-    assert main(["--base", str(tiny_base), "--delta", str(delta_dir), "--out", str(tmp_path / "out"),
-                 "--dtype", "fp32"]) == 0
+    assert (
+        main(["--base", str(tiny_base), "--delta", str(delta_dir), "--out", str(tmp_path / "out"), "--dtype", "fp32"])
+        == 0
+    )
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
@@ -96,8 +99,20 @@ def test_template_show_marks_the_trained_tokens(tmp_path, capsys):
 
     messages = [{"role": "user", "content": "山楂可以降血脂吗？"}, {"role": "assistant", "content": "可以适量食用。"}]
     (tmp_path / "m.json").write_text(json.dumps(messages, ensure_ascii=False), encoding="utf-8")
-    assert main(["template", "show", "llama2_zh", "--tokenizer", str(TOKENIZERS / "chinese_llama2"),
-                 "--messages", str(tmp_path / "m.json")]) == 0
+    assert (
+        main(
+            [
+                "template",
+                "show",
+                "llama2_zh",
+                "--tokenizer",
+                str(TOKENIZERS / "chinese_llama2"),
+                "--messages",
+                str(tmp_path / "m.json"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "(sentencepiece, 55296 tokens)" in out and "[INST] <<SYS>>" in out
     trained = [line.split()[-1] for line in out.splitlines() if line[6:7] == "*"]

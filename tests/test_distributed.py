@@ -8,9 +8,8 @@ import subprocess
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import REPO, SMALL_RECIPE, write_recipe
+from safetensors.torch import load_file
 
 STEPS = ["train.max_steps=4", "train.save_steps=2", "train.eval_steps=0"]
 
@@ -49,15 +48,43 @@ def check_same_adapter(out, reference, tiny_base):
 
 def test_deepspeed_zero2_from_the_recipe(recipe_path, ddp_adapter, tiny_base):
     out = recipe_path.parent / "zero2"
-    run(["torchrun", "--nproc_per_node", "2", "medtune/train.py", str(recipe_path), *STEPS,
-         "train.deepspeed=ds_configs/zero2.json", f"output.dir={out}"])
+    run(
+        [
+            "torchrun",
+            "--nproc_per_node",
+            "2",
+            "medtune/train.py",
+            str(recipe_path),
+            *STEPS,
+            "train.deepspeed=ds_configs/zero2.json",
+            f"output.dir={out}",
+        ]
+    )
     check_same_adapter(out, ddp_adapter, tiny_base)
     assert (out / "checkpoints" / "step-2" / "trainer_state.json").is_file()
 
 
 def test_deepspeed_zero3_from_accelerate_launch(recipe_path, ddp_adapter, tiny_base):
     out = recipe_path.parent / "zero3"
-    run(["accelerate", "launch", "--use_deepspeed", "--deepspeed_config_file", "ds_configs/zero3.json",
-         "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-         "medtune/train.py", str(recipe_path), *STEPS, f"output.dir={out}"])
+    run(
+        [
+            "accelerate",
+            "launch",
+            "--use_deepspeed",
+            "--deepspeed_config_file",
+            "ds_configs/zero3.json",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "medtune/train.py",
+            str(recipe_path),
+            *STEPS,
+            f"output.dir={out}",
+        ]
+    )
     check_same_adapter(out, ddp_adapter, tiny_base)

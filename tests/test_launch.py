@@ -8,12 +8,11 @@ import sys
 import time
 
 import torch
+from conftest import REPO, SMALL_RECIPE, write_recipe
 from safetensors.torch import load_file
 
 from medtune.recipe import load_recipe
 from medtune.train import train
-
-from conftest import REPO, SMALL_RECIPE, write_recipe
 
 
 def run(cmd, **kwargs):
@@ -24,8 +23,17 @@ def run(cmd, **kwargs):
 
 def test_readme_accelerate_launch_command(tmp_path):
     out = tmp_path / "demo"
-    run(["accelerate", "launch", "medtune/train.py", "recipes/demo.yaml", "train.max_steps=20",
-         "train.eval_steps=10", f"output.dir={out}"])
+    run(
+        [
+            "accelerate",
+            "launch",
+            "medtune/train.py",
+            "recipes/demo.yaml",
+            "train.max_steps=20",
+            "train.eval_steps=10",
+            f"output.dir={out}",
+        ]
+    )
     info = json.loads((out / "run_info.json").read_text())
     assert info["finished"] and info["world_size"] == 1 and info["final_loss"] < info["first_loss"]
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
@@ -35,8 +43,12 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     recipe_path = write_recipe(tmp_path / "r.yaml", SMALL_RECIPE)
     common = ["train.max_steps=60", "train.save_steps=10"]
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "medtune/train.py", str(recipe_path), *common, f"output.dir={killed}"],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "medtune/train.py", str(recipe_path), *common, f"output.dir={killed}"],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while not list((killed / "checkpoints").glob("step-*/trainer_state.json")):
         assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"

@@ -26,7 +26,8 @@ def test_merge_parity_and_plain_transformers_load(merged, tokenizer):
     assert summary["parity_max_abs_logit_diff"] <= 1e-4
     plain = AutoModelForCausalLM.from_pretrained(out).eval()
     base_plus_adapter = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(summary["merged_from"]["base"]), str(result.run.adapter_dir)).eval()
+        AutoModelForCausalLM.from_pretrained(summary["merged_from"]["base"]), str(result.run.adapter_dir)
+    ).eval()
     ids = torch.tensor([tokenizer.encode("问：\n胃痛怎么办？\n答：\n")])
     with torch.no_grad():
         gap = (plain(input_ids=ids).logits - base_plus_adapter(input_ids=ids).logits).abs().max().item()
@@ -49,16 +50,37 @@ def test_chained_adapters_apply_in_order(merged, tmp_path):
     result, _, summary = merged
     out = tmp_path / "twice"
     twice = merge(str(result.run.adapter_dir), out, [str(result.run.adapter_dir)])
-    assert twice["merged_from"]["adapters"] == [str(result.run.adapter_dir)] * 2 and twice["parity_max_abs_logit_diff"] <= 1e-4
+    assert (
+        twice["merged_from"]["adapters"] == [str(result.run.adapter_dir)] * 2
+        and twice["parity_max_abs_logit_diff"] <= 1e-4
+    )
 
 
 PROMPTS = [
-    {"input": "判断意图：\n发烧三天怎么办\n答：", "target": "治疗方案", "answer_choices": ["治疗方案", "病因分析"],
-     "task_type": "cls", "task_dataset": "KUAKE-QIC", "sample_id": "t1"},
-    {"input": "医生应该如何回复：\n患者：胃痛，吃什么药比较好？想知道原因\n答：", "target": "建议先做胃镜。", "answer_choices": None,
-     "task_type": "response_generation", "task_dataset": "MedDG", "sample_id": "t2"},
-    {"input": "判断意图：\n高血压的病因\n答：", "target": "病因分析", "answer_choices": ["治疗方案", "病因分析"],
-     "task_type": "cls", "task_dataset": "KUAKE-QIC", "sample_id": "t3"},
+    {
+        "input": "判断意图：\n发烧三天怎么办\n答：",
+        "target": "治疗方案",
+        "answer_choices": ["治疗方案", "病因分析"],
+        "task_type": "cls",
+        "task_dataset": "KUAKE-QIC",
+        "sample_id": "t1",
+    },
+    {
+        "input": "医生应该如何回复：\n患者：胃痛，吃什么药比较好？想知道原因\n答：",
+        "target": "建议先做胃镜。",
+        "answer_choices": None,
+        "task_type": "response_generation",
+        "task_dataset": "MedDG",
+        "sample_id": "t2",
+    },
+    {
+        "input": "判断意图：\n高血压的病因\n答：",
+        "target": "病因分析",
+        "answer_choices": ["治疗方案", "病因分析"],
+        "task_type": "cls",
+        "task_dataset": "KUAKE-QIC",
+        "sample_id": "t3",
+    },
 ]
 
 
@@ -69,15 +91,18 @@ def test_predict_batched_equals_single_resumes_and_scores(merged, tmp_path):
     batched, single = tmp_path / "batched.jsonl", tmp_path / "single.jsonl"
     assert predict(str(out), data, batched, batch_size=3, max_new_tokens=12, progress=False) == 3
     assert predict(str(out), data, single, batch_size=1, max_new_tokens=12, progress=False) == 3
-    rows = [json.loads(l) for l in batched.read_text().splitlines()]
+    rows = [json.loads(item) for item in batched.read_text().splitlines()]
     assert [r["sample_id"] for r in rows] == ["t1", "t2", "t3"]  # input order, official format
-    assert [r["target"] for r in rows] == [json.loads(l)["target"] for l in single.read_text().splitlines()]
-    assert all(r["input"] == p["input"] and r["answer_choices"] == p["answer_choices"] for r, p in zip(rows, PROMPTS))
+    assert [r["target"] for r in rows] == [json.loads(item)["target"] for item in single.read_text().splitlines()]
+    assert all(
+        r["input"] == p["input"] and r["answer_choices"] == p["answer_choices"]
+        for r, p in zip(rows, PROMPTS, strict=True)
+    )
     # Resume: keep one finished line and a torn one; only the other two are generated again.
     lines = batched.read_text().splitlines(keepends=True)
     batched.write_text(lines[0] + lines[1][:20], encoding="utf-8")
     assert predict(str(out), data, batched, batch_size=2, max_new_tokens=12, progress=False) == 2
-    assert batched.read_text().splitlines() == [l.rstrip("\n") for l in lines]
+    assert batched.read_text().splitlines() == [item.rstrip("\n") for item in lines]
     report = score_files(batched, data)
     assert set(report.per_task) == {"KUAKE-QIC", "MedDG"} and not report.problems.counts
 
@@ -85,8 +110,14 @@ def test_predict_batched_equals_single_resumes_and_scores(merged, tmp_path):
 def test_predict_from_run_dir_uses_the_training_template(trained, tmp_path):
     result, _, _ = trained
     data = tmp_path / "records.jsonl"
-    data.write_text(json.dumps({"id": "r1", "source": "x", "messages": [{"role": "user", "content": "头痛怎么办？"}],
-                                "meta": {}}, ensure_ascii=False) + "\n", encoding="utf-8")
+    data.write_text(
+        json.dumps(
+            {"id": "r1", "source": "x", "messages": [{"role": "user", "content": "头痛怎么办？"}], "meta": {}},
+            ensure_ascii=False,
+        )
+        + "\n",
+        encoding="utf-8",
+    )
     out = tmp_path / "pred.jsonl"
     assert predict(str(result.run.root), data, out, max_new_tokens=8, progress=False) == 1
     row = json.loads(out.read_text())
@@ -96,9 +127,9 @@ def test_predict_from_run_dir_uses_the_training_template(trained, tmp_path):
 def test_extended_vocabulary_trains_and_merges(tiny_base, tmp_path):
     import shutil
 
+    from conftest import SMALL_RECIPE, write_recipe
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from conftest import SMALL_RECIPE, write_recipe
     from medtune.recipe import RecipeError, load_recipe
     from medtune.train import train
 
@@ -111,14 +142,26 @@ def test_extended_vocabulary_trains_and_merges(tiny_base, tmp_path):
     path = write_recipe(tmp_path / "r.yaml", SMALL_RECIPE.replace("base: tiny-llama", f"base: {base}"))
     with pytest.raises(RecipeError, match="embed_tokens, lm_head"):
         train(load_recipe(path, [f"output.dir={tmp_path / 'no'}"]))
-    recipe = load_recipe(path, [f"output.dir={tmp_path / 'run'}", "train.max_steps=3", "train.save_steps=0",
-                                "lora.modules_to_save=[embed_tokens, lm_head]"])
+    recipe = load_recipe(
+        path,
+        [
+            f"output.dir={tmp_path / 'run'}",
+            "train.max_steps=3",
+            "train.save_steps=0",
+            "lora.modules_to_save=[embed_tokens, lm_head]",
+        ],
+    )
     run = train(recipe).run
     summary = merge(str(run.root), tmp_path / "merged", [])
     assert summary["parity_max_abs_logit_diff"] <= 1e-4
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert merged.get_input_embeddings().weight.shape[0] >= len(tokenizer) > rows
     data = tmp_path / "prompt.jsonl"  # predict straight from the run directory applies the adapter the same way
-    data.write_text(json.dumps({"id": "x", "source": "t", "messages": [{"role": "user", "content": "医学词3"}]},
-                               ensure_ascii=False) + "\n", encoding="utf-8")
+    data.write_text(
+        json.dumps(
+            {"id": "x", "source": "t", "messages": [{"role": "user", "content": "医学词3"}]}, ensure_ascii=False
+        )
+        + "\n",
+        encoding="utf-8",
+    )
     assert predict(str(run.root), data, tmp_path / "pred.jsonl", max_new_tokens=4, progress=False) == 1

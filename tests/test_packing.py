@@ -4,15 +4,13 @@ import random
 
 import pytest
 import torch
+from conftest import SMALL_RECIPE, write_recipe
 
-from medtune.data import (LengthGroupedSampler, build_sft_rows, concat_examples, load_datasets, pack_examples,
-                          pad_batch)
+from medtune.data import LengthGroupedSampler, build_sft_rows, concat_examples, load_datasets, pack_examples, pad_batch
 from medtune.losses import causal_lm_loss_sum
 from medtune.recipe import load_recipe
 from medtune.templates import IGNORE_INDEX
 from medtune.train import forward_logits
-
-from conftest import SMALL_RECIPE, write_recipe
 
 
 @pytest.fixture
@@ -26,8 +24,9 @@ def lora_model(tiny_base):
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_base, attn_implementation="sdpa")
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
-                                             init_lora_weights=False))
+    model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", init_lora_weights=False)
+    )
     return model
 
 
@@ -49,7 +48,9 @@ def test_packed_loss_and_gradients_equal_unpacked(recipe, tokenizer, tiny_base):
     assert len(packed) < len(examples)
     model = lora_model(tiny_base)
     pad = tokenizer.pad_token_id
-    unpacked_loss, unpacked_grads = loss_and_grads(model, [pad_batch(examples[i:i + 4], pad) for i in range(0, 12, 4)])
+    unpacked_loss, unpacked_grads = loss_and_grads(
+        model, [pad_batch(examples[i : i + 4], pad) for i in range(0, 12, 4)]
+    )
     packed_loss, packed_grads = loss_and_grads(model, [pad_batch(packed, pad)])
     assert torch.allclose(packed_loss, unpacked_loss, rtol=1e-5)
     for name, grad in unpacked_grads.items():
@@ -70,12 +71,13 @@ def test_packing_masks_boundaries_and_keeps_every_token():
     packed = pack_examples(examples, 2048)
     assert all(len(r["input_ids"]) <= 2048 for r in packed)
     assert sum(len(r["input_ids"]) for r in packed) == sum(len(e["input_ids"]) for e in examples)
-    assert sum(sum(l != IGNORE_INDEX for l in r["labels"]) for r in packed) == \
-        sum(sum(l != IGNORE_INDEX for l in e["labels"][1:]) for e in examples)
+    assert sum(sum(item != IGNORE_INDEX for item in r["labels"]) for r in packed) == sum(
+        sum(item != IGNORE_INDEX for item in e["labels"][1:]) for e in examples
+    )
     for row in packed:
         starts = [i for i, p in enumerate(row["position_ids"]) if p == 0]
         assert all(row["labels"][i] == IGNORE_INDEX for i in starts)  # nothing predicted across a boundary
-    batches = [pad_batch(packed[i:i + 4], 0) for i in range(0, len(packed), 4)]
+    batches = [pad_batch(packed[i : i + 4], 0) for i in range(0, len(packed), 4)]
     processed = sum(b["input_ids"].numel() for b in batches)
     real = sum(len(e["input_ids"]) for e in examples)
     assert real / processed >= 0.95, real / processed
@@ -93,7 +95,7 @@ def test_length_grouped_sampler_is_a_seeded_permutation_with_less_padding():
     assert list(sampler) != epoch0
 
     def padded(order):
-        return sum(8 * max(lengths[i] for i in order[s:s + 8]) for s in range(0, len(order), 8))
+        return sum(8 * max(lengths[i] for i in order[s : s + 8]) for s in range(0, len(order), 8))
 
     shuffled = list(range(512))
     random.Random(0).shuffle(shuffled)
@@ -120,7 +122,15 @@ def test_training_with_packing(tmp_path):
     from medtune.train import train
 
     path = write_recipe(tmp_path / "r.yaml", SMALL_RECIPE)
-    recipe = load_recipe(path, [f"output.dir={tmp_path / 'run'}", "train.max_steps=6", "data.packing=true",
-                                "data.max_length=256", "train.save_steps=0"])
+    recipe = load_recipe(
+        path,
+        [
+            f"output.dir={tmp_path / 'run'}",
+            "train.max_steps=6",
+            "data.packing=true",
+            "data.max_length=256",
+            "train.save_steps=0",
+        ],
+    )
     info = train(recipe).run.read_info()
     assert info["finished"] and info["final_loss"] < info["first_loss"]

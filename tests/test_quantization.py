@@ -2,12 +2,11 @@
 
 import pytest
 import torch
+from conftest import REPO, SMALL_RECIPE, write_recipe
 
 from medtune.merge import merge
 from medtune.recipe import RecipeError, load_recipe
 from medtune.train import train
-
-from conftest import REPO, SMALL_RECIPE, write_recipe
 
 
 def dequantized_copy(quantized, full_base):
@@ -23,7 +22,7 @@ def dequantized_copy(quantized, full_base):
         elif kind == "Linear8bitLt":
             weights[f"{name}.weight"] = bnbf.int8_vectorwise_dequant(module.weight.data, module.weight.SCB).float()
     model = AutoModelForCausalLM.from_pretrained(full_base)
-    model.load_state_dict(weights, strict=False)
+    model.load_state_dict(weights, strict=True)
     return model.eval()
 
 
@@ -35,8 +34,15 @@ def test_qlora_trains_only_the_adapter_and_merges_into_the_full_base(tmp_path, t
     from medtune.model import load_base_model
 
     path = write_recipe(tmp_path / "r.yaml", SMALL_RECIPE)
-    recipe = load_recipe(path, [f"output.dir={tmp_path / 'run'}", "train.max_steps=12", "train.save_steps=6",
-                                f"model.quantization={{bits: {bits}, compute_dtype: fp32}}"])
+    recipe = load_recipe(
+        path,
+        [
+            f"output.dir={tmp_path / 'run'}",
+            "train.max_steps=12",
+            "train.save_steps=6",
+            f"model.quantization={{bits: {bits}, compute_dtype: fp32}}",
+        ],
+    )
     result = train(recipe)
     quantized = [m for m in result.model.modules() if type(m).__name__ == layer]
     assert quantized, f"no {layer} layer: the base was not quantized"
@@ -52,10 +58,14 @@ def test_qlora_trains_only_the_adapter_and_merges_into_the_full_base(tmp_path, t
     # reproduces the quantized base + adapter. Tolerance 1% of the logit scale: bitsandbytes' CPU
     # kernels compute 4-bit matmuls through bf16 (relative precision 2^-8) and LLM.int8 quantizes
     # activations to int8 (1/127); measured gaps are 0.2-0.6% of the largest logit.
-    trained = PeftModel.from_pretrained(load_base_model(info["base_model"], recipe.model, "fp32"),
-                                        str(result.run.adapter_dir)).eval()
-    dequantized = PeftModel.from_pretrained(dequantized_copy(trained.base_model.model, tiny_base),
-                                            str(result.run.adapter_dir)).merge_and_unload().eval()
+    trained = PeftModel.from_pretrained(
+        load_base_model(info["base_model"], recipe.model, "fp32"), str(result.run.adapter_dir)
+    ).eval()
+    dequantized = (
+        PeftModel.from_pretrained(dequantized_copy(trained.base_model.model, tiny_base), str(result.run.adapter_dir))
+        .merge_and_unload()
+        .eval()
+    )
     ids = torch.tensor([[1] + list(range(100, 140))])
     with torch.no_grad():
         reference = trained(input_ids=ids).logits
@@ -71,4 +81,10 @@ def test_qlora_trains_only_the_adapter_and_merges_into_the_full_base(tmp_path, t
 def test_8bit_with_zero3_is_refused_early(tmp_path):
     path = write_recipe(tmp_path / "r.yaml", SMALL_RECIPE)
     with pytest.raises(RecipeError, match="8-bit weights cannot be sharded by ZeRO-3"):
-        load_recipe(path, ["model.quantization={bits: 8, compute_dtype: fp32}", f"train.deepspeed={REPO / 'ds_configs' / 'zero3.json'}"])
+        load_recipe(
+            path,
+            [
+                "model.quantization={bits: 8, compute_dtype: fp32}",
+                f"train.deepspeed={REPO / 'ds_configs' / 'zero3.json'}",
+            ],
+        )

@@ -8,11 +8,12 @@ import json
 import shutil
 
 import pytest
-
 from references import ALPACA2_PROMPT, DATA, TOKENIZERS, LegacyLlamaTokenizer, chatmed_texts
 
-pytestmark = pytest.mark.skipif(not (TOKENIZERS / "chinese_llama2").is_dir() or not DATA.is_dir(),
-                                reason="../shared/tokenizers and ../shared/data are needed")
+pytestmark = pytest.mark.skipif(
+    not (TOKENIZERS / "chinese_llama2").is_dir() or not DATA.is_dir(),
+    reason="../shared/tokenizers and ../shared/data are needed",
+)
 SYSTEM = "你是一名经验丰富的全科医生。"
 
 
@@ -23,9 +24,17 @@ def tiny_llama_with_tokenizer(out, tokenizer_dir) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     vocab = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer_dir / "tokenizer.model")).get_piece_size()
-    config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, bos_token_id=1, eos_token_id=2,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
     for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
@@ -46,13 +55,18 @@ def real_run(tmp_path_factory):
     pairs = chatmed_texts(8)
     with (home / "train.jsonl").open("w", encoding="utf-8") as handle:
         for i, (q, a) in enumerate(pairs):
-            record = {"id": f"r{i}", "source": "chatmed-consult",
-                      "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+            record = {
+                "id": f"r{i}",
+                "source": "chatmed-consult",
+                "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+            }
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
     (home / "r.yaml").write_text(
         "model: {base: base, dtype: fp32}\nlora: {r: 4, alpha: 8}\n"
         f"data: {{train_files: [train.jsonl], template: llama2_zh, system_prompt: {SYSTEM}, max_length: 256}}\n"
-        "train: {max_steps: 2, per_device_batch_size: 2, logging_steps: 1}\noutput: {dir: run}\n", encoding="utf-8")
+        "train: {max_steps: 2, per_device_batch_size: 2, logging_steps: 1}\noutput: {dir: run}\n",
+        encoding="utf-8",
+    )
     cwd = os.getcwd()
     try:
         os.chdir(home)
@@ -84,9 +98,9 @@ def test_train_predict_serve_ids_agree_with_the_slow_tokenizer(real_run):
     from_merged = load_model_for_inference(str(merged), "fp32", None)
     served = AutoTokenizer.from_pretrained(merged)
     slow = LegacyLlamaTokenizer(TOKENIZERS / "chinese_llama2" / "tokenizer.model")
-    for (q, _), row in zip(pairs, rows):
+    for (q, _), row in zip(pairs, rows, strict=True):
         messages = [{"role": "user", "content": q}]
-        trained_prompt = row["input_ids"][:next(i for i, l in enumerate(row["labels"]) if l != IGNORE_INDEX)]
+        trained_prompt = row["input_ids"][: next(i for i, item in enumerate(row["labels"]) if item != IGNORE_INDEX)]
         reference = slow(ALPACA2_PROMPT.format(system=SYSTEM, instruction=q))
         assert trained_prompt == reference
         assert from_run.prompt_ids(messages) == reference
@@ -100,9 +114,16 @@ def test_predict_from_the_merged_model_decodes(real_run, tmp_path):
 
     home, _, pairs, merged = real_run
     data = tmp_path / "prompts.jsonl"
-    data.write_text("".join(json.dumps({"id": f"p{i}", "source": "t", "messages": [
-        {"role": "user", "content": q}]}, ensure_ascii=False) + "\n" for i, (q, _) in enumerate(pairs[:3])),
-        encoding="utf-8")
+    data.write_text(
+        "".join(
+            json.dumps(
+                {"id": f"p{i}", "source": "t", "messages": [{"role": "user", "content": q}]}, ensure_ascii=False
+            )
+            + "\n"
+            for i, (q, _) in enumerate(pairs[:3])
+        ),
+        encoding="utf-8",
+    )
     out = tmp_path / "pred.jsonl"
     assert predict(str(merged), data, out, batch_size=2, max_new_tokens=4, progress=False) == 3
     rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]

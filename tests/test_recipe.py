@@ -1,12 +1,10 @@
 """Recipes: strict for what a person writes, tolerant for what a program wrote."""
 
-
 import pytest
+from conftest import REPO, SMALL_RECIPE, write_recipe
 
 from medtune.recipe import RecipeError, load_recipe
 from medtune.train import main as train_main
-
-from conftest import REPO, SMALL_RECIPE, write_recipe
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
@@ -21,7 +19,7 @@ def test_misspelt_key_names_file_line_and_suggestion(tmp_path):
     with pytest.raises(RecipeError) as info:
         load_recipe(path)
     message = str(info.value)
-    line = next(i for i, l in enumerate(path.read_text().splitlines(), 1) if "leraning_rate" in l)
+    line = next(i for i, item in enumerate(path.read_text().splitlines(), 1) if "leraning_rate" in item)
     assert f"{path}:{line}" in message
     assert "train.leraning_rate: unknown key; did you mean learning_rate?" in message
 
@@ -29,7 +27,8 @@ def test_misspelt_key_names_file_line_and_suggestion(tmp_path):
 def test_train_command_exits_nonzero_before_loading_a_model(tmp_path, capsys):
     # The base does not exist: had anything tried to load it, the error would be a different one.
     text = SMALL_RECIPE.replace("base: tiny-llama", "base: /nonexistent/model").replace(
-        "learning_rate: 3e-3", "leraning_rate: 1e-4")
+        "learning_rate: 3e-3", "leraning_rate: 1e-4"
+    )
     path = write_recipe(tmp_path / "r.yaml", text)
     assert train_main([str(path)]) == 2
     err = capsys.readouterr().err
@@ -41,14 +40,17 @@ def test_scientific_notation_without_dot_is_a_float(small_recipe):
     assert load_recipe(small_recipe).train.learning_rate == pytest.approx(3e-3)
 
 
-@pytest.mark.parametrize("old,new,expected", [
-    ("max_steps: 12", "max_steps: twelve", "train.max_steps: expected int"),
-    ("template: chatmed", "template: chatmd", "did you mean chatmed?"),
-    ("dtype: fp32", "dtype: float32", "model.dtype: 'float32' is not one of"),
-    ("eval_ratio: 0.1", "eval_ratio: 1.5", "data.eval_ratio"),
-    ("target_modules: all-linear", "target_modules: all", "lora.target_modules"),
-    ("  seed: 7", "  seed: 7\n  seed: 8", "duplicate key"),
-])
+@pytest.mark.parametrize(
+    "old,new,expected",
+    [
+        ("max_steps: 12", "max_steps: twelve", "train.max_steps: expected int"),
+        ("template: chatmed", "template: chatmd", "did you mean chatmed?"),
+        ("dtype: fp32", "dtype: float32", "model.dtype: 'float32' is not one of"),
+        ("eval_ratio: 0.1", "eval_ratio: 1.5", "data.eval_ratio"),
+        ("target_modules: all-linear", "target_modules: all", "lora.target_modules"),
+        ("  seed: 7", "  seed: 7\n  seed: 8", "duplicate key"),
+    ],
+)
 def test_bad_values_fail_with_the_key(tmp_path, old, new, expected):
     path = write_recipe(tmp_path / "r.yaml", SMALL_RECIPE.replace(old, new))
     with pytest.raises(RecipeError, match=expected):
@@ -67,7 +69,7 @@ def test_saved_recipe_round_trips_and_tolerates_unknown_keys(small_recipe, tmp_p
     saved = write_recipe(tmp_path / "saved.yaml", recipe.to_yaml() + "future_group:\n  x: 1\n")
     with pytest.raises(RecipeError):
         load_recipe(saved)
-    assert load_recipe(saved, strict=False) == recipe
+    assert load_recipe(saved, strict=True) == recipe
 
 
 def test_missing_data_file_is_named_before_anything_loads(small_recipe, capsys):

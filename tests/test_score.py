@@ -4,31 +4,84 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from medtune.score import metrics
-from medtune.score.promptcblue import TASKS, Problems, parse_events, parse_entities, parse_normalization, \
-    parse_relations, parse_report, parse_sts, parse_tree, results_json, score_files, task_of
-
-from conftest import REPO
+from medtune.score.promptcblue import (
+    TASKS,
+    Problems,
+    parse_entities,
+    parse_events,
+    parse_normalization,
+    parse_relations,
+    parse_report,
+    parse_sts,
+    parse_tree,
+    results_json,
+    score_files,
+    task_of,
+)
 
 TOY = REPO.parent / "shared" / "data" / "promptcblue_toy"
 
 NER_CHOICES = ["药物", "临床表现"]
 GOLD = [
-    {"input": "找出药物、临床表现实体：\n服用布洛芬后头痛缓解\n答：", "target": "上述句子中的实体包含：\n药物实体：布洛芬\n临床表现实体：头痛",
-     "answer_choices": NER_CHOICES, "task_type": "ner", "task_dataset": "CMeEE-V2", "sample_id": "s1"},
-    {"input": "关系抽取\n答：", "target": "具有药物治疗关系的头尾实体对如下：头实体为感冒，尾实体为布洛芬。",
-     "answer_choices": ["药物治疗"], "task_type": "spo_generation", "task_dataset": "CMeIE", "sample_id": "s2"},
-    {"input": "意图\n答：", "target": "治疗方案", "answer_choices": ["治疗方案", "病因分析"], "task_type": "cls",
-     "task_dataset": "KUAKE-QIC", "sample_id": "s3"},
-    {"input": "意图\n答：", "target": "病因分析", "answer_choices": ["治疗方案", "病因分析"], "task_type": "cls",
-     "task_dataset": "KUAKE-QIC", "sample_id": "s4"},
-    {"input": "回复\n答：", "target": "建议多喝水，注意休息。", "answer_choices": None, "task_type": "response_generation",
-     "task_dataset": "MedDG", "sample_id": "s5"},
-    {"input": "报告\n答：", "target": "上述问诊对话的诊疗报告如下：\n主诉：发热。\n现病史：发热两天。\n辅助检查：暂缺。\n既往史：不详。\n诊断：上呼吸道感染。\n建议：多饮水。",
-     "answer_choices": None, "task_type": "report_generation", "task_dataset": "IMCS-V2-MRG", "sample_id": "s6"},
-    {"input": "是否相同\n答：", "target": "是的", "answer_choices": ["是的", "不是"], "task_type": "cls",
-     "task_dataset": "CHIP-STS", "sample_id": "s7"},
+    {
+        "input": "找出药物、临床表现实体：\n服用布洛芬后头痛缓解\n答：",
+        "target": "上述句子中的实体包含：\n药物实体：布洛芬\n临床表现实体：头痛",
+        "answer_choices": NER_CHOICES,
+        "task_type": "ner",
+        "task_dataset": "CMeEE-V2",
+        "sample_id": "s1",
+    },
+    {
+        "input": "关系抽取\n答：",
+        "target": "具有药物治疗关系的头尾实体对如下：头实体为感冒，尾实体为布洛芬。",
+        "answer_choices": ["药物治疗"],
+        "task_type": "spo_generation",
+        "task_dataset": "CMeIE",
+        "sample_id": "s2",
+    },
+    {
+        "input": "意图\n答：",
+        "target": "治疗方案",
+        "answer_choices": ["治疗方案", "病因分析"],
+        "task_type": "cls",
+        "task_dataset": "KUAKE-QIC",
+        "sample_id": "s3",
+    },
+    {
+        "input": "意图\n答：",
+        "target": "病因分析",
+        "answer_choices": ["治疗方案", "病因分析"],
+        "task_type": "cls",
+        "task_dataset": "KUAKE-QIC",
+        "sample_id": "s4",
+    },
+    {
+        "input": "回复\n答：",
+        "target": "建议多喝水，注意休息。",
+        "answer_choices": None,
+        "task_type": "response_generation",
+        "task_dataset": "MedDG",
+        "sample_id": "s5",
+    },
+    {
+        "input": "报告\n答：",
+        "target": "上述问诊对话的诊疗报告如下：\n主诉：发热。\n现病史：发热两天。\n辅助检查：暂缺。\n既往史：不详。\n诊断：上呼吸道感染。\n建议：多饮水。",  # noqa: E501
+        "answer_choices": None,
+        "task_type": "report_generation",
+        "task_dataset": "IMCS-V2-MRG",
+        "sample_id": "s6",
+    },
+    {
+        "input": "是否相同\n答：",
+        "target": "是的",
+        "answer_choices": ["是的", "不是"],
+        "task_type": "cls",
+        "task_dataset": "CHIP-STS",
+        "sample_id": "s7",
+    },
 ]
 
 
@@ -75,7 +128,9 @@ def test_classification_uses_sklearn_averages_over_union_of_labels():
 
 def test_parsers_reproduce_official_quirks():
     # NER: a half-width colon is not cleaned: one junk mention, as officially
-    assert parse_entities("药物实体:布洛芬,对乙酰氨基酚", ["药物"]) == [{"entity": "药物实体:布洛芬,对乙酰氨基酚", "type": "药物"}]
+    assert parse_entities("药物实体:布洛芬,对乙酰氨基酚", ["药物"]) == [
+        {"entity": "药物实体:布洛芬,对乙酰氨基酚", "type": "药物"}
+    ]
     # CMeIE: a space after "，" breaks the pair
     assert parse_relations("具有药物治疗关系的头尾实体对如下：头实体为A， 尾实体为B。", ["药物治疗"]) == []
     # CDN: only the last line counts, only terms among the options
@@ -83,14 +138,21 @@ def test_parsers_reproduce_official_quirks():
     assert parse_normalization("胃炎\n", ["胃炎"]) == []
     # CDEE: the first line is dropped unconditionally; a blank line is an all-empty event
     events = parse_events("标题\n主体词：疼痛；发生状态：；描述词：剧烈，持续；解剖部位：腹部\n", None)
-    assert events == [{"主体词": "疼痛", "发生状态": "", "描述词": ["剧烈", "持续"], "解剖部位": ["腹部"]},
-                      {"主体词": "", "发生状态": "", "描述词": [], "解剖部位": []}]
+    assert events == [
+        {"主体词": "疼痛", "发生状态": "", "描述词": ["剧烈", "持续"], "解剖部位": ["腹部"]},
+        {"主体词": "", "发生状态": "", "描述词": [], "解剖部位": []},
+    ]
     assert parse_sts(" 相同 ", None) == "是的"
     report = parse_report("报告\n主诉：咳嗽\n诊断: 感冒", None)
     assert report == {"主诉": "咳嗽"}  # half-width colon → the section is missing
-    tree = parse_tree("根据给定的指南文本抽取的诊疗决策树\n节点0：role=D；logical_rel=null；triples=[['A', '治疗药物', 'B'], ['x']]", None)
+    tree = parse_tree(
+        "根据给定的指南文本抽取的诊疗决策树\n节点0：role=D；logical_rel=null；triples=[['A', '治疗药物', 'B'], ['x']]",
+        None,
+    )
     assert tree == [{"role": "D", "logical_rel": "null", "triples": [["A", "治疗药物", "B"]]}]
-    assert parse_tree("节点0：role=D；logical_rel=null；triples=__import__('os')", None)[0]["triples"] == []  # never eval()
+    assert (
+        parse_tree("节点0：role=D；logical_rel=null；triples=__import__('os')", None)[0]["triples"] == []
+    )  # never eval()
 
 
 def test_text2dt_edit_ratio():
@@ -133,7 +195,9 @@ def test_toy_dev_top_score_and_official_empty_scores(tmp_path):
     dev = TOY / "dev.json"
     report = score_files(dev, dev)
     assert len(report.per_task) == 16 and all(v == pytest.approx(100, abs=1e-6) for v in report.per_task.values())
-    empty = write(tmp_path / "empty.jsonl", [{**json.loads(l), "target": ""} for l in dev.read_text().splitlines()])
+    empty = write(
+        tmp_path / "empty.jsonl", [{**json.loads(item), "target": ""} for item in dev.read_text().splitlines()]
+    )
     scores = score_files(empty, dev).per_task
     assert round(scores["MedDG"], 1) == 6.0 and round(scores["IMCS-V2-MRG"], 1) == 32.4
     assert scores["CHIP-CTC"] == 100 and scores["IMCS-V2-DAC"] == 100

@@ -4,26 +4,33 @@ import json
 import math
 
 import pytest
+from conftest import DEMO_DATA, SMALL_RECIPE, write_recipe
 
 from medtune.merge import merge
 from medtune.recipe import load_recipe
 from medtune.train import train
-
-from conftest import DEMO_DATA, SMALL_RECIPE, write_recipe
 
 
 @pytest.fixture(scope="module")
 def corpora(tmp_path_factory):
     """Text and preference records made from the demo conversations."""
     tmp = tmp_path_factory.mktemp("stages")
-    records = [json.loads(l) for l in DEMO_DATA.read_text(encoding="utf-8").splitlines()]
+    records = [json.loads(item) for item in DEMO_DATA.read_text(encoding="utf-8").splitlines()]
     texts, pairs = [], []
     for i, r in enumerate(records):
         answer = r["messages"][1]["content"]
         texts.append({"id": f"t{i}", "source": "test", "text": r["messages"][0]["content"] + answer})
         other = records[(i + 7) % len(records)]["messages"][1]["content"]
-        pairs.append({"id": f"p{i}", "source": "test", "messages": r["messages"][:1], "chosen": answer,
-                      "rejected": other, "meta": {}})
+        pairs.append(
+            {
+                "id": f"p{i}",
+                "source": "test",
+                "messages": r["messages"][:1],
+                "chosen": answer,
+                "rejected": other,
+                "meta": {},
+            }
+        )
     text_file, pair_file = tmp / "text.jsonl", tmp / "pairs.jsonl"
     text_file.write_text("".join(json.dumps(t, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
     pair_file.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs), encoding="utf-8")
@@ -32,8 +39,17 @@ def corpora(tmp_path_factory):
 
 def run_stage(tmp_path, name, stage, data, base="tiny-llama", steps=8, extra=()):
     path = write_recipe(tmp_path / f"{name}.yaml", SMALL_RECIPE.replace("base: tiny-llama", f"base: {base}"))
-    recipe = load_recipe(path, [f"train.stage={stage}", f"data.train_files=[{data}]", f"output.dir={tmp_path / name}",
-                                f"train.max_steps={steps}", "train.save_steps=0", *extra])
+    recipe = load_recipe(
+        path,
+        [
+            f"train.stage={stage}",
+            f"data.train_files=[{data}]",
+            f"output.dir={tmp_path / name}",
+            f"train.max_steps={steps}",
+            "train.save_steps=0",
+            *extra,
+        ],
+    )
     return train(recipe)
 
 

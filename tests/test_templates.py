@@ -2,10 +2,20 @@
 
 import pytest
 
-from medtune.templates import IGNORE_INDEX, TEMPLATES, encode_conversation, get_template, jinja_chat_template, render_text
+from medtune.templates import (
+    IGNORE_INDEX,
+    TEMPLATES,
+    encode_conversation,
+    get_template,
+    jinja_chat_template,
+    render_text,
+)
 
 ONE_TURN = [{"role": "user", "content": "头痛怎么办？"}, {"role": "assistant", "content": "多休息，必要时就医。"}]
-TWO_TURNS = ONE_TURN + [{"role": "user", "content": "需要吃药吗？"}, {"role": "assistant", "content": "可以服用布洛芬。"}]
+TWO_TURNS = ONE_TURN + [
+    {"role": "user", "content": "需要吃药吗？"},
+    {"role": "assistant", "content": "可以服用布洛芬。"},
+]
 
 
 def enc(tokenizer, text):
@@ -40,25 +50,32 @@ def test_llama2_zh_puts_system_inside_first_inst_and_bos_every_turn(tokenizer):
     template = get_template("llama2_zh")
     messages = [{"role": "system", "content": "你是医生。"}] + TWO_TURNS
     text = render_text(template, messages, "<s>", "</s>")
-    assert text == ("<s>[INST] <<SYS>>\n你是医生。\n<</SYS>>\n\n头痛怎么办？ [/INST] 多休息，必要时就医。</s>"
-                    "<s>[INST] 需要吃药吗？ [/INST] 可以服用布洛芬。</s>")
+    assert text == (
+        "<s>[INST] <<SYS>>\n你是医生。\n<</SYS>>\n\n头痛怎么办？ [/INST] 多休息，必要时就医。</s>"
+        "<s>[INST] 需要吃药吗？ [/INST] 可以服用布洛芬。</s>"
+    )
     ids, _ = encode_conversation(tokenizer, template, messages)
     assert ids.count(tokenizer.bos_token_id) == 2 and ids.count(tokenizer.eos_token_id) == 2
 
 
 def test_chinese_alpaca_and_chatml_text():
     alpaca = render_text(get_template("chinese_alpaca"), ONE_TURN, "<s>", "</s>")
-    assert alpaca == ("<s>Below is an instruction that describes a task. Write a response that appropriately "
-                      "completes the request.\n\n### Instruction:\n头痛怎么办？\n\n### Response: 多休息，必要时就医。</s>")
+    assert alpaca == (
+        "<s>Below is an instruction that describes a task. Write a response that appropriately "
+        "completes the request.\n\n### Instruction:\n头痛怎么办？\n\n### Response: 多休息，必要时就医。</s>"
+    )
     chatml = render_text(get_template("chatml"), TWO_TURNS, "<s>", "</s>")
-    assert chatml.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n头痛怎么办？")
+    assert chatml.startswith(
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n头痛怎么办？"
+    )
     assert "多休息，必要时就医。<|im_end|>\n<|im_start|>user\n需要吃药吗？" in chatml  # no EOS after <|im_end|>
     assert "</s>" not in chatml
 
 
 @pytest.mark.parametrize("name", sorted(TEMPLATES))
-@pytest.mark.parametrize("messages", [ONE_TURN, TWO_TURNS, TWO_TURNS[:3],
-                                      [{"role": "system", "content": "你是一名全科医生。"}] + TWO_TURNS])
+@pytest.mark.parametrize(
+    "messages", [ONE_TURN, TWO_TURNS, TWO_TURNS[:3], [{"role": "system", "content": "你是一名全科医生。"}] + TWO_TURNS]
+)
 def test_saved_chat_template_renders_the_training_format(tokenizer, name, messages):
     template = get_template(name)
     tokenizer.chat_template = jinja_chat_template(template)

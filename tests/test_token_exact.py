@@ -6,11 +6,10 @@ Skipped cleanly when ../shared (the real tokenizers and samples) is absent.
 from __future__ import annotations
 
 import pytest
-
 from references import (
+    ALPACA2_PROMPT,
     ALPACA2_SYSTEM,
     ALPACA_PROMPT,
-    ALPACA2_PROMPT,
     DATA,
     TOKENIZERS,
     LegacyLlamaTokenizer,
@@ -23,8 +22,10 @@ from references import (
     zhongjing_ziya,
 )
 
-pytestmark = pytest.mark.skipif(not (TOKENIZERS / "llama").is_dir() or not DATA.is_dir(),
-                                reason="../shared/tokenizers and ../shared/data are needed")
+pytestmark = pytest.mark.skipif(
+    not (TOKENIZERS / "llama").is_dir() or not DATA.is_dir(),
+    reason="../shared/tokenizers and ../shared/data are needed",
+)
 REAL = ["llama", "chinese_llama2"]
 
 
@@ -47,7 +48,7 @@ def test_sentencepiece_tokenization_equals_sentencepiece(real):
     tokenizer, reference = real
     texts = real_texts()
     ours = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    differences = sum(a != reference.sp.encode(t) for a, t in zip(ours, texts))
+    differences = sum(a != reference.sp.encode(t) for a, t in zip(ours, texts, strict=True))
     print(f"{tokenizer.name_or_path}: {len(texts)} real texts, {differences} differ from sentencepiece")
     assert len(texts) >= 200 and differences == 0
 
@@ -94,7 +95,7 @@ def test_llama2_zh_equals_build_dataset_and_demo(real, system):
         assert prompt == alpaca2_demo_prompt(reference, turns[:-1], turns[-1][0], system or ALPACA2_SYSTEM)
         ids, labels = encode_conversation(tokenizer, template, messages)
         assert ids == prompt + reference(turns[-1][1] + "</s>", add_special_tokens=False)
-        replies = [t for t, label in zip(ids, labels) if label != IGNORE_INDEX]
+        replies = [t for t, label in zip(ids, labels, strict=True) if label != IGNORE_INDEX]
         assert replies == [t for _, a in turns for t in reference(a + "</s>", add_special_tokens=False)]
 
 
@@ -133,11 +134,19 @@ def qwen_like_tokenizer():
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(vocab_size=2000, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=2000,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     bpe.train_from_iterator(real_texts(), trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                                   additional_special_tokens=specials[1:])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=specials[1:],
+    )
 
 
 def test_chatml_has_no_eos_after_im_end_and_matches_qwen():
@@ -156,7 +165,7 @@ def test_chatml_has_no_eos_after_im_end_and_matches_qwen():
             expected += [start] + enc(message["role"] + "\n" + message["content"]) + [end] + newline
         assert ids == expected
         assert tokenizer.eos_token_id not in ids
-        trained = [t for t, label in zip(ids, labels) if label != IGNORE_INDEX]
+        trained = [t for t, label in zip(ids, labels, strict=True) if label != IGNORE_INDEX]
         assert trained == [t for _, a in turns for t in enc(a) + [end] + newline]
     assert stop_token_ids(tokenizer, get_template("chatml")) == [tokenizer.eos_token_id, end]
 
@@ -188,8 +197,9 @@ def test_saved_tokenizer_gives_the_training_prompt_ids(real, tmp_path, name, sys
         for n in (1, len(turns)) if with_history else (1,):
             messages = as_messages(turns[:n])[:-1]
             prompt, _ = encode_conversation(tokenizer, template, messages, system)
-            rendered = saved.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                 return_dict=True)["input_ids"]
+            rendered = saved.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=True
+            )["input_ids"]
             if name == "ziya" and system:  # Zhongjing encodes the system prompt and its "\n" apart
                 assert rendered != prompt
                 continue

@@ -74,8 +74,17 @@ def test_checkpointing_bf16_and_offline_wandb(tmp_path, capfd, monkeypatch):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_API_KEY", "secret-key-0123456789abcdef0123456789abcdef")
     path = write_recipe(tmp_path / "r.yaml", SMALL_RECIPE)
-    recipe = load_recipe(path, [f"output.dir={tmp_path / 'run'}", "train.max_steps=3", "train.save_steps=0",
-                                "train.gradient_checkpointing=true", "model.dtype=bf16", "train.report_to=wandb"])
+    recipe = load_recipe(
+        path,
+        [
+            f"output.dir={tmp_path / 'run'}",
+            "train.max_steps=3",
+            "train.save_steps=0",
+            "train.gradient_checkpointing=true",
+            "model.dtype=bf16",
+            "train.report_to=wandb",
+        ],
+    )
     result = train(recipe)
     info = result.run.read_info()
     assert info["finished"] and info["dtype"] == "bf16"

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from typing import Sequence
+from collections.abc import Sequence
 
 EMPTY_TEXT = "无 。"  # what the official evaluator scores in place of an empty text
 
@@ -101,8 +101,8 @@ def rouge_l(prediction: str, reference: str) -> float:
 def rouge_n(prediction: str, reference: str, n: int) -> float:
     """ROUGE-N over *distinct* n-grams, as rouge_chinese counts them (reported, not ranked on)."""
     hyp, ref = char_tokens(prediction), char_tokens(reference)
-    h = {tuple(hyp[i:i + n]) for i in range(len(hyp) - n + 1)}
-    r = {tuple(ref[i:i + n]) for i in range(len(ref) - n + 1)}
+    h = {tuple(hyp[i : i + n]) for i in range(len(hyp) - n + 1)}
+    r = {tuple(ref[i : i + n]) for i in range(len(ref) - n + 1)}
     return _f(len(h & r), len(h), len(r))
 
 
@@ -206,6 +206,7 @@ def tree_edit_ratio(gold: Sequence[list[dict]], pred: Sequence[list[dict]]) -> f
 
 def sections_rouge_l(gold: Sequence[dict[str, str]], pred: Sequence[dict[str, str]]) -> float:
     """IMCS-V2-MRG: ROUGE-L pooled over every (sample, gold section) pair; extra predicted sections ignored."""
-    pairs = [(p.get(key, "").strip(), text.strip()) for g, p in zip(gold, pred, strict=True) for key, text in g.items()]
+    pairs = [
+        (p.get(key, "").strip(), text.strip()) for g, p in zip(gold, pred, strict=True) for key, text in g.items()
+    ]
     return mean_rouge_l(pairs)
-

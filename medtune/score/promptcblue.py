@@ -18,10 +18,12 @@ from __future__ import annotations
 import ast
 import json
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from medtune.console import MedtuneError
 from medtune.score import metrics
 
 Parser = Callable[[str, list | None], Any]
@@ -56,8 +58,13 @@ def parse_relations(text: str, choices: list | None) -> list[dict]:
             parts = piece.split("，尾实体为")
             if len(parts) < 2:
                 continue
-            triples.append({"predicate": predicate, "subject": parts[0].replace("头实体为", "").strip(),
-                            "object": parts[1].replace("尾实体为", "").strip()})
+            triples.append(
+                {
+                    "predicate": predicate,
+                    "subject": parts[0].replace("头实体为", "").strip(),
+                    "object": parts[1].replace("尾实体为", "").strip(),
+                }
+            )
     return triples
 
 
@@ -81,7 +88,9 @@ def parse_events(text: str, choices: list | None) -> list[dict]:
             for key in EVENT_KEYS:
                 if piece.startswith(f"{key}："):
                     value = piece.replace(f"{key}：", "").strip()
-                    event[key] = [v.strip() for v in value.split("，") if v.strip()] if key in ("描述词", "解剖部位") else value
+                    event[key] = (
+                        [v.strip() for v in value.split("，") if v.strip()] if key in ("描述词", "解剖部位") else value
+                    )
                     piece = value
         events.append({key: event.get(key, [] if key in ("描述词", "解剖部位") else "") for key in EVENT_KEYS})
     return events
@@ -130,7 +139,7 @@ def parse_report(text: str, choices: list | None) -> dict[str, str]:
 def parse_causal(text: str, choices: list | None) -> list[dict]:
     """CMedCausal: header lines set the relation; data lines `头实体：A；尾实体：B` (or a nested tail triple)."""
     triples, relation = [], None
-    for line in (l.strip() for l in text.split("\n")):
+    for line in (item.strip() for item in text.split("\n")):
         if "因果关系三元组如下" in line:
             relation = "因果关系"
             continue
@@ -160,9 +169,17 @@ def parse_causal(text: str, choices: list | None) -> list[dict]:
         inner = tail.split("；关系：")[1].split("；关系：")[0]
         if inner != "因果关系":
             raise ValueError(f"CMedCausal: a conditional tail must be a 因果关系, got {inner!r}")
-        triples.append({"predicate": relation, "subject": head, "object": {
-            "predicate": inner, "subject": tail.split("头实体：")[1].split("；尾实体：")[0],
-            "object": tail.split("；尾实体：")[1].split("；关系：")[0]}})
+        triples.append(
+            {
+                "predicate": relation,
+                "subject": head,
+                "object": {
+                    "predicate": inner,
+                    "subject": tail.split("头实体：")[1].split("；尾实体：")[0],
+                    "object": tail.split("；尾实体：")[1].split("；关系：")[0],
+                },
+            }
+        )
     return triples
 
 
@@ -202,41 +219,118 @@ class Task:
 
 
 CTC_LABELS = (
-    "非上述类型", "疾病", "症状(患者感受)", "体征(医生检测）", "怀孕相关", "肿瘤进展", "疾病分期", "过敏耐受",
-    "器官组织状态", "预期寿命", "口腔相关", "药物", "治疗或手术", "设备", "护理", "诊断", "实验室检查", "风险评估",
-    "受体状态", "年龄", "特殊病人特征", "读写能力", "性别", "教育情况", "居住情况", "种族", "知情同意", "参与其它试验",
-    "研究者决定", "能力", "伦理审查", "依存性", "成瘾行为", "睡眠", "锻炼", "饮食", "酒精使用", "性取向", "吸烟状况",
-    "献血", "病例来源", "残疾群体", "健康群体", "数据可及性", "含有多个类别",
+    "非上述类型",
+    "疾病",
+    "症状(患者感受)",
+    "体征(医生检测）",
+    "怀孕相关",
+    "肿瘤进展",
+    "疾病分期",
+    "过敏耐受",
+    "器官组织状态",
+    "预期寿命",
+    "口腔相关",
+    "药物",
+    "治疗或手术",
+    "设备",
+    "护理",
+    "诊断",
+    "实验室检查",
+    "风险评估",
+    "受体状态",
+    "年龄",
+    "特殊病人特征",
+    "读写能力",
+    "性别",
+    "教育情况",
+    "居住情况",
+    "种族",
+    "知情同意",
+    "参与其它试验",
+    "研究者决定",
+    "能力",
+    "伦理审查",
+    "依存性",
+    "成瘾行为",
+    "睡眠",
+    "锻炼",
+    "饮食",
+    "酒精使用",
+    "性取向",
+    "吸烟状况",
+    "献血",
+    "病例来源",
+    "残疾群体",
+    "健康群体",
+    "数据可及性",
+    "含有多个类别",
 )
 DAC_LABELS = (
-    "非上述类型", "关于症状的询问", "关于症状的回答", "关于病因的询问", "关于病因的回答", "关于个人基本信息的询问",
-    "关于个人基本信息的回答", "关于已有检查和治疗的提问", "关于已有检查和治疗的回答", "关于用药建议的提问",
-    "关于用药建议的解答", "关于就医建议的提问", "关于就医建议的解答", "关于注意事项的提问", "关于注意事项的解答", "给出诊断",
+    "非上述类型",
+    "关于症状的询问",
+    "关于症状的回答",
+    "关于病因的询问",
+    "关于病因的回答",
+    "关于个人基本信息的询问",
+    "关于个人基本信息的回答",
+    "关于已有检查和治疗的提问",
+    "关于已有检查和治疗的回答",
+    "关于用药建议的提问",
+    "关于用药建议的解答",
+    "关于就医建议的提问",
+    "关于就医建议的解答",
+    "关于注意事项的提问",
+    "关于注意事项的解答",
+    "给出诊断",
 )
-QIC_LABELS = ("非上述类型", "病情诊断", "病因分析", "治疗方案", "就医建议", "指标解读", "疾病描述", "后果表述",
-              "注意事项", "功效作用", "医疗费用")
+QIC_LABELS = (
+    "非上述类型",
+    "病情诊断",
+    "病因分析",
+    "治疗方案",
+    "就医建议",
+    "指标解读",
+    "疾病描述",
+    "后果表述",
+    "注意事项",
+    "功效作用",
+    "医疗费用",
+)
 
 # In the official evaluator's order (the table prints in this order).
-TASKS: dict[str, Task] = {t.name: t for t in (
-    Task("CMeEE-V2", parse_entities, "extraction"),
-    Task("CMeIE-V2", parse_relations, "extraction"),
-    Task("CHIP-CDN", parse_normalization, "extraction"),
-    Task("CHIP-CDEE", parse_events, "extraction"),
-    Task("IMCS-V2-NER", parse_entities, "extraction"),
-    Task("CHIP-MDCFNPC", make_attribute_parser("不标注"), "extraction"),
-    Task("IMCS-V2-SR", make_attribute_parser("无法根据上下文确定病人是否患有该症状"), "extraction"),
-    Task("IMCS-V2-DAC", parse_label, "macro", DAC_LABELS),
-    Task("IMCS-V2-MRG", parse_report, "report"),
-    Task("CHIP-CTC", parse_label, "macro", CTC_LABELS),
-    Task("CHIP-STS", parse_sts, "weighted", ("是的", "不是")),
-    Task("KUAKE-IR", parse_label, "weighted", ("相关", "不相关")),
-    Task("KUAKE-QIC", parse_label, "macro", QIC_LABELS),
-    Task("KUAKE-QQR", parse_label, "weighted", ("完全一致", "后者是前者的语义子集", "后者是前者的语义父集", "语义无直接关联")),
-    Task("KUAKE-QTR", parse_label, "weighted", ("完全不匹配或者没有参考价值", "很少匹配有一些参考价值", "部分匹配", "完全匹配")),
-    Task("MedDG", parse_label, "rouge"),
-    Task("Text2DT", parse_tree, "tree"),
-    Task("CMedCausal", parse_causal, "extraction"),
-)}
+TASKS: dict[str, Task] = {
+    t.name: t
+    for t in (
+        Task("CMeEE-V2", parse_entities, "extraction"),
+        Task("CMeIE-V2", parse_relations, "extraction"),
+        Task("CHIP-CDN", parse_normalization, "extraction"),
+        Task("CHIP-CDEE", parse_events, "extraction"),
+        Task("IMCS-V2-NER", parse_entities, "extraction"),
+        Task("CHIP-MDCFNPC", make_attribute_parser("不标注"), "extraction"),
+        Task("IMCS-V2-SR", make_attribute_parser("无法根据上下文确定病人是否患有该症状"), "extraction"),
+        Task("IMCS-V2-DAC", parse_label, "macro", DAC_LABELS),
+        Task("IMCS-V2-MRG", parse_report, "report"),
+        Task("CHIP-CTC", parse_label, "macro", CTC_LABELS),
+        Task("CHIP-STS", parse_sts, "weighted", ("是的", "不是")),
+        Task("KUAKE-IR", parse_label, "weighted", ("相关", "不相关")),
+        Task("KUAKE-QIC", parse_label, "macro", QIC_LABELS),
+        Task(
+            "KUAKE-QQR",
+            parse_label,
+            "weighted",
+            ("完全一致", "后者是前者的语义子集", "后者是前者的语义父集", "语义无直接关联"),
+        ),
+        Task(
+            "KUAKE-QTR",
+            parse_label,
+            "weighted",
+            ("完全不匹配或者没有参考价值", "很少匹配有一些参考价值", "部分匹配", "完全匹配"),
+        ),
+        Task("MedDG", parse_label, "rouge"),
+        Task("Text2DT", parse_tree, "tree"),
+        Task("CMedCausal", parse_causal, "extraction"),
+    )
+}
 ALIASES = {"CMeIE": "CMeIE-V2"}
 
 
@@ -251,7 +345,7 @@ def task_score(task: Task, gold: list, pred: list) -> float:
     if task.metric in ("weighted", "macro"):
         return metrics.classification_f1(gold, pred, task.labels[0], task.metric)
     if task.metric == "rouge":
-        return metrics.mean_rouge_l(list(zip(pred, gold)))
+        return metrics.mean_rouge_l(list(zip(pred, gold, strict=True)))
     if task.metric == "report":
         return metrics.sections_rouge_l(gold, pred)
     return metrics.tree_edit_ratio(gold, pred)
@@ -285,8 +379,11 @@ def read_samples(path: Path, problems: Problems) -> list[dict]:
             except json.JSONDecodeError:
                 problems.add("malformed JSON line", f"{path}:{lineno}")
                 continue
-            if not isinstance(sample, dict) or not isinstance(sample.get("task_dataset"), str) \
-                    or not isinstance(sample.get("target", ""), str):
+            if (
+                not isinstance(sample, dict)
+                or not isinstance(sample.get("task_dataset"), str)
+                or not isinstance(sample.get("target", ""), str)
+            ):
                 problems.add("line without task_dataset/target text", f"{path}:{lineno}")
                 continue
             if task_of(sample["task_dataset"]) is None:
@@ -312,8 +409,9 @@ def results_json(predictions: list[dict], problems: Problems) -> dict[str, list[
     results: dict[str, list[dict]] = {name: [] for name in TASKS}
     for sample in predictions:
         task = task_of(sample["task_dataset"])
-        results[task.name].append({"sample_id": sample.get("sample_id", "xxxx"),
-                                   "answer": structure(sample, problems, "prediction")})
+        results[task.name].append(
+            {"sample_id": sample.get("sample_id", "xxxx"), "answer": structure(sample, problems, "prediction")}
+        )
     return results
 
 
@@ -332,11 +430,13 @@ class ScoreReport:
     def table(self) -> str:
         lines = [f"{'task':<14} {'metric':<15} {'n':>6} {'score':>8}"]
         for name, value in self.per_task.items():
-            metric = TASKS[name].score_key[len(name) + 1:]
+            metric = TASKS[name].score_key[len(name) + 1 :]
             lines.append(f"{name:<14} {metric:<15} {self.counts[name]:>6} {value:>8.2f}")
         lines.append(f"{'overall':<14} {'mean of tasks':<15} {sum(self.counts.values()):>6} {self.overall:>8.2f}")
-        lines.append(f"matched {self.matched} of {self.gold_total} gold samples"
-                     f" ({self.gold_total - self.matched} missing, scored as empty)")
+        lines.append(
+            f"matched {self.matched} of {self.gold_total} gold samples"
+            f" ({self.gold_total - self.matched} missing, scored as empty)"
+        )
         if self.problems.counts:
             lines.append("problems: " + "; ".join(f"{n} × {kind}" for kind, n in self.problems.counts.items()))
             lines += [f"  e.g. {example}" for example in self.problems.examples]
@@ -348,8 +448,10 @@ def score_files(pred_path: Path, gold_path: Path) -> ScoreReport:
     problems = Problems()
     gold = read_samples(gold_path, problems)
     if not gold:
-        raise ScoreError(f"{gold_path}: no PromptCBLUE sample in it (lines with input, target, task_dataset, "
-                         "sample_id); is it the gold file?")
+        raise ScoreError(
+            f"{gold_path}: no PromptCBLUE sample in it (lines with input, target, task_dataset, "
+            "sample_id); is it the gold file?"
+        )
     predictions: dict[str, dict] = {}
     for sample in read_samples(pred_path, problems):
         sid = sample.get("sample_id")
@@ -371,8 +473,13 @@ def score_files(pred_path: Path, gold_path: Path) -> ScoreReport:
             problems.add("prediction names another task than the gold", pred["_where"])
         g, p = by_task.setdefault(task.name, ([], []))
         g.append(structure(sample, problems, "gold"))
-        p.append(structure({**pred, "task_dataset": sample["task_dataset"],
-                            "answer_choices": sample.get("answer_choices")}, problems, "prediction"))
+        p.append(
+            structure(
+                {**pred, "task_dataset": sample["task_dataset"], "answer_choices": sample.get("answer_choices")},
+                problems,
+                "prediction",
+            )
+        )
     extra = sum(1 for sid in predictions if sid not in gold_ids)
     if extra:
         problems.counts["predictions with no gold sample (ignored)"] += extra
@@ -386,12 +493,14 @@ def score_files(pred_path: Path, gold_path: Path) -> ScoreReport:
             per_task[name] = 0.0
     matched = sum(1 for sid in gold_ids if sid in predictions)
     if not matched:
-        raise ScoreError(f"{pred_path}: none of its {len(predictions)} predictions matches a sample_id of {gold_path}; "
-                         "were they made for another file?")
+        raise ScoreError(
+            f"{pred_path}: none of its {len(predictions)} predictions matches a sample_id of {gold_path}; "
+            "were they made for another file?"
+        )
     return ScoreReport(per_task, {name: len(by_task[name][0]) for name in per_task}, problems, matched, len(gold))
 
 
-class ScoreError(ValueError):
+class ScoreError(MedtuneError):
     """Nothing to score: the files do not belong together."""
 
 
@@ -399,12 +508,20 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import sys
 
-    parser = argparse.ArgumentParser(prog="medtune score promptcblue",
-                                     description="Score PromptCBLUE predictions the way the official evaluator does.")
-    parser.add_argument("--pred", required=True, type=Path, help="predictions: PromptCBLUE lines, target = generated text")
-    parser.add_argument("--gold", type=Path, help="gold PromptCBLUE lines (e.g. dev.json); omit to only write --results")
+    parser = argparse.ArgumentParser(
+        prog="medtune score promptcblue",
+        description="Score PromptCBLUE predictions the way the official evaluator does.",
+    )
+    parser.add_argument(
+        "--pred", required=True, type=Path, help="predictions: PromptCBLUE lines, target = generated text"
+    )
+    parser.add_argument(
+        "--gold", type=Path, help="gold PromptCBLUE lines (e.g. dev.json); omit to only write --results"
+    )
     parser.add_argument("--json", type=Path, help='write {"overall": ..., "per_task": {...}} here (0-100 scale)')
-    parser.add_argument("--results", type=Path, help="write the official submission file (task → [{sample_id, answer}])")
+    parser.add_argument(
+        "--results", type=Path, help="write the official submission file (task → [{sample_id, answer}])"
+    )
     args = parser.parse_args(argv)
     if args.gold is None and args.results is None:
         parser.error("give --gold to score, or --results to write a submission file")
@@ -435,7 +552,18 @@ def _run(args) -> int:
         report = score_files(args.pred, args.gold)
         print(report.table())
         if args.json:
-            args.json.write_text(json.dumps({"overall": report.overall, "per_task": report.per_task,
-                                             "matched": report.matched, "gold_samples": report.gold_total},
-                                            ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+            args.json.write_text(
+                json.dumps(
+                    {
+                        "overall": report.overall,
+                        "per_task": report.per_task,
+                        "matched": report.matched,
+                        "gold_samples": report.gold_total,
+                    },
+                    ensure_ascii=False,
+                    indent=2,
+                )
+                + "\n",
+                encoding="utf-8",
+            )
     return 0
