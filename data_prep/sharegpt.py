@@ -1,5 +1,5 @@
-"""ShareGPT-style conversations: {"conversations": [{"from": "human"|"gpt"|"system", "value"}]}
-(or {"messages": [{"role", "content"}]})."""
+"""ShareGPT-style conversations: {"conversations": [{"from": "human"|"gpt"|"system", "value"}], "system"?}
+(or {"messages": [{"role", "content"}]}); a top-level "system" (LLaMA-Factory's layout) is the first message."""
 
 from data_prep.pipeline import Item, Options, Skip, chat, record_id
 
@@ -29,6 +29,11 @@ def convert(obj: dict, item: Item, options: Options) -> list[dict]:
         if role is None or not isinstance(content, str):
             raise Skip("invalid field", f"turn {i}: unknown speaker or no text")
         messages.append({"role": role, "content": content.strip()})
+    system = obj.get("system")
+    if isinstance(system, str) and system.strip():  # LLaMA-Factory's ShareGPT files keep it beside the turns
+        if messages and messages[0]["role"] == "system":
+            raise Skip("invalid field", "a top-level system prompt and a system turn")
+        messages.insert(0, {"role": "system", "content": system.strip()})
     if messages[-1]["role"] != "assistant":
         raise Skip("empty answer", "the conversation does not end with a reply")
     if any(not m["content"] for m in messages if m["role"] != "system"):

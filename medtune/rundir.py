@@ -47,7 +47,7 @@ class RunDir:
 
     def read_recipe(self) -> Recipe:
         """Tolerant: a key written by an older or newer medtune is skipped, not an error."""
-        return load_recipe(self.recipe_file, strict=True)
+        return load_recipe(self.recipe_file, strict=False)
 
     def is_finished(self) -> bool:
         return self.info_file.is_file() and self.read_info().get("finished", False)

@@ -206,7 +206,7 @@ def keep_only_trainable():
     """Checkpoints hold only what training changes (the adapter), not a copy of the frozen base."""
 
     def hook(models, weights, output_dir):
-        for m, state in zip(models, weights, strict=True):
+        for m, state in zip(models, weights, strict=False):  # DeepSpeed hands over fewer state dicts
             names = {n for n, p in m.named_parameters() if p.requires_grad}
             for key in [k for k in state if k not in names]:
                 del state[key]

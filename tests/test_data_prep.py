@@ -176,6 +176,10 @@ def test_huatuo_preference_text_alpaca_sharegpt(tmp_path):
         ],
     )
     assert sg[0]["messages"][1] == {"role": "assistant", "content": "请讲"} and rep.skipped == {"empty answer": 1}
+    # LLaMA-Factory's ShareGPT layout keeps the system prompt beside the turns: it becomes the first message
+    turns = [{"from": "human", "value": "头痛"}, {"from": "gpt", "value": "多休息"}]
+    sg, _, _ = convert(tmp_path, "sharegpt", [{"system": "你是一名全科医生。", "conversations": turns}])
+    assert sg[0]["messages"][0] == {"role": "system", "content": "你是一名全科医生。"}
 
 
 def test_dedup_length_and_deterministic_split(tmp_path):

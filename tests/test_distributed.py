@@ -11,6 +11,8 @@ import torch
 from conftest import REPO, SMALL_RECIPE, write_recipe
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow  # subprocesses: each pays ~6 s of imports
+
 STEPS = ["train.max_steps=4", "train.save_steps=2", "train.eval_steps=0"]
 
 

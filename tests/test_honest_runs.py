@@ -173,3 +173,16 @@ def test_ctrl_c_says_where_the_run_stands(recipe, tmp_path, capsys, monkeypatch)
     monkeypatch.setattr(train_module, "fit", interrupted)
     code, err = run_train([str(recipe), f"output.dir={tmp_path / 'run'}"], capsys)
     assert code == 130 and err == "interrupted at step 3; no checkpoint yet: --resume starts again\n"
+
+
+def test_a_full_disk_is_one_line(recipe, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from medtune.rundir import RunDir
+
+    def full(self, info):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.info_file))
+
+    monkeypatch.setattr(RunDir, "write_info", full)
+    code, err = run_train([str(recipe), f"output.dir={tmp_path / 'run'}", "train.max_steps=2"], capsys)
+    assert code == 2 and err.startswith("error: no space left on the device writing ") and err.count("\n") == 1

@@ -7,12 +7,15 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from conftest import REPO, SMALL_RECIPE, write_recipe
 from safetensors.torch import load_file
 
 from medtune.recipe import load_recipe
 from medtune.train import train
+
+pytestmark = pytest.mark.slow  # subprocesses: each pays ~6 s of imports
 
 
 def run(cmd, **kwargs):

@@ -22,7 +22,7 @@ def dequantized_copy(quantized, full_base):
         elif kind == "Linear8bitLt":
             weights[f"{name}.weight"] = bnbf.int8_vectorwise_dequant(module.weight.data, module.weight.SCB).float()
     model = AutoModelForCausalLM.from_pretrained(full_base)
-    model.load_state_dict(weights, strict=True)
+    model.load_state_dict(weights, strict=False)
     return model.eval()
 
 

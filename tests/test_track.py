@@ -4,7 +4,10 @@ import json
 import os
 import subprocess
 
+import pytest
 from conftest import REPO
+
+pytestmark = pytest.mark.slow  # subprocesses: each pays ~6 s of imports
 
 ROWS = [
     (
