@@ -69,6 +69,12 @@ def build_accelerator(recipe: Recipe, dtype: str):
         # What `accelerate launch --use_deepspeed` sets: without it, processes started by torchrun
         # on a machine without CUDA never join DeepSpeed's process group.
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+        if "WORLD_SIZE" not in os.environ:
+            # Started without a launcher (python/medtune train): DeepSpeed still needs a process group,
+            # so this process is rank 0 of 1 (what a launcher with --num_processes 1 would set).
+            os.environ.update(
+                RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
+            )
         deepspeed = DeepSpeedPlugin(
             hf_ds_config=train.deepspeed,
             gradient_accumulation_steps=train.gradient_accumulation_steps,
@@ -98,6 +104,14 @@ def build_accelerator(recipe: Recipe, dtype: str):
         log_with="wandb" if train.report_to == "wandb" else None,
         project_dir=recipe.output.dir,
     )
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def prepare_run_dir(run: RunDir, recipe: Recipe) -> tuple[str, list[Path]]:
@@ -299,8 +313,24 @@ class Setup:
     tokens_seen: int = 0
 
 
+LAUNCH_VARIABLES = ("ACCELERATE_USE_DEEPSPEED", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def train(recipe: Recipe) -> TrainResult:
-    """Run (or resume) training to the end; the run directory holds everything it produced."""
+    """Run (or resume) training to the end; the run directory holds everything it produced. The launch
+    variables set for DeepSpeed are put back afterwards: a second train() in this process starts clean."""
+    before = {key: os.environ.get(key) for key in LAUNCH_VARIABLES}
+    try:
+        return _train(recipe)
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _train(recipe: Recipe) -> TrainResult:
     check_data_files(recipe)
     if recipe.model.base != TINY_NAME:
         check_model_path(recipe.model.base, "model.base")  # before anything is loaded or written

@@ -186,3 +186,21 @@ def test_a_full_disk_is_one_line(recipe, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(RunDir, "write_info", full)
     code, err = run_train([str(recipe), f"output.dir={tmp_path / 'run'}", "train.max_steps=2"], capsys)
     assert code == 2 and err.startswith("error: no space left on the device writing ") and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_deepspeed_in_a_single_process_runs_and_leaves_no_launch_state(recipe, tmp_path, capsys):
+    from medtune.train import LAUNCH_VARIABLES
+
+    before = {k: os.environ.get(k) for k in LAUNCH_VARIABLES}
+    argv = [
+        str(recipe),
+        f"output.dir={tmp_path / 'run'}",
+        "train.max_steps=2",
+        "train.save_steps=0",
+        f"train.deepspeed={Path(__file__).parent.parent / 'ds_configs' / 'zero2.json'}",
+    ]
+    code, err = run_train(argv, capsys)
+    assert code == 0, err
+    assert {k: os.environ.get(k) for k in LAUNCH_VARIABLES} == before
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
