@@ -45,7 +45,6 @@ class TokenizeReport:
         return f"{self.kept} examples ({self.truncated} cut to max_length); dropped: {dropped}"
 
 
-STAGE_RECORDS = {"sft": "chat", "pt": "text", "rm": "preference", "dpo": "preference"}
 KIND_HELP = {
     "chat": "chat records whose messages end with the assistant's reply (data_prep sft sources)",
     "text": "text records {id, source, text} (python -m data_prep text)",
@@ -55,7 +54,7 @@ KIND_HELP = {
 
 def load_records(files: Sequence[str], stage: str = "sft") -> list[dict[str, Any]]:
     """All records of the files, of the kind the stage trains on; anything else names file and line."""
-    want = STAGE_RECORDS[stage]
+    want = _stage(stage).records
     records = []
     for path in files:
         for lineno, record in read_records(path):
@@ -305,30 +304,35 @@ def _split_records(data_cfg, seed: int, stage: str = "sft") -> tuple[list[dict],
     return split_eval(records, data_cfg.eval_ratio, seed)
 
 
-def train_row_chunks(
-    records: list[dict], data_cfg, tokenizer, report: TokenizeReport, chunk: int = 8192, stage: str = "sft"
+def text_rows(
+    records: list[dict], data_cfg, tokenizer, report: TokenizeReport, chunk: int = 8192
 ) -> Iterator[list[Example]]:
-    """Tokenized (and packed) training rows, a chunk at a time, so only one chunk lives as Python lists."""
-    if stage == "pt":
-        carry: list[int] = []
-        for start in range(0, len(records), chunk):
-            rows, part = text_blocks(records[start : start + chunk], tokenizer, data_cfg.max_length, carry)
-            report.add(part)
-            yield rows
-        yield [{"input_ids": carry, "labels": list(carry)}] if len(carry) > 1 else []
-        return
-    if stage in ("rm", "dpo"):
-        for start in range(0, len(records), chunk):
-            rows, part = tokenize_pairs(
-                records[start : start + chunk],
-                tokenizer,
-                get_template(data_cfg.template),
-                data_cfg.max_length,
-                data_cfg.system_prompt,
-            )
-            report.add(part)
-            yield rows
-        return
+    """Pre-training blocks, a chunk of records at a time (the tail carries over to the next chunk)."""
+    carry: list[int] = []
+    for start in range(0, len(records), chunk):
+        rows, part = text_blocks(records[start : start + chunk], tokenizer, data_cfg.max_length, carry)
+        report.add(part)
+        yield rows
+    yield [{"input_ids": carry, "labels": list(carry)}] if len(carry) > 1 else []
+
+
+def pair_rows(
+    records: list[dict], data_cfg, tokenizer, report: TokenizeReport, chunk: int = 8192
+) -> Iterator[list[Example]]:
+    """Preference pairs (prompt + chosen, prompt + rejected), a chunk at a time."""
+    template = get_template(data_cfg.template)
+    for start in range(0, len(records), chunk):
+        rows, part = tokenize_pairs(
+            records[start : start + chunk], tokenizer, template, data_cfg.max_length, data_cfg.system_prompt
+        )
+        report.add(part)
+        yield rows
+
+
+def chat_rows(
+    records: list[dict], data_cfg, tokenizer, report: TokenizeReport, chunk: int = 8192
+) -> Iterator[list[Example]]:
+    """Conversations (packed when data.packing says so), a chunk at a time, so only one chunk lives as lists."""
     encode = dict(
         tokenizer=tokenizer,
         template=get_template(data_cfg.template),
@@ -347,15 +351,19 @@ def train_row_chunks(
         yield pack_examples(rows, data_cfg.max_length) if data_cfg.packing else rows
 
 
+def _stage(name: str):
+    from medtune.stages import get_stage  # late: the stage table refers to this module's row builders
+
+    return get_stage(name)
+
+
 def build_sft_rows(data_cfg, seed: int, tokenizer) -> tuple[list[Example], list[Example], TokenizeReport]:
     """All train and eval rows as lists (small data, tests); load_datasets streams into Arrow instead."""
     train_records, eval_records = _split_records(data_cfg, seed)
     report = TokenizeReport()
-    train_rows = [row for rows in train_row_chunks(train_records, data_cfg, tokenizer, report) for row in rows]
+    train_rows = [row for rows in chat_rows(train_records, data_cfg, tokenizer, report) for row in rows]
     eval_rows = [
-        row
-        for rows in train_row_chunks(eval_records, _unpacked(data_cfg), tokenizer, TokenizeReport())
-        for row in rows
+        row for rows in chat_rows(eval_records, _unpacked(data_cfg), tokenizer, TokenizeReport()) for row in rows
     ]
     return train_rows, eval_rows, report
 
@@ -388,14 +396,13 @@ def load_datasets(data_cfg, seed: int, tokenizer, stage: str = "sft", is_main: b
 
     train_records, eval_records = _split_records(data_cfg, seed, stage)
     report = TokenizeReport()
-    parts = [table(rows) for rows in train_row_chunks(train_records, data_cfg, tokenizer, report, stage=stage) if rows]
+    build_rows = _stage(stage).rows
+    parts = [table(rows) for rows in build_rows(train_records, data_cfg, tokenizer, report) if rows]
     if not parts:
         raise RecordError(f"no trainable example in {', '.join(data_cfg.train_files)}: {report.summary()}")
     splits = {"train": concatenate_datasets(parts)}
     eval_parts = [
-        table(rows)
-        for rows in train_row_chunks(eval_records, _unpacked(data_cfg), tokenizer, TokenizeReport(), stage=stage)
-        if rows
+        table(rows) for rows in build_rows(eval_records, _unpacked(data_cfg), tokenizer, TokenizeReport()) if rows
     ]
     if eval_parts:  # datasets cannot memory-map a table with no rows
         splits["eval"] = concatenate_datasets(eval_parts)

@@ -24,6 +24,7 @@ import torch
 from medtune.console import MedtuneError, quiet_libraries, run_command
 from medtune.model import DTYPES, check_model_path, load_weights
 from medtune.rundir import MERGE_INFO, ModelSource, describe_source
+from medtune.stages import get_stage
 from medtune.templates import encode_conversation, get_template, jinja_chat_template, stop_token_ids
 from medtune.tokenizer import load_tokenizer, tokenizer_kind
 
@@ -87,7 +88,7 @@ def merge(
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     info = describe_source(source, check_model_path(base, "--base") if base else None)
-    reward_model = info.stage == "rm"  # a reward model keeps its score head instead of the LM head
+    reward_model = get_stage(info.stage).reward_head  # a reward model keeps its score head, not an LM head
     adapters = list(info.adapters) + list(extra_adapters)
     if not adapters:
         raise MedtuneError(f"{source}: no adapter to merge (give a run directory, an adapter directory, or --adapter)")
@@ -96,6 +97,10 @@ def merge(
     if base:
         check_same_base(source, info.base)
     dtype = dtype or info.dtype or "fp32"  # by default, the precision the run trained in
+    inputs = merge_inputs(info.base, adapters, dtype)
+    earlier = out / MERGE_INFO
+    if earlier.is_file() and json.loads(earlier.read_text(encoding="utf-8")).get("inputs") == inputs:
+        return {**json.loads(earlier.read_text(encoding="utf-8")), "up_to_date": True}
     trust_remote_code = trust_remote_code or info.trust_remote_code
     tokenizer = load_tokenizer(info.tokenizer, info.tokenizer_kind, trust_remote_code)
     auto = AutoModelForSequenceClassification if reward_model else AutoModelForCausalLM
@@ -128,12 +133,26 @@ def merge(
         info, base="", adapters=(), tokenizer="", dtype=dtype, tokenizer_kind=tokenizer_kind(tokenizer)
     )
     summary = {
+        "inputs": inputs,
         "source": merged.to_json(),
         "merged_from": {"base": info.base, "adapters": adapters},
         "parity_max_abs_logit_diff": gap,
     }
     write_merged(out, model, tokenizer, summary, shard_size)
     return summary
+
+
+def merge_inputs(base: str, adapters: list[str], dtype: str) -> dict:
+    """What a merge output is a function of: the base, each adapter's weights (hashed: small files) and
+    the dtype. The same inputs again leave an earlier output as it is (predictions made from it stay valid)."""
+    import hashlib
+
+    hashes = []
+    for adapter in adapters:
+        weights = Path(adapter) / "adapter_model.safetensors"
+        digest = hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else None
+        hashes.append([str(Path(adapter).resolve()), digest])
+    return {"base": base, "adapters": hashes, "dtype": dtype}
 
 
 def check_same_base(source: str, base: str) -> None:
@@ -214,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
             args.source, args.out, args.adapter, args.base, args.dtype, args.shard_size, args.trust_remote_code
         )
         merged_from = summary["merged_from"]
+        if summary.get("up_to_date"):
+            print(f"{args.out} is up to date: merged earlier from the same base, adapters and dtype")
+            return 0
         print(f"merged {len(merged_from['adapters'])} adapter(s) into {merged_from['base']} → {args.out}")
         gap = summary["parity_max_abs_logit_diff"]
         print(f"parity check: max |logits(merged) - logits(base + adapter)| = {gap:.2e}")

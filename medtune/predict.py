@@ -26,6 +26,7 @@ from medtune.console import MedtuneError, quiet_libraries, run_command
 from medtune.model import DTYPES, load_weights
 from medtune.records import RecordError, iter_json_lines, validate_record, write_jsonl_line
 from medtune.rundir import ModelSource, describe_source
+from medtune.stages import get_stage
 from medtune.templates import ChatTemplate, encode_conversation, get_template, stop_token_ids
 from medtune.tokenizer import decode, load_tokenizer
 
@@ -106,7 +107,7 @@ def load_model_for_inference(
     from medtune.merge import apply_adapter
 
     info = describe_source(source)
-    if info.stage == "rm":
+    if not get_stage(info.stage).generates:
         raise MedtuneError(f"{source}: a reward model scores replies, it does not generate them")
     template_name = template_name or info.template
     if template_name is None:

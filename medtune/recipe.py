@@ -291,7 +291,8 @@ def check_data_files(recipe: Recipe) -> None:
 
 def check_recipe(recipe: Recipe, name: str = "recipe") -> None:
     """Cross-field checks: combinations that each look valid alone but cannot work together."""
-    from medtune.templates import TEMPLATES  # local import: templates imports nothing from here
+    from medtune.stages import get_stage  # local imports: neither imports anything from here
+    from medtune.templates import TEMPLATES
 
     data, train, lora = recipe.data, recipe.train, recipe.lora
     problems = []
@@ -315,9 +316,9 @@ def check_recipe(recipe: Recipe, name: str = "recipe") -> None:
     for key in ("eval_steps", "save_steps"):
         if getattr(train, key) < 0:
             problems.append(f"train.{key}: must be 0 (off) or positive")
-    if data.packing and train.stage in ("rm", "dpo"):
+    if data.packing and not get_stage(train.stage).packs:
         problems.append(
-            f"data.packing: preference pairs are not packed; set it to false for train.stage {train.stage}"
+            f"data.packing: train.stage {train.stage} does not pack samples (only sft does); set it to false"
         )
     if not 0.0 <= train.warmup_ratio < 1.0:
         problems.append(f"train.warmup_ratio: {train.warmup_ratio} must be in [0, 1)")

@@ -29,8 +29,7 @@ from torch.utils.data import DataLoader
 
 from medtune import __version__
 from medtune.console import quiet_libraries, run_command
-from medtune.data import LengthGroupedSampler, load_datasets, pad_batch, pad_pairs, row_lengths
-from medtune.losses import causal_lm_loss_sum, count_target_tokens, dpo_loss_sum, reward_loss_sum, sequence_logps
+from medtune.data import LengthGroupedSampler, load_datasets, row_lengths
 from medtune.model import (
     attach_lora,
     check_model_path,
@@ -48,6 +47,7 @@ from medtune.rundir import (
     plot_loss,
     recipe_changes,
 )
+from medtune.stages import Stage, get_stage
 from medtune.templates import get_template, jinja_chat_template
 from medtune.tiny_model import TINY_NAME
 from medtune.tokenizer import load_tokenizer, tokenizer_kind
@@ -163,7 +163,7 @@ def prepare_run_dir(run: RunDir, recipe: Recipe) -> tuple[str, list[Path]]:
 def build_model(recipe: Recipe, base: str, dtype: str, tokenizer, accelerator):
     quantized = recipe.model.quantization is not None
     device_map = {"": accelerator.local_process_index} if quantized and torch.cuda.is_available() else None
-    reward_head = recipe.train.stage == "rm"
+    reward_head = get_stage(recipe.train.stage).reward_head
     model = load_base_model(base, recipe.model, dtype, device_map=device_map, reward_head=reward_head)
     if reward_head:
         model.config.pad_token_id = tokenizer.pad_token_id  # the score is read at each row's last non-pad token
@@ -239,49 +239,14 @@ def micro_batches(dataloader, start: int) -> Iterator[dict[str, torch.Tensor]]:
         epoch, skip = epoch + 1, 0
 
 
-def forward_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Padded rows carry an attention mask; packed rows carry restarting position ids instead, from
-    which transformers builds the per-sample (block-diagonal) causal mask. No KV cache in training."""
-    return model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch.get("attention_mask"),
-        position_ids=batch.get("position_ids"),
-        use_cache=False,
-    ).logits
-
-
-def count_items(batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
-    """What a stage's loss is averaged over: target tokens (pt, sft) or preference pairs (rm, dpo)."""
-    if stage in ("rm", "dpo"):
-        return torch.tensor(batch["input_ids"].shape[0] // 2, device=batch["input_ids"].device)
-    return count_target_tokens(batch["labels"])
-
-
-def stage_loss_sum(model, batch: dict[str, torch.Tensor], stage: str, accelerator, dpo_beta: float) -> torch.Tensor:
-    """The one place where stages differ in the loop: the summed loss of a micro-batch."""
-    if stage == "rm":
-        rewards = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)
-        return reward_loss_sum(rewards)
-    if stage == "dpo":
-        # The reference policy is the same network with the adapter switched off: no second model in memory.
-        with torch.no_grad(), accelerator.unwrap_model(model).disable_adapter():
-            reference = sequence_logps(forward_logits(model, batch), batch["labels"])
-        return dpo_loss_sum(sequence_logps(forward_logits(model, batch), batch["labels"]), reference, dpo_beta)
-    return causal_lm_loss_sum(forward_logits(model, batch), batch["labels"])
-
-
 @torch.no_grad()
-def evaluate(model, dataloader, accelerator, stage: str = "sft", dpo_beta: float = 0.1) -> float:
+def evaluate(model, dataloader, accelerator, stage: Stage, dpo_beta: float = 0.1) -> float:
     """Mean loss per item (target token, or pair) over the whole eval set, all processes together."""
     model.eval()
     total = torch.zeros(2, device=accelerator.device)
     for batch in dataloader:
-        total += torch.stack(
-            [
-                stage_loss_sum(model, batch, stage, accelerator, dpo_beta).detach().float(),
-                count_items(batch, stage).float(),
-            ]
-        )
+        loss = stage.loss_sum(model, batch, accelerator, dpo_beta).detach().float()
+        total += torch.stack([loss, stage.items(batch).float()])
     total = accelerator.reduce(total, "sum")
     model.train()
     return (total[0] / total[1].clamp(min=1)).item()
@@ -404,7 +369,7 @@ def setup(recipe: Recipe, accelerator, run: RunDir, dtype: str) -> Setup:
         fused=torch.cuda.is_available() and not cfg.deepspeed,  # one kernel for all parameters on a GPU
     )
     collate = partial(
-        pad_pairs if cfg.stage in ("rm", "dpo") else pad_batch,
+        get_stage(cfg.stage).collate,
         pad_id=tokenizer.pad_token_id,
         pad_to_multiple_of=recipe.data.pad_to_multiple_of or None,
     )
@@ -547,81 +512,93 @@ def base_config_summary(base: str, trust_remote_code: bool = False) -> dict[str,
     return {k: getattr(config, k, None) for k in keys}
 
 
+class Meter:
+    """What the log lines report. Kept as device tensors and read only when a line is written, so no
+    optimizer step waits on the device."""
+
+    def __init__(self, device, items_seen: int):
+        self.window = torch.zeros(3, device=device)  # this process: loss sum, real tokens, processed tokens
+        self.window_items = torch.zeros((), device=device)  # all processes: items since the last line
+        self.items_total = torch.tensor(float(items_seen), device=device)  # all processes, the whole run
+        self.device, self.last, self.real_tokens = device, time.perf_counter(), 0
+
+    def micro_batch(self, loss_sum: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
+        processed = torch.tensor(float(batch["input_ids"].numel()), device=self.device)
+        self.window += torch.stack([loss_sum.detach().float(), batch["real_tokens"].float(), processed])
+
+    def optimizer_step(self, step_items: torch.Tensor) -> None:
+        self.items_total += step_items
+        self.window_items += step_items
+
+    def line(self, accelerator, step: int, lr: float, epoch: float) -> dict[str, Any]:
+        loss_total, real, processed = accelerator.reduce(self.window, "sum").tolist()
+        now = time.perf_counter()
+        row = {
+            "step": step,
+            "loss": round(loss_total / max(self.window_items.item(), 1.0), 6),
+            "lr": lr,
+            "tokens_per_s": round(real / (now - self.last), 1),
+            "padding_efficiency": round(real / max(processed, 1.0), 4),
+            "epoch": round(epoch, 4),
+        }
+        self.real_tokens += int(real)
+        self.last = now
+        self.window.zero_()
+        self.window_items.zero_()
+        return row
+
+
+def optimizer_step(s: Setup, stage: Stage, window: list[dict[str, torch.Tensor]], meter: Meter) -> None:
+    """One optimizer step over an accumulation window of micro-batches."""
+    cfg, accelerator, model = s.recipe.train, s.accelerator, s.model
+    # Normalise by the items (target tokens, or pairs) of the whole optimizer step, over all
+    # micro-batches and all processes: every item weighs the same, however the batches split them.
+    local_items = sum(stage.items(b) for b in window)
+    step_items = accelerator.reduce(local_items.to(accelerator.device).float(), "sum").clamp(min=1)
+    for batch in window:
+        with accelerator.accumulate(model):
+            loss_sum = stage.loss_sum(model, batch, accelerator, cfg.dpo_beta)
+            # backward() divides by the accumulation steps and DDP averages over processes:
+            # multiply both back so the gradient is exactly d(sum of item losses)/d(w) / step_items.
+            accelerator.backward(loss_sum * (len(window) * accelerator.num_processes) / step_items)
+            if accelerator.sync_gradients:  # the window's last micro-batch: the summed gradient is complete
+                if cfg.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                s.optimizer.step()
+                s.optimizer.zero_grad()
+        meter.micro_batch(loss_sum, batch)
+    s.scheduler.step()
+    meter.optimizer_step(step_items)
+
+
 def fit(s: Setup) -> TrainResult:
-    """The loop, from ``s.step`` to the end; then the adapter, the curve and the run's summary."""
+    """The loop, from ``s.step`` to the end: steps, log lines, evaluations, checkpoints."""
     from tqdm.auto import tqdm
 
-    cfg, accelerator, model, run = s.recipe.train, s.accelerator, s.model, s.run
+    cfg, accelerator, run = s.recipe.train, s.accelerator, s.run
+    stage = get_stage(cfg.stage)
     accumulation = cfg.gradient_accumulation_steps
-    model.train()
-    loop_start, start_step, real_tokens = time.perf_counter(), s.step, 0
+    s.model.train()
+    loop_start, start_step = time.perf_counter(), s.step
     stream = micro_batches(s.train_dl, s.step * accumulation)
-    progress = tqdm(
-        total=s.total_steps,
-        initial=s.step,
-        desc="train",
-        disable=not accelerator.is_main_process or not sys.stderr.isatty(),
-    )
-    # this process's (loss sum, real tokens, processed tokens) since the last log line
-    window_loss = torch.zeros(3, device=accelerator.device)
-    # all processes' target tokens since the last log line / in the run: tensors, read only when
-    # logging or saving, so no optimizer step waits on the device
-    window_tokens = torch.zeros((), device=accelerator.device)
-    tokens_total = torch.tensor(float(s.tokens_seen), device=accelerator.device)
-    last_log = time.perf_counter()
+    show = accelerator.is_main_process and sys.stderr.isatty()
+    progress = tqdm(total=s.total_steps, initial=s.step, desc="train", disable=not show)
+    meter = Meter(accelerator.device, s.tokens_seen)
     last_eval = None
     while s.step < s.total_steps:
-        window = [next(stream) for _ in range(accumulation)]
-        # Normalise by the items (target tokens, or pairs) of the whole optimizer step, over all
-        # micro-batches and all processes: every item weighs the same, however the batches split them.
-        local_tokens = sum(count_items(b, cfg.stage) for b in window)
-        step_tokens = accelerator.reduce(local_tokens.to(accelerator.device).float(), "sum").clamp(min=1)
-        for batch in window:
-            with accelerator.accumulate(model):
-                loss_sum = stage_loss_sum(model, batch, cfg.stage, accelerator, cfg.dpo_beta)
-                # backward() divides by the accumulation steps and DDP averages over processes:
-                # multiply both back so the gradient is exactly d(sum of token losses)/d(w) / step_tokens.
-                accelerator.backward(loss_sum * (accumulation * accelerator.num_processes) / step_tokens)
-                if accelerator.sync_gradients and cfg.max_grad_norm > 0:  # once per window, on the summed gradient
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                s.optimizer.step()  # accelerate makes these no-ops until the window's last micro-batch
-                s.optimizer.zero_grad()
-            window_loss += torch.stack(
-                [
-                    loss_sum.detach().float(),
-                    batch["real_tokens"].float(),
-                    torch.tensor(float(batch["input_ids"].numel()), device=accelerator.device),
-                ]
-            )
-        s.scheduler.step()
+        optimizer_step(s, stage, [next(stream) for _ in range(accumulation)], meter)
         s.step += 1
-        tokens_total += step_tokens
-        window_tokens += step_tokens
         progress.update(1)
-
         if s.step % cfg.logging_steps == 0 or s.step == s.total_steps:
-            loss_total, real, processed = accelerator.reduce(window_loss, "sum").tolist()
-            real_tokens += int(real)
-            now = time.perf_counter()
-            row = {
-                "step": s.step,
-                "loss": round(loss_total / max(window_tokens.item(), 1.0), 6),
-                "lr": s.scheduler.get_last_lr()[0],
-                "tokens_per_s": round(real / (now - last_log), 1),
-                "padding_efficiency": round(real / max(processed, 1.0), 4),
-                "epoch": round(s.step * accumulation / len(s.train_dl), 4),
-            }
-            last_log = now
-            window_loss.zero_()
-            window_tokens.zero_()
-            _log(run, accelerator, progress, row)
+            epoch = s.step * accumulation / len(s.train_dl)
+            _log(run, accelerator, progress, meter.line(accelerator, s.step, s.scheduler.get_last_lr()[0], epoch))
         if s.eval_dl is not None and cfg.eval_steps and s.step % cfg.eval_steps == 0:
-            last_eval = evaluate(model, s.eval_dl, accelerator, cfg.stage, cfg.dpo_beta)
+            last_eval = evaluate(s.model, s.eval_dl, accelerator, stage, cfg.dpo_beta)
             _log(run, accelerator, progress, {"step": s.step, "eval_loss": round(last_eval, 6)})
         if cfg.save_steps and s.step % cfg.save_steps == 0 and s.step < s.total_steps:
             state = {
                 "step": s.step,
-                "tokens_seen": int(tokens_total.item()),
+                "tokens_seen": int(meter.items_total.item()),
                 "total_steps": s.total_steps,
                 "scheduler": s.scheduler.state_dict(),
             }
@@ -629,12 +606,12 @@ def fit(s: Setup) -> TrainResult:
     progress.close()
     session = {
         "loop_seconds": round(time.perf_counter() - loop_start, 2),
-        "real_tokens_this_session": real_tokens,
+        "real_tokens_this_session": meter.real_tokens,
         "steps_this_session": s.step - start_step,
-        "tokens_seen": int(tokens_total.item()),
+        "tokens_seen": int(meter.items_total.item()),
     }
     if s.eval_dl is not None and not (cfg.eval_steps and s.step % cfg.eval_steps == 0):
-        last_eval = evaluate(model, s.eval_dl, accelerator, cfg.stage, cfg.dpo_beta)
+        last_eval = evaluate(s.model, s.eval_dl, accelerator, stage, cfg.dpo_beta)
         _log(run, accelerator, None, {"step": s.step, "eval_loss": round(last_eval, 6)})
     return finish(s, session, last_eval)
 

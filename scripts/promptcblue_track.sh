@@ -19,7 +19,7 @@ mkdir -p "$work/data"
 for split in train dev test; do
   python -m data_prep promptcblue "$src/$split.json" --out "$work/data/$split.jsonl" --strip-answer-cue --quiet
 done
-$launch medtune/train.py "$recipe" "data.train_files=[$work/data/train.jsonl]" \
+$launch -m medtune.train "$recipe" "data.train_files=[$work/data/train.jsonl]" \
   "data.eval_files=[$work/data/dev.jsonl]" data.eval_ratio=0 "output.dir=$work/run" train.resume=true "$@"
 medtune merge "$work/run" --out "$work/merged"
 for split in dev test; do

@@ -12,17 +12,18 @@ set -euo pipefail
 if [ $# -lt 4 ]; then sed -n '2,12p' "$0"; exit 2; fi
 text=$1; sft=$2; pairs=$3; work=$4; shift 4
 launch=${LAUNCH:-accelerate launch}
+recipes="$(cd "$(dirname "$0")/.." && pwd)/recipes"  # works from any directory
 train() {  # train RECIPE BASE DATA NAME [overrides...]
   local recipe=$1 base=$2 data=$3 name=$4; shift 4
   # the stage's own base comes last, so an override meant for stage 1 never replaces it
-  $launch medtune/train.py "$recipe" "data.train_files=[$data]" data.eval_files=[] \
+  $launch -m medtune.train "$recipe" "data.train_files=[$data]" data.eval_files=[] \
     "output.dir=$work/$name" train.resume=true "$@" ${base:+"model.base=$base"}
 }
-train recipes/zhongjing_pt.yaml "" "$text" pt "$@"
+train "$recipes"/zhongjing_pt.yaml "" "$text" pt "$@"
 medtune merge "$work/pt" --out "$work/pt-merged"
-train recipes/zhongjing_sft.yaml "$work/pt-merged" "$sft" sft "$@" data.eval_ratio=0.02
+train "$recipes"/zhongjing_sft.yaml "$work/pt-merged" "$sft" sft "$@" data.eval_ratio=0.02
 medtune merge "$work/sft" --out "$work/sft-merged"
-train recipes/zhongjing_rm.yaml "$work/sft-merged" "$pairs" rm "$@" data.eval_ratio=0.02
-train recipes/zhongjing_dpo.yaml "$work/sft-merged" "$pairs" dpo "$@" data.eval_ratio=0.02
+train "$recipes"/zhongjing_rm.yaml "$work/sft-merged" "$pairs" rm "$@" data.eval_ratio=0.02
+train "$recipes"/zhongjing_dpo.yaml "$work/sft-merged" "$pairs" dpo "$@" data.eval_ratio=0.02
 medtune merge "$work/dpo" --out "$work/zhongjing"
 echo "reward model: $work/rm; final model: $work/zhongjing"

@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from helpers import REPO
 
 from data_prep.__main__ import SOURCES
 from data_prep.__main__ import main as prep_main
@@ -221,7 +221,8 @@ def test_bad_inputs_fail_at_once_and_leave_nothing(tmp_path, capsys):
     src.write_bytes(('{"query": "头痛", "response": "休息"}\n' * 3).encode("gb18030"))
     out = tmp_path / "out.jsonl"
     assert prep_main(["chatmed-consult", str(src), "--out", str(out), "--quiet"]) == 2
-    assert "not UTF-8" in capsys.readouterr().err and str(src) in open(src, "rb").name
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {src}: not UTF-8") and "iconv -f GB18030 -t UTF-8" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gbk.jsonl"]  # no output, no temp file
 
     good = write(tmp_path / "good.jsonl", CHATMED[:2])
@@ -276,7 +277,7 @@ SFT_SOURCES = {
 
 @pytest.mark.parametrize("source", sorted(SFT_SOURCES))
 def test_training_runs_on_each_sft_source(tmp_path, source):
-    from conftest import SMALL_RECIPE, write_recipe
+    from helpers import SMALL_RECIPE, write_recipe
 
     from medtune.recipe import load_recipe
     from medtune.train import train

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 import torch
-from conftest import REPO, SMALL_RECIPE, write_recipe
+from helpers import REPO, SMALL_RECIPE, write_recipe
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow  # subprocesses: each pays ~6 s of imports

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import SMALL_RECIPE, write_recipe
+from helpers import SMALL_RECIPE, write_recipe
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -83,7 +83,7 @@ def test_save_total_limit_zero_and_other_silently_ignored_options_are_refused(re
         assert code == 2 and err == f"error: {err[7:]}" and message in err and err.count("\n") == 1, (override, err)
     dpo = write_recipe(tmp_path / "dpo.yaml", SMALL_RECIPE + "  stage: dpo\n")
     code, err = run_train([str(dpo), "data.packing=true"], capsys)
-    assert code == 2 and "data.packing: preference pairs are not packed" in err
+    assert code == 2 and "data.packing: train.stage dpo does not pack samples" in err
     assert not (tmp_path / "x").exists()
 
 
@@ -195,7 +195,7 @@ def test_deepspeed_without_a_launcher_runs(recipe, tmp_path):
     import subprocess
     import sys
 
-    from conftest import REPO
+    from helpers import REPO
 
     zero2 = REPO / "ds_configs" / "zero2.json"
     argv = [

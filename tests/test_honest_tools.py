@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import DEMO_DATA, REPO
+from helpers import DEMO_DATA, REPO
 from test_honest_runs import snapshot
 
 

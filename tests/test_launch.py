@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from conftest import REPO, SMALL_RECIPE, write_recipe
+from helpers import REPO, SMALL_RECIPE, write_recipe
 from safetensors.torch import load_file
 
 from medtune.recipe import load_recipe

@@ -121,13 +121,28 @@ def test_predict_from_run_dir_uses_the_training_template(trained, tmp_path):
     out = tmp_path / "pred.jsonl"
     assert predict(str(result.run.root), data, out, max_new_tokens=8, progress=False) == 1
     row = json.loads(out.read_text())
-    assert row["id"] == "r1" and isinstance(row["prediction"], str)
+    assert row["id"] == "r1" and row["messages"] == [{"role": "user", "content": "头痛怎么办？"}]
+    # the prompt it generated from is the training format: chatmed, BOS, '问：\n…\n答：\n', nothing after
+    from medtune.predict import load_model_for_inference
+    from medtune.templates import encode_conversation, get_template
+
+    loaded = load_model_for_inference(str(result.run.root), "fp32", None)
+    prompt = loaded.prompt_ids(row["messages"])
+    tokenizer = loaded.tokenizer
+    assert (
+        prompt
+        == [tokenizer.bos_token_id] + tokenizer("问：\n头痛怎么办？\n答：\n", add_special_tokens=False)["input_ids"]
+    )
+    training, _ = encode_conversation(
+        tokenizer, get_template("chatmed"), row["messages"] + [{"role": "assistant", "content": "多休息。"}]
+    )
+    assert training[: len(prompt)] == prompt
 
 
 def test_extended_vocabulary_trains_and_merges(tiny_base, tmp_path):
     import shutil
 
-    from conftest import SMALL_RECIPE, write_recipe
+    from helpers import SMALL_RECIPE, write_recipe
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from medtune.recipe import RecipeError, load_recipe

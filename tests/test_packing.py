@@ -4,13 +4,13 @@ import random
 
 import pytest
 import torch
-from conftest import SMALL_RECIPE, write_recipe
+from helpers import SMALL_RECIPE, write_recipe
 
 from medtune.data import LengthGroupedSampler, build_sft_rows, concat_examples, load_datasets, pack_examples, pad_batch
 from medtune.losses import causal_lm_loss_sum
 from medtune.recipe import load_recipe
+from medtune.stages import forward_logits
 from medtune.templates import IGNORE_INDEX
-from medtune.train import forward_logits
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import REPO, SMALL_RECIPE, write_recipe
+from helpers import REPO, SMALL_RECIPE, write_recipe
 
 from medtune.merge import merge
 from medtune.recipe import RecipeError, load_recipe

@@ -1,7 +1,7 @@
 """Recipes: strict for what a person writes, tolerant for what a program wrote."""
 
 import pytest
-from conftest import REPO, SMALL_RECIPE, write_recipe
+from helpers import REPO, SMALL_RECIPE, write_recipe
 
 from medtune.recipe import RecipeError, load_recipe
 from medtune.train import main as train_main

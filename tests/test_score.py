@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from helpers import REPO
 
 from medtune.score import metrics
 from medtune.score.promptcblue import (

@@ -4,7 +4,7 @@ import json
 import math
 
 import pytest
-from conftest import DEMO_DATA, SMALL_RECIPE, write_recipe
+from helpers import DEMO_DATA, SMALL_RECIPE, write_recipe
 
 from medtune.merge import merge
 from medtune.recipe import load_recipe

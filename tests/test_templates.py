@@ -78,8 +78,7 @@ def test_chinese_alpaca_and_chatml_text():
 )
 def test_saved_chat_template_renders_the_training_format(tokenizer, name, messages):
     template = get_template(name)
-    tokenizer.chat_template = jinja_chat_template(template)
-    rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, chat_template=jinja_chat_template(template))
     assert rendered == render_text(template, messages, tokenizer.bos_token, tokenizer.eos_token)
 
 

@@ -5,7 +5,7 @@ import os
 import subprocess
 
 import pytest
-from conftest import REPO
+from helpers import REPO
 
 pytestmark = pytest.mark.slow  # subprocesses: each pays ~6 s of imports
 
@@ -64,25 +64,24 @@ def test_track_script_on_cpu(tmp_path):
     write_split(src / "test.json", False)
     work = tmp_path / "work"
     env = {**os.environ, "MAX_NEW_TOKENS": "8"}
-    proc = subprocess.run(
-        [
-            "bash",
-            "scripts/promptcblue_track.sh",
-            "recipes/demo.yaml",
-            str(src),
-            str(work),
-            "train.max_steps=6",
-            "train.eval_steps=0",
-            "train.save_steps=0",
-            "data.max_length=128",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    elsewhere = tmp_path / "elsewhere"  # a user's own directory: the script and recipe named by path
+    elsewhere.mkdir()
+    command = [
+        "bash",
+        str(REPO / "scripts" / "promptcblue_track.sh"),
+        str(REPO / "recipes" / "demo.yaml"),
+        str(src),
+        str(work),
+        "train.max_steps=6",
+        "train.eval_steps=0",
+        "train.save_steps=0",
+        "data.max_length=128",
+    ]
+    for attempt in ("first", "again"):  # every step can be re-run: nothing is redone or refused
+        proc = subprocess.run(command, cwd=elsewhere, capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0, attempt + proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "already finished with these settings" in proc.stdout and "is up to date" in proc.stdout
+    assert proc.stdout.count("generated 0 predictions") == 2
     scores = json.loads((work / "dev_scores.json").read_text())
     assert set(scores["per_task"]) == {"KUAKE-QIC", "CHIP-STS", "MedDG"} and 0 <= scores["overall"] <= 100
     results = json.loads((work / "results.json").read_text())

@@ -55,7 +55,7 @@ def test_adapter_loads_with_plain_peft_and_reproduces_logits(trained, tokenizer)
 
 
 def test_existing_run_is_never_overwritten(trained, tmp_path):
-    from conftest import SMALL_RECIPE, write_recipe
+    from helpers import SMALL_RECIPE, write_recipe
 
     result, _, _ = trained
     path = write_recipe(tmp_path / "r.yaml", SMALL_RECIPE)
@@ -68,7 +68,7 @@ def test_existing_run_is_never_overwritten(trained, tmp_path):
 
 
 def test_checkpointing_bf16_and_offline_wandb(tmp_path, capfd, monkeypatch):
-    from conftest import SMALL_RECIPE, write_recipe
+    from helpers import SMALL_RECIPE, write_recipe
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
@@ -95,7 +95,7 @@ def test_checkpointing_bf16_and_offline_wandb(tmp_path, capfd, monkeypatch):
 
 
 def test_fp16_without_gpu_is_refused_before_loading(tmp_path):
-    from conftest import SMALL_RECIPE, write_recipe
+    from helpers import SMALL_RECIPE, write_recipe
 
     if torch.cuda.is_available():
         pytest.skip("fp16 is valid on a GPU")
