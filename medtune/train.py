@@ -572,7 +572,7 @@ def optimizer_step(s: Setup, stage: Stage, window: list[dict[str, torch.Tensor]]
 
 
 def fit(s: Setup) -> TrainResult:
-    """The loop, from ``s.step`` to the end: steps, log lines, evaluations, checkpoints."""
+    """The loop, from ``s.step`` to the end: steps, log lines, evaluations, checkpoints; then :func:`finish`."""
     from tqdm.auto import tqdm
 
     cfg, accelerator, run = s.recipe.train, s.accelerator, s.run
@@ -610,15 +610,16 @@ def fit(s: Setup) -> TrainResult:
         "steps_this_session": s.step - start_step,
         "tokens_seen": int(meter.items_total.item()),
     }
-    if s.eval_dl is not None and not (cfg.eval_steps and s.step % cfg.eval_steps == 0):
-        last_eval = evaluate(s.model, s.eval_dl, accelerator, stage, cfg.dpo_beta)
-        _log(run, accelerator, None, {"step": s.step, "eval_loss": round(last_eval, 6)})
     return finish(s, session, last_eval)
 
 
 def finish(s: Setup, session: dict[str, Any], last_eval: float | None) -> TrainResult:
-    """The adapter, the loss curve and run_info's summary; the run is 'finished' only after all of them."""
-    accelerator, run = s.accelerator, s.run
+    """A last evaluation (unless the last step had one), the adapter, the loss curve and run_info's summary;
+    the run is 'finished' only after all of them."""
+    accelerator, run, cfg = s.accelerator, s.run, s.recipe.train
+    if s.eval_dl is not None and not (cfg.eval_steps and s.step % cfg.eval_steps == 0):
+        last_eval = evaluate(s.model, s.eval_dl, accelerator, get_stage(cfg.stage), cfg.dpo_beta)
+        _log(run, accelerator, None, {"step": s.step, "eval_loss": round(last_eval, 6)})
     save_adapter(run, s.model, s.tokenizer, accelerator)
     if accelerator.is_main_process:
         rows = run.read_metrics()
