@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import random
 import shutil
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -273,14 +275,28 @@ class LengthGroupedSampler(torch.utils.data.Sampler[int]):
 # ----------------------------------------------------------------------------- the cached datasets
 
 
+def file_identity(path: Path, sample: int = 1 << 20) -> str:
+    """A data file's identity for the cache key without reading it all on every start: its absolute path,
+    size, modification time and a hash of its first, middle and last MiB. An edit changes the mtime (and
+    usually the size); MEDTUNE_CACHE_FULL_HASH=1 hashes the whole file instead (1-4 s per GB)."""
+    stat = path.stat()
+    digest = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    with path.open("rb") as handle:
+        if os.environ.get("MEDTUNE_CACHE_FULL_HASH") == "1":
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+        else:
+            for offset in sorted({0, max(0, stat.st_size // 2 - sample // 2), max(0, stat.st_size - sample)}):
+                handle.seek(offset)
+                digest.update(handle.read(sample))
+    return digest.hexdigest()
+
+
 def cache_key(data_cfg, seed: int, tokenizer, files: Sequence[str], stage: str = "sft") -> str:
     """Everything that changes the tokenized rows: file contents, template, tokenizer, lengths, packing."""
     digest = hashlib.sha256(f"{_FORMAT_VERSION}:{stage}".encode())
     for path in files:
-        digest.update(str(path).encode())
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(block)
+        digest.update(file_identity(Path(path)).encode())
     settings = {k: v for k, v in dataclasses.asdict(data_cfg).items() if k not in ("train_files", "eval_files")}
     digest.update(
         repr((sorted(settings.items()), seed, dataclasses.astuple(get_template(data_cfg.template)))).encode()
@@ -421,8 +437,16 @@ def load_datasets(data_cfg, seed: int, tokenizer, stage: str = "sft", is_main: b
 
 
 def row_lengths(dataset) -> list[int]:
+    """Every row's length (a pair: its longer side), read from the Arrow list offsets of the memory-mapped
+    cache: no row is turned into Python lists (that took ~40% of a warm start at 1M rows)."""
+    import pyarrow.compute as pc
+
+    table = dataset.data
     if "input_ids" in dataset.column_names:
-        return [len(ids) for ids in dataset["input_ids"]]
+        return pc.list_value_length(table.column("input_ids")).to_numpy().tolist()
+    chosen = pc.list_value_length(table.column("chosen_input_ids"))
+    rejected = pc.list_value_length(table.column("rejected_input_ids"))
+    return pc.max_element_wise(chosen, rejected).to_numpy().tolist()
     return [
         max(len(c), len(r)) for c, r in zip(dataset["chosen_input_ids"], dataset["rejected_input_ids"], strict=True)
     ]

@@ -1,12 +1,21 @@
 """Speed features that must not change what is learned: packing, length grouping, the token cache."""
 
+import os
 import random
 
 import pytest
 import torch
 from helpers import SMALL_RECIPE, write_recipe
 
-from medtune.data import LengthGroupedSampler, build_sft_rows, concat_examples, load_datasets, pack_examples, pad_batch
+from medtune.data import (
+    LengthGroupedSampler,
+    build_sft_rows,
+    concat_examples,
+    load_datasets,
+    pack_examples,
+    pad_batch,
+    row_lengths,
+)
 from medtune.losses import causal_lm_loss_sum
 from medtune.recipe import load_recipe
 from medtune.stages import forward_logits
@@ -114,6 +123,16 @@ def test_tokenized_data_is_cached_and_invalidated(recipe, tokenizer, tmp_path, m
     data = tmp_path / "data.jsonl"
     data.write_text(open(recipe.data.train_files[0], encoding="utf-8").read()[:2000].rsplit("\n", 1)[0] + "\n")
     recipe.data.train_files = [str(data)]
+    rows, _ = load_datasets(recipe.data, 0, tokenizer, log=logs.append)
+    assert "from cache" not in logs[-1]
+    assert row_lengths(rows) == [len(ids) for ids in rows["input_ids"]]  # read from the Arrow offsets
+    load_datasets(recipe.data, 0, tokenizer, log=logs.append)
+    assert "from cache" in logs[-1]
+    # an edit in the middle that keeps the size: the file's mtime changes, so the cache key does
+    text = data.read_text(encoding="utf-8")
+    middle = next(i for i in range(len(text) // 2, len(text)) if "\u4e00" <= text[i] <= "\u9fff")  # inside a text
+    data.write_text(text[:middle] + ("头" if text[middle] != "头" else "痛") + text[middle + 1 :], encoding="utf-8")
+    os.utime(data, ns=(data.stat().st_atime_ns, data.stat().st_mtime_ns + 1_000_000))
     load_datasets(recipe.data, 0, tokenizer, log=logs.append)
     assert "from cache" not in logs[-1]
 
