@@ -97,7 +97,8 @@ def llamafactory_runs(cli: str, base: Path, data: Path, tmp: Path, env: dict[str
             messages = json.loads(line)["messages"]
             out.write(
                 json.dumps(
-                    {"instruction": messages[0]["content"], "output": messages[1]["content"]}, ensure_ascii=False
+                    {"instruction": messages[0]["content"], "input": "", "output": messages[1]["content"]},
+                    ensure_ascii=False,
                 )
                 + "\n"
             )
