@@ -214,3 +214,30 @@ def test_deepspeed_without_a_launcher_runs(recipe, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_a_command_prints_its_own_lines_only(recipe, tmp_path):
+    """No library chatter from `medtune train` (stderr not a terminal: no progress bars either)."""
+    import subprocess
+    import sys
+
+    argv = [str(recipe), f"output.dir={tmp_path / 'run'}", "train.max_steps=2", "train.save_steps=0"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "medtune.cli", "train", *argv],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for chatter in (
+        "Setting accelerator to CPU",
+        "kernels-community",
+        "Loading weights",
+        "FutureWarning",
+        "Saving the dataset",
+        "it/s]",
+    ):
+        assert chatter not in proc.stderr + proc.stdout, chatter
+    assert "done: adapter in" in proc.stdout
