@@ -59,6 +59,9 @@ def run_command(work: Callable[[], int], debug: bool = False, also: tuple[type[B
     debug = debug or os.environ.get("MEDTUNE_DEBUG") == "1"
     try:
         return work()
+    except BrokenPipeError:  # `medtune … | head`: the reader left; nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (MedtuneError, *also) as exc:
         if debug:
             raise

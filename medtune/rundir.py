@@ -309,4 +309,8 @@ def describe_source(path_or_id: str, base_override: str | None = None) -> ModelS
         known = {k: v for k, v in saved.get("source", saved).items() if k in fields}
         merged = str(path.resolve())
         return ModelSource(base=base_override or merged, tokenizer=base_override or merged, **known)
+    from medtune.model import looks_local
+
+    if not path.exists() and looks_local(path_or_id):
+        raise MedtuneError(f"{path_or_id}: no such run, adapter or model directory")
     return ModelSource(base=base_override or path_or_id, tokenizer=base_override or path_or_id)

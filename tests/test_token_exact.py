@@ -70,6 +70,41 @@ def test_chatmed_equals_promptcblue(real):
         assert ours == promptcblue_chatmed(reference, q, a)
 
 
+def test_chatmed_multi_turn_is_the_one_string_chatmed_tokenizes(real):
+    """ChatMed/PromptCBLUE are single-turn; medtune continues the string they tokenize at once,
+    '<s>问：…答：\n{a1}\n</s>问：…', each turn's prompt masked by PromptCBLUE's rule."""
+    from medtune.templates import IGNORE_INDEX, encode_conversation, get_template
+
+    tokenizer, reference = real
+    for turns in cmtmedqa_dialogues(20):
+        ids, labels = encode_conversation(tokenizer, get_template("chatmed"), as_messages(turns))
+        text = "<s>" + "".join(f"问：\n{q}\n答：\n{a}\n</s>" for q, a in turns)
+        assert ids == reference(text, add_special_tokens=False)
+        expected = []
+        for i, (q, a) in enumerate(turns):
+            turn_ids, turn_labels = promptcblue_chatmed(reference, q, a)
+            if i:  # later turns have no BOS of their own: '</s>问：…' continues the one string
+                turn_ids, turn_labels = turn_ids[1:], turn_labels[1:]
+            expected += turn_labels
+        assert labels == expected and labels.count(IGNORE_INDEX) < len(labels)
+
+
+def test_chinese_alpaca_multi_turn_continues_build_dataset(real):
+    """Chinese-LLaMA-Alpaca trains single turns; medtune's later turns are build_dataset's (source, target)
+    again, the source starting '\n\n### Instruction:' after the EOS, with no preamble and no BOS."""
+    from medtune.templates import encode_conversation, get_template
+
+    tokenizer, reference = real
+    for turns in cmtmedqa_dialogues(20):
+        ours = encode_conversation(tokenizer, get_template("chinese_alpaca"), as_messages(turns))
+        ids, labels = build_dataset_pair(reference, ALPACA_PROMPT.format(instruction=turns[0][0]), turns[0][1])
+        for q, a in turns[1:]:
+            source = reference(f"\n\n### Instruction:\n{q}\n\n### Response: ", add_special_tokens=False)
+            target = reference(a + "</s>", add_special_tokens=False)
+            ids, labels = ids + source + target, labels + [-100] * len(source) + target
+        assert ours == (ids, labels)
+
+
 def test_chinese_alpaca_equals_build_dataset(real):
     from medtune.templates import encode_conversation, get_template
 
