@@ -20,7 +20,10 @@ def corpora(tmp_path_factory):
     for i, r in enumerate(records):
         answer = r["messages"][1]["content"]
         texts.append({"id": f"t{i}", "source": "test", "text": r["messages"][0]["content"] + answer})
-        other = records[(i + 7) % len(records)]["messages"][1]["content"]
+        # the rejected reply is a careless non-answer (what Zhongjing's preference data ranks low), alternating
+        # with another question's answer: a preference a tiny random model can learn in a few steps
+        careless = "不清楚，你自己查吧。"
+        other = careless if i % 2 else records[(i + 7) % len(records)]["messages"][1]["content"]
         pairs.append(
             {
                 "id": f"p{i}",
@@ -77,7 +80,8 @@ def test_reward_model_trains_and_merges(tmp_path, corpora, tokenizer):
     extra = ["train.learning_rate=1e-2", "lora.modules_to_save=[]"]
     result = run_stage(tmp_path, "rm", "rm", pair_file, steps=20, extra=extra)
     info = result.run.read_info()
-    assert info["finished"] and info["final_loss"] < info["first_loss"]
+    print(f"reward model loss {info['first_loss']} → {info['final_loss']}")
+    assert info["finished"] and info["final_loss"] < info["first_loss"] - 0.05
     summary = merge(str(result.run.root), tmp_path / "rm-merged", [])
     assert summary["parity_max_abs_logit_diff"] <= 1e-4
     scorer = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm-merged").eval()
