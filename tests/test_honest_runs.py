@@ -188,12 +188,22 @@ def test_a_full_disk_is_one_line(recipe, tmp_path, capsys, monkeypatch):
     assert code == 2 and err.startswith("error: no space left on the device writing ") and err.count("\n") == 1
 
 
+def train_in_a_fresh_process(argv: list[str], cwd: Path):
+    """`medtune train ARGV` as a user runs it: its own process, stdout/stderr not a terminal; must succeed."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "medtune.cli", "train", *argv], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
 @pytest.mark.slow
 def test_deepspeed_without_a_launcher_runs(recipe, tmp_path):
     """`medtune train` with train.deepspeed and no launcher: one process, rank 0 of 1 (a fresh process, as a
     user runs it: accelerate's process-wide state cannot switch to DeepSpeed inside a test process)."""
-    import subprocess
-    import sys
 
     from helpers import REPO
 
@@ -205,32 +215,16 @@ def test_deepspeed_without_a_launcher_runs(recipe, tmp_path):
         "train.save_steps=0",
         f"train.deepspeed={zero2}",
     ]
-    proc = subprocess.run(
-        [sys.executable, "-m", "medtune.cli", "train", *argv],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    train_in_a_fresh_process(argv, tmp_path)
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
 
 
 @pytest.mark.slow
 def test_a_command_prints_its_own_lines_only(recipe, tmp_path):
     """No library chatter from `medtune train` (stderr not a terminal: no progress bars either)."""
-    import subprocess
-    import sys
 
     argv = [str(recipe), f"output.dir={tmp_path / 'run'}", "train.max_steps=2", "train.save_steps=0"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "medtune.cli", "train", *argv],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = train_in_a_fresh_process(argv, tmp_path)
     for chatter in (
         "Setting accelerator to CPU",
         "kernels-community",
