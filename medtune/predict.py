@@ -195,7 +195,7 @@ def check_resumable(out: Path, expected: dict[str, Any], overwrite: bool) -> Non
             if saved.get(k, {}).get(name) != expected[k].get(name)
         )
         raise MedtuneError(
-            f"--out {out}: its predictions were made with another {'/'.join(differ)} ({detail}); "
+            f"--out {out}: its predictions were made otherwise ({detail} changed); "
             "pass --overwrite to start again, or choose another --out"
         )
 

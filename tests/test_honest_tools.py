@@ -116,7 +116,7 @@ def test_predict_resumes_only_what_the_same_settings_wrote(demo_run, tmp_path, c
     assert main(argv) == 0 and "generated 0" in capsys.readouterr().out  # resumed: nothing left to do
     before = out.read_bytes()
     assert main(argv[:-1] + ["6"]) == 2
-    assert "made with another settings (settings.max_new_tokens)" in capsys.readouterr().err
+    assert "were made otherwise (settings.max_new_tokens changed)" in capsys.readouterr().err
     assert out.read_bytes() == before
     assert main(argv[:-1] + ["6", "--overwrite"]) == 0 and "generated 2" in capsys.readouterr().out
     foreign = tmp_path / "foreign.jsonl"
