@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from medtune.console import MedtuneError, quiet_libraries, run_command
-from medtune.model import DTYPES, check_model_path, load_weights
+from medtune.model import DTYPES, base_config_summary, check_model_path, load_weights
 from medtune.rundir import MERGE_INFO, ModelSource, describe_source
 from medtune.stages import get_stage
 from medtune.templates import encode_conversation, get_template, jinja_chat_template, stop_token_ids
@@ -98,9 +98,9 @@ def merge(
         check_same_base(source, info.base)
     dtype = dtype or info.dtype or "fp32"  # by default, the precision the run trained in
     inputs = merge_inputs(info.base, adapters, dtype)
-    earlier = out / MERGE_INFO
-    if earlier.is_file() and json.loads(earlier.read_text(encoding="utf-8")).get("inputs") == inputs:
-        return {**json.loads(earlier.read_text(encoding="utf-8")), "up_to_date": True}
+    earlier = json.loads((out / MERGE_INFO).read_text(encoding="utf-8")) if (out / MERGE_INFO).is_file() else {}
+    if earlier.get("inputs") == inputs:
+        return {**earlier, "up_to_date": True}
     trust_remote_code = trust_remote_code or info.trust_remote_code
     tokenizer = load_tokenizer(info.tokenizer, info.tokenizer_kind, trust_remote_code)
     auto = AutoModelForSequenceClassification if reward_model else AutoModelForCausalLM
@@ -159,7 +159,6 @@ def check_same_base(source: str, base: str) -> None:
     """A --base must have the shape and vocabulary of the base the run trained on: peft would merge an
     adapter into another model of the same layer sizes without a word."""
     from medtune.rundir import RunDir
-    from medtune.train import base_config_summary
 
     info_file = RunDir(source).info_file
     if not info_file.is_file():

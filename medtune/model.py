@@ -6,7 +6,9 @@ only maps the recipe's model and lora groups onto them.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -58,9 +60,11 @@ def check_model_path(base: str, key: str) -> str:
     return base
 
 
+@functools.cache
 def hub_model_problem(repo_id: str) -> str | None:
     """Why ``repo_id`` cannot be loaded from the hub, or None: a cached copy, or one request that finds it
-    (instead of from_pretrained's retries and a traceback a minute later)."""
+    (instead of from_pretrained's retries and a traceback a minute later). Asked once per process: train
+    checks model.base before anything is written and again when it resolves the base."""
     import huggingface_hub
     from huggingface_hub import constants
 
@@ -179,3 +183,20 @@ def count_parameters(model) -> tuple[int, int]:
 
 def is_model_dir(path: str | Path) -> bool:
     return (Path(path) / "config.json").is_file()
+
+
+def base_config_summary(base: str, trust_remote_code: bool = False) -> dict[str, Any]:
+    """The shape of the base an adapter fits: merge refuses a --base of another shape or vocabulary."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
+    keys = (
+        "model_type",
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "intermediate_size",
+    )
+    return {k: getattr(config, k, None) for k in keys}

@@ -265,24 +265,20 @@ class ModelSource:
         return dataclasses.asdict(self)
 
 
-def info_file_name(run: Path) -> Path:
-    return run / "run_info.json"
-
-
 def describe_source(path_or_id: str, base_override: str | None = None) -> ModelSource:
     """What a path given to merge/predict/chat is. A run directory (from its recipe and run_info), an
     adapter directory, a merged model directory (from medtune_merge.json), or anything else (a hub id or
     plain model directory: no template known)."""
     path = Path(path_or_id)
-    if (path / "run_info.json").is_file():
-        run = RunDir(path)
+    run = RunDir(path)
+    if run.info_file.is_file():
         info, recipe = run.read_info(), run.read_recipe()
         if not info.get("finished"):
             raise MedtuneError(f"{path}: this run has not finished (no final adapter yet); resume it first")
         base = base_override or info["base_model"]
         if Path(base).is_absolute() and not Path(base).is_dir():
             raise MedtuneError(
-                f"{info_file_name(path)}: base_model {base}: no such directory (moved?); merge with --base NEW_PATH, or put it back"  # noqa: E501
+                f"{run.info_file}: base_model {base}: no such directory (moved?); merge with --base NEW_PATH, or put it back"  # noqa: E501
             )
         return ModelSource(
             base=base,

@@ -32,6 +32,7 @@ from medtune.console import quiet_libraries, run_command
 from medtune.data import LengthGroupedSampler, load_datasets, row_lengths
 from medtune.model import (
     attach_lora,
+    base_config_summary,
     check_model_path,
     count_parameters,
     load_base_model,
@@ -313,6 +314,7 @@ def _train(recipe: Recipe) -> TrainResult:
     lock = RunLock(run.root)
     if accelerator.is_main_process:
         lock.acquire()
+    s: Setup | None = None
     try:
         s = setup(recipe, accelerator, run, dtype)
         if mode == "resume":
@@ -322,7 +324,7 @@ def _train(recipe: Recipe) -> TrainResult:
         write_run_start(s, mode, dtype)
         return fit(s)
     except KeyboardInterrupt:
-        raise Interrupted(run, locals().get("s")) from None
+        raise Interrupted(run, s) from None
     finally:
         lock.release()
 
@@ -493,23 +495,6 @@ def write_run_start(s: Setup, mode: str, dtype: str) -> None:
         )
     if recipe.train.report_to == "wandb":
         s.accelerator.init_trackers("medtune", config=recipe.to_dict(), init_kwargs={"wandb": {"name": run.root.name}})
-
-
-def base_config_summary(base: str, trust_remote_code: bool = False) -> dict[str, Any]:
-    """The shape of the base an adapter fits: merge refuses a --base of another shape or vocabulary."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
-    keys = (
-        "model_type",
-        "vocab_size",
-        "hidden_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "num_key_value_heads",
-        "intermediate_size",
-    )
-    return {k: getattr(config, k, None) for k in keys}
 
 
 class Meter:
