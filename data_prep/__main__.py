@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from data_prep import alpaca, chatmed, cmtmedqa, huatuo, preference, promptcblue, sharegpt, text
+from data_prep import alpaca, chatmed, cmtmedqa, exams, huatuo, preference, promptcblue, sharegpt, text
 from data_prep.pipeline import Options, PrepError, read_items, run
 
 # source name → (converter, reader, one-line description)
@@ -20,6 +20,12 @@ SOURCES = {
     "text": (text.convert, text.read_text_or_jsonl, "raw text: .txt paragraphs or {text} lines"),
     "alpaca": (alpaca.convert, read_items, "{instruction, input, output, history?}"),
     "sharegpt": (sharegpt.convert, read_items, "{conversations: [{from, value}]}"),
+    # medical exam benchmarks → exam records for `medtune eval exam`
+    "cmb": (exams.convert_cmb, read_items, "CMB-Exam JSON (exam_type, exam_class, question_type, option, answer)"),
+    "cmexam": (exams.convert_cmexam, exams.read_csv_items, "CMExam CSV (Question, Options, Answer, Explanation)"),
+    "medqa-mcmle": (exams.convert_medqa, read_items, "MedQA Mainland JSONL (question, options, answer_idx)"),
+    "cmmlu": (exams.convert_cmmlu, exams.read_csv_items, "CMMLU subject CSVs (medical subjects unless --subjects)"),
+    "ceval": (exams.convert_ceval, exams.read_csv_items, "C-Eval subject CSVs, val/dev (medical unless --subjects)"),
 }
 
 
@@ -42,6 +48,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="promptcblue: remove '答：' from prompts, as the LLaMA baseline does",
     )
+    parser.add_argument(
+        "--subjects",
+        help="cmmlu/ceval: comma-separated subject file names to keep, or 'all' (default: the medical subjects)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress line")
     args = parser.parse_args(argv)
     if not 0.0 <= args.dev_ratio < 1.0:
@@ -59,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         dedup=args.dedup,
         max_per_task=args.max_per_task,
         strip_answer_cue=args.strip_answer_cue,
+        subjects=tuple(s.strip() for s in args.subjects.split(",") if s.strip()) if args.subjects else None,
     )
     try:
         report = run(convert, args.inputs, args.out, options, reader=reader, progress=not args.quiet)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medtune.records import RecordError, validate_record, write_jsonl_line
+from medtune.records import RecordError, record_kind, validate_record, write_jsonl_line
 
 
 class Skip(Exception):
@@ -53,6 +53,7 @@ class Options:
     dedup: bool = False
     max_per_task: int | None = None  # PromptCBLUE: cap records per meta.task_dataset
     strip_answer_cue: bool = False  # PromptCBLUE: drop "答：" from prompts, as the LLaMA baseline does
+    subjects: tuple[str, ...] | None = None  # CMMLU/C-Eval: subjects to keep (None: the medical ones; ("all",))
 
 
 @dataclass
@@ -333,7 +334,9 @@ def _convert_one(convert: Converter, item: Item, options: Options, seen: set, pe
 
 
 def _length(record: dict) -> int:
-    if "text" in record and "messages" not in record:
+    if record_kind(record) == "exam":
+        return len(record["question"]) + sum(len(o) for o in record["options"].values())
+    if record_kind(record) == "text":
         return len(record["text"])
     return (
         sum(len(m["content"]) for m in record["messages"])
@@ -343,7 +346,9 @@ def _length(record: dict) -> int:
 
 
 def _content_key(record: dict) -> str:
-    if "text" in record and "messages" not in record:
+    if record_kind(record) == "exam":
+        return "\x1e".join([record["question"], *record["options"].values()])
+    if record_kind(record) == "text":
         return record["text"]
     parts = [f"{m['role']}\x1f{m['content']}" for m in record["messages"]]
     return "\x1e".join(parts + [record.get("chosen") or "", record.get("rejected") or ""])

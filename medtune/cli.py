@@ -15,6 +15,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "merge": ("merge LoRA adapters into the base and save a plain model", "medtune.merge"),
     "predict": ("batched, resumable generation with the training template", "medtune.predict"),
     "score": ("score predictions (promptcblue: the official track's scoring)", "medtune.score"),
+    "eval": (
+        "evaluate a model: medical exams (exam) or dialogue quality and safety with an LLM judge (dialogue)",
+        "medtune.evaluate",
+    ),
+    "report": ("one self-contained HTML page of a run and its evaluations", "medtune.report"),
     "chat": ("talk to a run directory or merged model in the terminal", "medtune.chat"),
     "template": (
         "show a chat template's text, ids and trained tokens on a real tokenizer",

@@ -52,6 +52,7 @@ KIND_HELP = {
     "chat": "chat records whose messages end with the assistant's reply (data_prep sft sources)",
     "text": "text records {id, source, text} (python -m data_prep text)",
     "preference": "preference records with chosen and rejected replies (python -m data_prep preference)",
+    "exam": "exam questions, which medtune eval exam scores (they carry no reply to train on)",
 }
 
 

@@ -232,7 +232,7 @@ def predict(
         **({"temperature": temperature, "top_p": top_p} if do_sample else {}),
     }
     check_resumable(out, fingerprint(source, data, settings), overwrite)
-    done = _read_done(out)
+    done = read_done(out)
     todo = [p for p in prompts if p["id"] not in done]
     if todo:
         loaded = load_model_for_inference(source, dtype, template)
@@ -247,22 +247,30 @@ def predict(
             for start in range(0, len(todo), batch_size):
                 batch = todo[start : start + batch_size]
                 texts = generate_batch(loaded, batch, max_new_tokens, do_sample, temperature, top_p)
-                for prompt, text in zip(batch, texts, strict=True):
-                    row = write_prediction(prompt["line"], text)
-                    handle.write(write_jsonl_line(row))
-                    done[prediction_id(row)] = row
-                handle.flush()
-                os.fsync(handle.fileno())  # what is written survives a crash; only the batch in flight is lost
+                rows = [write_prediction(p["line"], text) for p, text in zip(batch, texts, strict=True)]
+                append_rows(handle, rows)
+                done.update((prediction_id(row), row) for row in rows)
                 bar.update(len(batch))
         bar.close()
-    # Rewrite in input order (the official format keeps test.json's order), atomically.
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text("".join(write_jsonl_line(done[p["id"]]) for p in prompts), encoding="utf-8")
-    os.replace(tmp, out)
+    rewrite_in_order(out, done, [p["id"] for p in prompts])  # the official format keeps test.json's order
     return len(todo)
 
 
-def _read_done(out: Path) -> dict[str, dict]:
+def append_rows(handle, rows: list[dict]) -> None:
+    """Write and sync a batch of result rows: what is written survives a crash; only the batch in flight is lost."""
+    handle.write("".join(write_jsonl_line(row) for row in rows))
+    handle.flush()
+    os.fsync(handle.fileno())
+
+
+def rewrite_in_order(out: Path, done: dict[str, dict], ids: list[str]) -> None:
+    """The finished file in input order, atomically (a resumed run appended in the order it ran)."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text("".join(write_jsonl_line(done[i]) for i in ids), encoding="utf-8")
+    os.replace(tmp, out)
+
+
+def read_done(out: Path) -> dict[str, dict]:
     """Predictions already written; a torn last line (killed mid-write) is dropped and redone."""
     done: dict[str, dict] = {}
     if not out.is_file():

@@ -5,6 +5,8 @@ One JSON object a line, of one of three kinds:
 - chat:       {"id", "source", "messages": [{"role", "content"}, ...], "meta": {...}}
 - preference: a chat record whose messages are the prompt, plus "chosen" and "rejected" replies
 - text:       {"id", "source", "text"} for continued pre-training
+- exam:       {"id", "source", "question", "options": {"A": ...}, "answer": "AC", "multi", "category": [...],
+              "meta"} — a multiple-choice question of a medical exam benchmark, for `medtune eval exam`
 
 Roles are system (optional, first), then user and assistant alternating. A chat
 record whose last message is from the user is a prompt (for prediction).
@@ -33,7 +35,12 @@ class RecordError(MedtuneError):
     """A record that does not follow the format; the message names file, line and field."""
 
 
+OPTION_LETTERS = "ABCDEFG"  # the letters CMB's official extraction knows; no benchmark here has more options
+
+
 def record_kind(record: dict[str, Any]) -> str:
+    if "options" in record and "messages" not in record:
+        return "exam"
     if "text" in record and "messages" not in record:
         return "text"
     if "chosen" in record or "rejected" in record:
@@ -49,6 +56,9 @@ def validate_record(record: Any) -> str:
         if not isinstance(record.get(key), str) or not record[key]:
             raise RecordError(f"field {key!r}: a non-empty string is required")
     kind = record_kind(record)
+    if kind == "exam":
+        _validate_exam(record)
+        return kind
     if kind == "text":
         if not isinstance(record["text"], str) or not record["text"].strip():
             raise RecordError("field 'text': a non-empty string is required")
@@ -80,6 +90,32 @@ def validate_record(record: Any) -> str:
     if "meta" in record and not isinstance(record["meta"], dict):
         raise RecordError("field 'meta': an object is required")
     return kind
+
+
+def _validate_exam(record: dict[str, Any]) -> None:
+    """Options lettered A, B, C... without gaps; the answer a sorted, non-empty set of those letters."""
+    if not isinstance(record.get("question"), str) or not record["question"].strip():
+        raise RecordError("field 'question': a non-empty string is required")
+    options = record["options"]
+    if not isinstance(options, dict) or len(options) < 2:
+        raise RecordError("field 'options': an object of at least two lettered options is required")
+    if list(options) != list(OPTION_LETTERS[: len(options)]):
+        raise RecordError(f"field 'options': letters must be {', '.join(OPTION_LETTERS[: len(options)])} in order")
+    for letter, text in options.items():
+        if not isinstance(text, str) or not text.strip():
+            raise RecordError(f"field 'options.{letter}': a non-empty string is required")
+    answer = record.get("answer")
+    if not isinstance(answer, str) or not answer or any(a not in options for a in answer):
+        raise RecordError(f"field 'answer': one or more of the option letters {''.join(options)} is required")
+    if "".join(sorted(set(answer))) != answer:
+        raise RecordError("field 'answer': letters must be sorted and distinct (e.g. 'ACD')")
+    if not isinstance(record.get("multi"), bool) or (len(answer) > 1 and not record["multi"]):
+        raise RecordError("field 'multi': true for a question with several answers, false otherwise")
+    category = record.get("category", [])
+    if not isinstance(category, list) or not all(isinstance(c, str) and c for c in category):
+        raise RecordError("field 'category': a list of non-empty strings is required")
+    if "meta" in record and not isinstance(record["meta"], dict):
+        raise RecordError("field 'meta': an object is required")
 
 
 def iter_json_lines(path: str | Path) -> Iterator[tuple[int, Any]]:

@@ -1,0 +1,368 @@
+"""`medtune eval exam`: medical exam benchmarks, scored as their publishers score them.
+
+    medtune eval exam RUN_OR_MODEL --data exam.jsonl --out DIR [--mode loglik|generate] [--shots K]
+    medtune eval exam --score PREDICTIONS.jsonl --data exam.jsonl --out DIR
+
+exam.jsonl comes from `python -m data_prep cmb|cmexam|medqa-mcmle|cmmlu|ceval`. Each question is the
+user turn of the model's own chat template (few-shot examples as earlier turns).
+
+- loglik: each candidate answer is scored as the model's reply: the sum of the log-probabilities of the
+  reply tokens training would have put a loss on (the letters and the end of the reply). Single-choice
+  candidates are the option letters; a multi-answer question's candidates are every non-empty set of
+  letters ("AC"), because the end-of-reply token is what tells "A" from "AC", so the best-scoring set
+  is the model's answer — no extraction, no luck.
+- generate: greedy replies, read by each benchmark's official extraction (evaluate/extract.py), and
+  by the strict rule beside it.
+- --score: the same extraction and aggregation on saved replies ({"id", "output"} lines, from medtune or
+  any other system), so published outputs can be rescored on equal terms.
+
+DIR/predictions.jsonl holds one row per question, DIR/scores.json the figures. A run resumes where it
+stopped only when model, data and settings are unchanged (predict's fingerprint rule).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from medtune.console import MedtuneError
+from medtune.evaluate.exam_prompts import PROMPT_VERSION, conversation
+from medtune.evaluate.exam_scores import benchmark_scores
+from medtune.evaluate.extract import OFFICIAL, strict_extract
+from medtune.records import RecordError, iter_json_lines, validate_record
+from medtune.rundir import atomic_write_text
+
+EXAM_HINT = "convert the benchmark first: python -m data_prep cmb|cmexam|medqa-mcmle|cmmlu|ceval FILE --out exam.jsonl"
+
+
+def load_exams(path: Path) -> list[dict[str, Any]]:
+    """Exam records of a data_prep file; anything else names its line."""
+    records = []
+    for lineno, row in iter_json_lines(path):
+        try:
+            kind = validate_record(row)
+        except RecordError as exc:
+            raise MedtuneError(f"{path}:{lineno}: {exc}; {EXAM_HINT}") from None
+        if kind != "exam":
+            raise MedtuneError(f"{path}:{lineno}: a {kind} record, not an exam question; {EXAM_HINT}")
+        if row["source"] not in OFFICIAL:
+            known = ", ".join(OFFICIAL)
+            raise MedtuneError(f"{path}:{lineno}: source {row['source']!r} has no exam scoring; known: {known}")
+        records.append(row)
+    if not records:
+        raise MedtuneError(f"{path}: no exam question in it")
+    ids = [r["id"] for r in records]
+    if len(set(ids)) != len(ids):
+        raise MedtuneError(f"{path}: duplicate ids; answers could not be matched back to questions")
+    return records
+
+
+def pick_shots(records: list[dict], pool: list[dict], k: int) -> dict[str, list[dict]]:
+    """For each question, the first k pool questions of its benchmark and category (else of its benchmark),
+    never the question itself: deterministic, so a resumed run asks the same prompts."""
+    if k == 0:
+        return {r["id"]: [] for r in records}
+    shots = {}
+    for record in records:
+        same = [p for p in pool if p["source"] == record["source"] and p["id"] != record["id"]]
+        close = [p for p in same if p["category"][:1] == record["category"][:1]]
+        chosen = (close + [p for p in same if p not in close])[:k]
+        if len(chosen) < k:
+            raise MedtuneError(f"--shots {k}: only {len(chosen)} other {record['source']} questions to draw from")
+        shots[record["id"]] = chosen
+    return shots
+
+
+def candidates(record: dict) -> list[str]:
+    letters = list(record["options"])
+    if not record["multi"]:
+        return letters
+    return ["".join(c) for n in range(1, len(letters) + 1) for c in itertools.combinations(letters, n)]
+
+
+def extracted_row(record: dict, output: str) -> dict[str, Any]:
+    """One generated (or rescored) reply, read by the benchmark's official rule and by the strict rule.
+
+    Strictly correct = officially correct *and* the reply is nothing but that answer, so the strict figure
+    is the official one minus what lenient reading added (never more)."""
+    extracted = OFFICIAL[record["source"]][1](output, record)
+    strict = strict_extract(output, record)
+    return {
+        **_question_fields(record),
+        "output": output,
+        "extracted": extracted,
+        "strict": strict,
+        "correct": extracted == record["answer"],
+        "strict_correct": extracted == record["answer"] and strict == record["answer"],
+    }
+
+
+def _question_fields(record: dict) -> dict[str, Any]:
+    return {k: record[k] for k in ("id", "source", "category", "answer", "multi")}
+
+
+# ----------------------------------------------------------------------------- with a model
+
+
+def reply_logprobs(loaded, conversations: list[list[dict]], batch_size: int) -> list[float]:
+    """Sum of log p over the reply tokens training puts a loss on, one figure per conversation."""
+    import torch
+
+    from medtune.templates import IGNORE_INDEX, encode_conversations
+
+    encoded = encode_conversations(
+        loaded.tokenizer, loaded.template, conversations, loaded.system_prompt, train_on="last_turn"
+    )
+    pad = loaded.tokenizer.pad_token_id
+    pad = pad if pad is not None else loaded.tokenizer.eos_token_id
+    scores: list[float] = []
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start : start + batch_size]
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.tensor([i + [pad] * (width - len(i)) for i, _ in chunk], device=loaded.model.device)
+        labels = torch.tensor([lab + [IGNORE_INDEX] * (width - len(lab)) for _, lab in chunk], device=ids.device)
+        mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in chunk], device=ids.device)
+        with torch.no_grad():
+            logits = loaded.model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
+        targets = labels[:, 1:]
+        scored = targets != IGNORE_INDEX  # only the reply's positions go through the vocabulary softmax
+        logprobs = torch.log_softmax(logits[scored].float(), dim=-1).gather(-1, targets[scored][:, None])[:, 0]
+        rows = scored.nonzero()[:, 0]
+        sums = torch.zeros(len(chunk), device=ids.device).index_add_(0, rows, logprobs)
+        scores.extend(sums.tolist())
+    return scores
+
+
+def loglik_rows(loaded, records: list[dict], shots: dict[str, list[dict]], batch_size: int) -> list[dict]:
+    convs, owners = [], []
+    for record in records:
+        asked = conversation(record, shots[record["id"]])
+        for candidate in candidates(record):
+            convs.append(asked + [{"role": "assistant", "content": candidate}])
+            owners.append((record["id"], candidate))
+    logprobs: dict[str, dict[str, float]] = {r["id"]: {} for r in records}
+    for (rid, candidate), score in zip(owners, reply_logprobs(loaded, convs, batch_size), strict=True):
+        logprobs[rid][candidate] = score
+    rows = []
+    for record in records:
+        scores = logprobs[record["id"]]
+        chosen = max(scores, key=scores.__getitem__)  # ties: the first candidate, as argmax does
+        rows.append(
+            {**_question_fields(record), "chosen": chosen, "correct": chosen == record["answer"], "logprobs": scores}
+        )
+    return rows
+
+
+def generate_rows(
+    loaded, records: list[dict], shots: dict[str, list[dict]], batch_size: int, max_new_tokens: int
+) -> list[dict]:
+    from medtune.predict import generate_batch
+
+    prompts = [{"messages": conversation(r, shots[r["id"]])} for r in records]
+    outputs = []
+    for start in range(0, len(prompts), batch_size):
+        outputs += generate_batch(loaded, prompts[start : start + batch_size], max_new_tokens, False, 1.0, 1.0)
+    return [extracted_row(r, o) for r, o in zip(records, outputs, strict=True)]
+
+
+def evaluate(
+    model: str,
+    data: Path,
+    out_dir: Path,
+    mode: str = "loglik",
+    shots: int = 0,
+    shots_from: Path | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 64,
+    dtype: str = "fp32",
+    template: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Answer every question not yet in DIR/predictions.jsonl, then score them all."""
+    from tqdm.auto import tqdm
+
+    from medtune.predict import append_rows, check_resumable, fingerprint, load_model_for_inference, read_done
+
+    if batch_size < 1 or max_new_tokens < 1 or shots < 0:
+        raise MedtuneError("--batch-size and --max-new-tokens must be at least 1, --shots at least 0")
+    records = load_exams(data)
+    pool = load_exams(shots_from) if shots_from else records
+    chosen_shots = pick_shots(records, pool, shots)
+    settings = {
+        "task": "exam",
+        "mode": mode,
+        "shots": shots,
+        "shots_from": _file_sha(shots_from) if shots_from else None,
+        "prompt_version": PROMPT_VERSION,
+        "template": template,
+        "dtype": dtype,
+        **({"max_new_tokens": max_new_tokens} if mode == "generate" else {}),
+    }
+    out = _prepare_dir(out_dir)
+    check_resumable(out, fingerprint(model, data, settings), overwrite)
+    done = read_done(out)
+    todo = [r for r in records if r["id"] not in done]
+    if todo:
+        loaded = load_model_for_inference(model, dtype, template)
+        bar = tqdm(
+            total=len(records),
+            initial=len(records) - len(todo),
+            unit="question",
+            disable=not progress or not sys.stderr.isatty(),
+        )
+        with out.open("a", encoding="utf-8") as handle:
+            for start in range(0, len(todo), batch_size):
+                batch = todo[start : start + batch_size]
+                if mode == "loglik":
+                    rows = loglik_rows(loaded, batch, chosen_shots, batch_size)
+                else:
+                    rows = generate_rows(loaded, batch, chosen_shots, batch_size, max_new_tokens)
+                append_rows(handle, rows)
+                done.update((row["id"], row) for row in rows)
+                bar.update(len(batch))
+        bar.close()
+    return finish(out_dir, records, done, {**settings, "model": model, "data": str(data), "answered_now": len(todo)})
+
+
+def _file_sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _prepare_dir(out_dir: Path) -> Path:
+    """DIR/predictions.jsonl; a scores.json with no predictions medtune wrote beside it is not ours to replace."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise MedtuneError(f"--out {out_dir}: exists and is not a directory")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / "predictions.jsonl"
+    if (out_dir / "scores.json").exists() and not (out_dir / "predictions.jsonl.medtune.json").exists():
+        raise MedtuneError(f"--out {out_dir}: has a scores.json medtune eval did not write; choose another --out")
+    return out
+
+
+def finish(out_dir: Path, records: list[dict], done: dict[str, dict], settings: dict) -> dict[str, Any]:
+    """Rows in question order, scores per benchmark, both written atomically."""
+    from medtune.predict import rewrite_in_order
+
+    rewrite_in_order(out_dir / "predictions.jsonl", done, [r["id"] for r in records])
+    rows = [done[r["id"]] for r in records]
+    by_source: dict[str, list[dict]] = {}
+    for row in rows:
+        by_source.setdefault(row["source"], []).append(row)
+    scores = {
+        "settings": settings,
+        "extraction": {s: OFFICIAL[s][0] for s in by_source} if "extracted" in rows[0] else "none (loglik)",
+        "benchmarks": {source: benchmark_scores(source, group) for source, group in by_source.items()},
+    }
+    atomic_write_text(out_dir / "scores.json", json.dumps(scores, ensure_ascii=False, indent=2) + "\n")
+    return scores
+
+
+# ----------------------------------------------------------------------------- rescoring saved outputs
+
+
+def read_outputs(path: Path) -> dict[str, str]:
+    """{"id", "output"} lines (medtune predict's "prediction" key is read too)."""
+    outputs: dict[str, str] = {}
+    for lineno, row in iter_json_lines(path):
+        if not isinstance(row, dict) or not isinstance(row.get("id"), (str, int)):
+            raise MedtuneError(f'{path}:{lineno}: expected {{"id": ..., "output": "..."}}')
+        text = row.get("output", row.get("prediction"))
+        if not isinstance(text, str):
+            raise MedtuneError(f"{path}:{lineno}: field 'output': the model's reply as a string is required")
+        if str(row["id"]) in outputs:
+            raise MedtuneError(f"{path}:{lineno}: id {row['id']} appears twice")
+        outputs[str(row["id"])] = text
+    return outputs
+
+
+def rescore(predictions: Path, data: Path, out_dir: Path, overwrite: bool = False) -> dict[str, Any]:
+    """Score saved replies; every question needs exactly one reply (a score on part of a test is not its score)."""
+    from medtune.predict import check_resumable
+
+    records = load_exams(data)
+    outputs = read_outputs(predictions)
+    missing = [r["id"] for r in records if r["id"] not in outputs]
+    unknown = sorted(set(outputs) - {r["id"] for r in records})
+    if missing or unknown:
+        detail = f"{len(missing)} questions have no output (first: {missing[0]})" if missing else ""
+        detail += ("; " if detail and unknown else "") + (
+            f"{len(unknown)} outputs match no question (first: {unknown[0]})" if unknown else ""
+        )
+        raise MedtuneError(f"--score {predictions}: {detail}; score outputs for exactly the questions of {data}")
+    out = _prepare_dir(out_dir)
+    expected = {
+        "model": {"rescored": str(predictions.resolve()), "sha256": _file_sha(predictions)},
+        "data": {"path": str(data.resolve()), "sha256": _file_sha(data)},
+        "settings": {"task": "exam", "mode": "rescore"},
+    }
+    check_resumable(out, expected, overwrite)
+    done = {r["id"]: extracted_row(r, outputs[r["id"]]) for r in records}
+    return finish(out_dir, records, done, {"mode": "rescore", "predictions": str(predictions), "data": str(data)})
+
+
+def summary(scores: dict[str, Any]) -> str:
+    lines = []
+    for source, s in scores["benchmarks"].items():
+        line = f"{source}: {s['questions']} questions, accuracy {s['accuracy']:.4f}"
+        if source == "cmb":
+            line += f" (category average {s['average']:.4f})"
+        if "strict_accuracy" in s:
+            line += f", strict {s['strict_accuracy']:.4f}, no answer found {s['no_answer']}"
+        if "f1" in s:
+            line += f", weighted F1 {s['f1']:.4f}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from medtune.console import quiet_libraries, run_command
+    from medtune.model import DTYPES
+
+    parser = argparse.ArgumentParser(prog="medtune eval exam", description=__doc__.splitlines()[0])
+    parser.add_argument("model", nargs="?", help="run directory, merged model directory, or hub id / model path")
+    parser.add_argument("--data", required=True, type=Path, help="exam questions from python -m data_prep")
+    parser.add_argument("--out", required=True, type=Path, help="directory for predictions.jsonl and scores.json")
+    parser.add_argument("--mode", choices=("loglik", "generate"), default="loglik")
+    parser.add_argument("--shots", type=int, default=0, help="few-shot examples, as earlier turns of the chat")
+    parser.add_argument("--shots-from", type=Path, help="questions to draw shots from (default: --data itself)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="generate mode")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    parser.add_argument("--template", help="chat template, when the model does not record one")
+    parser.add_argument("--score", type=Path, metavar="PREDICTIONS", help="rescore saved {id, output} lines")
+    parser.add_argument("--overwrite", action="store_true", help="start --out again instead of resuming it")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors too")
+    quiet_libraries()
+    args = parser.parse_args(argv)
+    if (args.model is None) == (args.score is None):
+        parser.error("give a model to evaluate, or --score PREDICTIONS to rescore saved outputs (not both)")
+
+    def work() -> int:
+        if args.score:
+            scores = rescore(args.score, args.data, args.out, args.overwrite)
+        else:
+            scores = evaluate(
+                args.model,
+                args.data,
+                args.out,
+                args.mode,
+                args.shots,
+                args.shots_from,
+                args.batch_size,
+                args.max_new_tokens,
+                args.dtype,
+                args.template,
+                args.overwrite,
+            )
+        print(summary(scores))
+        print(f"per-question rows: {args.out / 'predictions.jsonl'}; scores: {args.out / 'scores.json'}")
+        return 0
+
+    return run_command(work, args.debug)
