@@ -145,7 +145,7 @@ def test_rescoring_saved_outputs(tmp_path: Path, capsys) -> None:
     capsys.readouterr()
     pred.write_text(json.dumps({"id": "1", "output": "B"}) + "\n", encoding="utf-8")  # a partial set of outputs
     assert exam_eval.main(["--score", str(pred), "--data", str(data), "--out", str(tmp_path / "t")]) == 2
-    assert "3 questions have no output" in capsys.readouterr().err
+    assert "3 items of cmb.jsonl have no output" in capsys.readouterr().err
 
 
 def test_cmexam_weighted_prf_equals_scikit_learn() -> None:

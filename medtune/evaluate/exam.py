@@ -33,6 +33,7 @@ from medtune.console import MedtuneError
 from medtune.evaluate.exam_prompts import PROMPT_VERSION, conversation
 from medtune.evaluate.exam_scores import benchmark_scores
 from medtune.evaluate.extract import OFFICIAL, strict_extract
+from medtune.evaluate.outputs import check_covers, prepare_out_dir, read_outputs
 from medtune.records import RecordError, iter_json_lines, validate_record
 from medtune.rundir import atomic_write_text
 
@@ -203,7 +204,7 @@ def evaluate(
         "dtype": dtype,
         **({"max_new_tokens": max_new_tokens} if mode == "generate" else {}),
     }
-    out = _prepare_dir(out_dir)
+    out = prepare_out_dir(out_dir)
     check_resumable(out, fingerprint(model, data, settings), overwrite)
     done = read_done(out)
     todo = [r for r in records if r["id"] not in done]
@@ -233,17 +234,6 @@ def _file_sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _prepare_dir(out_dir: Path) -> Path:
-    """DIR/predictions.jsonl; a scores.json with no predictions medtune wrote beside it is not ours to replace."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise MedtuneError(f"--out {out_dir}: exists and is not a directory")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / "predictions.jsonl"
-    if (out_dir / "scores.json").exists() and not (out_dir / "predictions.jsonl.medtune.json").exists():
-        raise MedtuneError(f"--out {out_dir}: has a scores.json medtune eval did not write; choose another --out")
-    return out
-
-
 def finish(out_dir: Path, records: list[dict], done: dict[str, dict], settings: dict) -> dict[str, Any]:
     """Rows in question order, scores per benchmark, both written atomically."""
     from medtune.predict import rewrite_in_order
@@ -265,36 +255,14 @@ def finish(out_dir: Path, records: list[dict], done: dict[str, dict], settings: 
 # ----------------------------------------------------------------------------- rescoring saved outputs
 
 
-def read_outputs(path: Path) -> dict[str, str]:
-    """{"id", "output"} lines (medtune predict's "prediction" key is read too)."""
-    outputs: dict[str, str] = {}
-    for lineno, row in iter_json_lines(path):
-        if not isinstance(row, dict) or not isinstance(row.get("id"), (str, int)):
-            raise MedtuneError(f'{path}:{lineno}: expected {{"id": ..., "output": "..."}}')
-        text = row.get("output", row.get("prediction"))
-        if not isinstance(text, str):
-            raise MedtuneError(f"{path}:{lineno}: field 'output': the model's reply as a string is required")
-        if str(row["id"]) in outputs:
-            raise MedtuneError(f"{path}:{lineno}: id {row['id']} appears twice")
-        outputs[str(row["id"])] = text
-    return outputs
-
-
 def rescore(predictions: Path, data: Path, out_dir: Path, overwrite: bool = False) -> dict[str, Any]:
     """Score saved replies; every question needs exactly one reply (a score on part of a test is not its score)."""
     from medtune.predict import check_resumable
 
     records = load_exams(data)
     outputs = read_outputs(predictions)
-    missing = [r["id"] for r in records if r["id"] not in outputs]
-    unknown = sorted(set(outputs) - {r["id"] for r in records})
-    if missing or unknown:
-        detail = f"{len(missing)} questions have no output (first: {missing[0]})" if missing else ""
-        detail += ("; " if detail and unknown else "") + (
-            f"{len(unknown)} outputs match no question (first: {unknown[0]})" if unknown else ""
-        )
-        raise MedtuneError(f"--score {predictions}: {detail}; score outputs for exactly the questions of {data}")
-    out = _prepare_dir(out_dir)
+    check_covers(outputs, [r["id"] for r in records], "--score", predictions, data)
+    out = prepare_out_dir(out_dir)
     expected = {
         "model": {"rescored": str(predictions.resolve()), "sha256": _file_sha(predictions)},
         "data": {"path": str(data.resolve()), "sha256": _file_sha(data)},
