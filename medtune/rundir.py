@@ -217,8 +217,8 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def plot_loss(rows: list[dict[str, Any]], out: Path) -> None:
-    """Train (and eval) loss against step, as a PNG a person can glance at."""
+def loss_figure(rows: list[dict[str, Any]]):
+    """Train (and eval) loss against step: a matplotlib figure (the caller saves and closes it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -233,9 +233,18 @@ def plot_loss(rows: list[dict[str, Any]], out: Path) -> None:
         ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (per target token)")
-    ax.legend()
+    if train or evals:
+        ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
+    return fig
+
+
+def plot_loss(rows: list[dict[str, Any]], out: Path) -> None:
+    """The loss curves as a PNG a person can glance at, beside the run's metrics."""
+    import matplotlib.pyplot as plt
+
+    fig = loss_figure(rows)
     tmp = out.with_name(f".{out.stem}.tmp.png")
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
