@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,3 +38,27 @@ train:
   save_steps: 4
   seed: 7
 """
+
+
+def tiny_llama_with_tokenizer(out, tokenizer_dir) -> None:
+    """A random 2-layer LlamaForCausalLM whose vocabulary is the real tokenizer's, saved with its files."""
+    import sentencepiece
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    vocab = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer_dir / "tokenizer.model")).get_piece_size()
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
+    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(tokenizer_dir / name, out / name)

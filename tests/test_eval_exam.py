@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import REPO
+from helpers import REPO, tiny_llama_with_tokenizer
 
 from data_prep.__main__ import main as prep_main
 from medtune.evaluate import exam as exam_eval
@@ -158,3 +158,54 @@ def test_cmexam_weighted_prf_equals_scikit_learn() -> None:
     p, r, f, _ = sklearn.precision_recall_fscore_support(gold, pred, average="weighted", zero_division=0)
     print(f"weighted P/R/F1: medtune {ours}, sklearn {(p, r, f)}")
     assert (ours["precision"], ours["recall"], ours["f1"]) == pytest.approx((p, r, f), abs=1e-12)
+
+
+def test_shots_come_from_the_same_benchmark_and_category_never_the_question(tmp_path: Path) -> None:
+    from medtune.evaluate.exam_prompts import conversation
+
+    records = exam_eval.load_exams(exam_file(tmp_path))
+    shots = exam_eval.pick_shots(records, records, 2)
+    first = records[0]  # CMB 医师考试: the other 医师考试 questions come first
+    assert [s["id"] for s in shots[first["id"]]] == ["2", "3"]
+    assert [s["id"] for s in shots["4"]] == ["1", "2"]  # 护理考试 has no other: the benchmark's first ones
+    asked = conversation(first, shots[first["id"]])
+    assert [m["role"] for m in asked] == ["user", "assistant", "user", "assistant", "user"]
+    assert asked[1]["content"] == "答案是AC。" and asked[-1]["content"].endswith("D. 120~150次/分")
+    with pytest.raises(exam_eval.MedtuneError, match="only 2 other cmexam questions"):
+        exam_eval.pick_shots(records, records, 3)
+
+
+def test_few_shot_loglik_asks_a_longer_conversation(trained, tmp_path: Path) -> None:
+    result, _, _ = trained
+    data = exam_file(tmp_path)
+    zero = exam_eval.evaluate(str(result.run.root), data, tmp_path / "zero", "loglik")
+    two = exam_eval.evaluate(str(result.run.root), data, tmp_path / "two", "loglik", shots=2)
+    assert two["settings"]["shots"] == 2 and zero["settings"]["shots"] == 0
+    rows0, rows2 = lines(tmp_path / "zero" / "predictions.jsonl"), lines(tmp_path / "two" / "predictions.jsonl")
+    assert any(a["logprobs"] != b["logprobs"] for a, b in zip(rows0, rows2, strict=True))
+
+
+@pytest.mark.skipif(
+    not (REPO.parent / "shared" / "tokenizers" / "chinese_llama2").is_dir(), reason="../shared/tokenizers needed"
+)
+def test_loglik_on_a_real_sentencepiece_tokenizer_without_a_pad_token(tmp_path: Path) -> None:
+    """A plain model directory (no template recorded: --template), Chinese-LLaMA-2's tokenizer (no pad token)."""
+    from medtune.evaluate.exam_prompts import conversation
+    from medtune.templates import encode_conversation, get_template
+    from medtune.tokenizer import load_tokenizer
+
+    base = tmp_path / "base"
+    tiny_llama_with_tokenizer(base, REPO.parent / "shared" / "tokenizers" / "chinese_llama2")
+    data = exam_file(tmp_path)
+    argv = [str(base), "--data", str(data), "--out", str(tmp_path / "e"), "--template", "llama2_zh"]
+    assert exam_eval.main(argv) == 0
+    rows = lines(tmp_path / "e" / "predictions.jsonl")
+    assert len(rows) == 10 and all(r["chosen"] in r["logprobs"] for r in rows)
+    # The scored tokens are the reply's trained tokens of the authors' format: the letter and </s>.
+    tokenizer = load_tokenizer(str(base))
+    record = exam_eval.load_exams(data)[0]
+    ids, labels = encode_conversation(
+        tokenizer, get_template("llama2_zh"), conversation(record, []) + [{"role": "assistant", "content": "B"}]
+    )
+    trained_ids = [i for i in labels if i != -100]
+    assert tokenizer.convert_ids_to_tokens(trained_ids) == ["▁B", "</s>"]

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 
 import pytest
+from helpers import tiny_llama_with_tokenizer
 from references import ALPACA2_PROMPT, DATA, TOKENIZERS, LegacyLlamaTokenizer, chatmed_texts
 
 pytestmark = pytest.mark.skipif(
@@ -15,30 +15,6 @@ pytestmark = pytest.mark.skipif(
     reason="../shared/tokenizers and ../shared/data are needed",
 )
 SYSTEM = "你是一名经验丰富的全科医生。"
-
-
-def tiny_llama_with_tokenizer(out, tokenizer_dir) -> None:
-    """A random 2-layer LlamaForCausalLM whose vocabulary is the real tokenizer's, saved with its files."""
-    import sentencepiece
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    vocab = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer_dir / "tokenizer.model")).get_piece_size()
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
-    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(tokenizer_dir / name, out / name)
 
 
 @pytest.fixture(scope="module")

@@ -126,8 +126,10 @@ def evaluate_dialogue(
     progress: bool = True,
 ) -> tuple[dict[str, Any], Judge | None]:
     from medtune.predict import predict
+    from medtune.rundir import describe_source
 
     records = load_dialogues(data)
+    describe_source(model)  # a model that is not there fails before DIR is made
     ids = [r["id"] for r in records]
     if baseline_path and not judge_url:
         raise MedtuneError("--baseline is compared by the judge: give --judge URL --judge-model NAME too")

@@ -204,8 +204,9 @@ def evaluate(
         "dtype": dtype,
         **({"max_new_tokens": max_new_tokens} if mode == "generate" else {}),
     }
+    expected = fingerprint(model, data, settings)  # a model that is not there fails before DIR is made
     out = prepare_out_dir(out_dir)
-    check_resumable(out, fingerprint(model, data, settings), overwrite)
+    check_resumable(out, expected, overwrite)
     done = read_done(out)
     todo = [r for r in records if r["id"] not in done]
     if todo:
