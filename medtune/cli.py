@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "report": ("one self-contained HTML page of a run and its evaluations", "medtune.report"),
     "chat": ("talk to a run directory or merged model in the terminal", "medtune.chat"),
+    "serve": ("an OpenAI-compatible API and a chat page for a run, in its training format", "medtune.serving"),
     "template": (
         "show a chat template's text, ids and trained tokens on a real tokenizer",
         "medtune.inspect_template",
