@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 from browser import CHROMIUM
+from helpers import REPO, tiny_llama_with_tokenizer
 
 from medtune.console import MedtuneError
 from medtune.serving import api_key_for, build, parser
@@ -221,3 +222,23 @@ def test_chat_page_streams_a_reply_in_a_browser(served, tmp_path: Path) -> None:
         assert page.locator(".msg").count() == 0
         browser.close()
     print(f"browser reply: {reply[:40]!r}…; screenshot {len(shot)} bytes")
+
+
+@pytest.mark.skipif(
+    not (REPO.parent / "shared" / "tokenizers" / "chinese_llama2").is_dir(), reason="../shared/tokenizers needed"
+)
+def test_streamed_text_is_whole_on_a_real_sentencepiece_vocabulary(tmp_path: Path) -> None:
+    """Random weights over Chinese-LLaMA-2's vocabulary pick byte-fallback pieces too: a character split over
+    several tokens is held back until complete, so the deltas add up to the reply exactly. (Random bytes
+    that never form a character stay U+FFFD in both: that is the model's output, not the stream's.)"""
+    base = tmp_path / "base"
+    tiny_llama_with_tokenizer(base, REPO.parent / "shared" / "tokenizers" / "chinese_llama2")
+    with Server(base, "--template", "llama2_zh", "--max-new-tokens", "96") as server:
+        client = server.client()
+        for seed in range(6):
+            kwargs = dict(model="m", messages=QUESTIONS[0], temperature=1.0, max_tokens=96, seed=seed)
+            whole = client.chat.completions.create(**kwargs).choices[0].message.content
+            streamed = "".join(
+                c.choices[0].delta.content or "" for c in client.chat.completions.create(**kwargs, stream=True)
+            )
+            assert streamed == whole and len(whole) > 20
