@@ -216,8 +216,6 @@ def predict(
     overwrite: bool = False,
 ) -> int:
     """Generate for every prompt not yet in ``out``; returns how many were generated now."""
-    from tqdm.auto import tqdm
-
     if batch_size < 1 or max_new_tokens < 1:
         raise MedtuneError("--batch-size and --max-new-tokens must be at least 1")
     prompts = load_prompts(data, strip_answer_cue)
@@ -237,23 +235,34 @@ def predict(
     if todo:
         loaded = load_model_for_inference(source, dtype, template)
         todo.sort(key=lambda p: sum(len(m["content"]) for m in p["messages"]))  # similar lengths pad less
-        bar = tqdm(
-            total=len(prompts),
-            initial=len(prompts) - len(todo),
-            unit="sample",
-            disable=not progress or not sys.stderr.isatty(),
-        )
-        with out.open("a", encoding="utf-8") as handle:
-            for start in range(0, len(todo), batch_size):
-                batch = todo[start : start + batch_size]
-                texts = generate_batch(loaded, batch, max_new_tokens, do_sample, temperature, top_p)
-                rows = [write_prediction(p["line"], text) for p, text in zip(batch, texts, strict=True)]
-                append_rows(handle, rows)
-                done.update((prediction_id(row), row) for row in rows)
-                bar.update(len(batch))
-        bar.close()
+
+        def answer(batch: list[dict]) -> list[dict]:
+            texts = generate_batch(loaded, batch, max_new_tokens, do_sample, temperature, top_p)
+            return [write_prediction(p["line"], text) for p, text in zip(batch, texts, strict=True)]
+
+        rows = answer_in_batches(out, todo, len(prompts), batch_size, answer, "sample", progress)
+        done.update((prediction_id(row), row) for row in rows)
     rewrite_in_order(out, done, [p["id"] for p in prompts])  # the official format keeps test.json's order
     return len(todo)
+
+
+def answer_in_batches(
+    out: Path, todo: list, total: int, batch_size: int, answer, unit: str, progress: bool = True
+) -> list[dict]:
+    """Run ``answer(batch) -> rows`` over ``todo`` a batch at a time, each batch's rows appended to ``out``
+    and synced before the next starts (the resumable loop of predict and eval); all new rows returned."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=total - len(todo), unit=unit, disable=not progress or not sys.stderr.isatty())
+    written: list[dict] = []
+    with out.open("a", encoding="utf-8") as handle:
+        for start in range(0, len(todo), batch_size):
+            rows = answer(todo[start : start + batch_size])
+            append_rows(handle, rows)
+            written += rows
+            bar.update(len(rows))
+    bar.close()
+    return written
 
 
 def append_rows(handle, rows: list[dict]) -> None:

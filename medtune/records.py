@@ -147,6 +147,26 @@ def read_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
         yield lineno, record
 
 
+def read_kind(path: str | Path, kind: str, hint: str) -> list[dict[str, Any]]:
+    """All records of a file, each of ``kind`` (else an error naming the line, with ``hint`` on how to make
+    the right file), ids unique (answers are matched back to records by id)."""
+    records = []
+    for lineno, record in iter_json_lines(path):
+        try:
+            found = validate_record(record)
+        except RecordError as exc:
+            raise RecordError(f"{path}:{lineno}: {exc}; {hint}") from None
+        if found != kind:
+            raise RecordError(f"{path}:{lineno}: a {found} record where {kind} records are expected; {hint}")
+        records.append(record)
+    if not records:
+        raise RecordError(f"{path}: no {kind} record in it; {hint}")
+    ids = [r["id"] for r in records]
+    if len(set(ids)) != len(ids):
+        raise RecordError(f"{path}: duplicate ids; answers could not be matched back to records")
+    return records
+
+
 def write_jsonl_line(record: dict[str, Any]) -> str:
     """The one serialisation: UTF-8 text kept readable, keys in a stable order."""
     return json.dumps(record, ensure_ascii=False) + "\n"

@@ -31,7 +31,7 @@ from medtune.console import MedtuneError
 from medtune.evaluate.judge import AXES, DEFAULT_KEY_ENV, RUBRIC_VERSION, Judge, pairwise_outcome
 from medtune.evaluate.outputs import check_covers, prepare_out_dir, read_outputs
 from medtune.evaluate.text_metrics import reference_metrics
-from medtune.records import RecordError, iter_json_lines, validate_record
+from medtune.records import read_kind
 from medtune.rundir import atomic_write_text
 
 SPEAKERS = {"system": "系统", "user": "患者", "assistant": "医生"}
@@ -43,20 +43,11 @@ REFUSAL = re.compile(
 
 
 def load_dialogues(path: Path) -> list[dict[str, Any]]:
-    records = []
-    for lineno, row in iter_json_lines(path):
-        try:
-            kind = validate_record(row)
-        except RecordError as exc:
-            raise MedtuneError(f"{path}:{lineno}: {exc}") from None
-        if kind != "chat" or row["messages"][-1]["role"] != "assistant":
-            raise MedtuneError(
-                f"{path}:{lineno}: a dialogue needs chat messages ending with the reference doctor reply "
-                "(python -m data_prep cmtmedqa|huatuo|chatmed-consult FILE --out FILE.jsonl)"
-            )
-        records.append(row)
-    if not records:
-        raise MedtuneError(f"{path}: no dialogue in it")
+    hint = "convert the test set first: python -m data_prep cmtmedqa|huatuo|chatmed-consult FILE --out FILE.jsonl"
+    records = read_kind(path, "chat", hint)
+    for record in records:
+        if record["messages"][-1]["role"] != "assistant":
+            raise MedtuneError(f"{path}: id {record['id']}: the last message must be the reference doctor reply")
     return records
 
 

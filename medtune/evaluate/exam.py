@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,7 @@ from medtune.evaluate.exam_prompts import PROMPT_VERSION, conversation
 from medtune.evaluate.exam_scores import benchmark_scores
 from medtune.evaluate.extract import OFFICIAL, strict_extract
 from medtune.evaluate.outputs import check_covers, prepare_out_dir, read_outputs
-from medtune.records import RecordError, iter_json_lines, validate_record
+from medtune.records import read_kind
 from medtune.rundir import atomic_write_text
 
 EXAM_HINT = "convert the benchmark first: python -m data_prep cmb|cmexam|medqa-mcmle|cmmlu|ceval FILE --out exam.jsonl"
@@ -42,23 +41,13 @@ EXAM_HINT = "convert the benchmark first: python -m data_prep cmb|cmexam|medqa-m
 
 def load_exams(path: Path) -> list[dict[str, Any]]:
     """Exam records of a data_prep file; anything else names its line."""
-    records = []
-    for lineno, row in iter_json_lines(path):
-        try:
-            kind = validate_record(row)
-        except RecordError as exc:
-            raise MedtuneError(f"{path}:{lineno}: {exc}; {EXAM_HINT}") from None
-        if kind != "exam":
-            raise MedtuneError(f"{path}:{lineno}: a {kind} record, not an exam question; {EXAM_HINT}")
-        if row["source"] not in OFFICIAL:
+    records = read_kind(path, "exam", EXAM_HINT)
+    for record in records:
+        if record["source"] not in OFFICIAL:
             known = ", ".join(OFFICIAL)
-            raise MedtuneError(f"{path}:{lineno}: source {row['source']!r} has no exam scoring; known: {known}")
-        records.append(row)
-    if not records:
-        raise MedtuneError(f"{path}: no exam question in it")
-    ids = [r["id"] for r in records]
-    if len(set(ids)) != len(ids):
-        raise MedtuneError(f"{path}: duplicate ids; answers could not be matched back to questions")
+            raise MedtuneError(
+                f"{path}: id {record['id']}: source {record['source']!r} has no scoring; known: {known}"
+            )
     return records
 
 
@@ -185,9 +174,7 @@ def evaluate(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Answer every question not yet in DIR/predictions.jsonl, then score them all."""
-    from tqdm.auto import tqdm
-
-    from medtune.predict import append_rows, check_resumable, fingerprint, load_model_for_inference, read_done
+    from medtune.predict import answer_in_batches, check_resumable, fingerprint, load_model_for_inference, read_done
 
     if batch_size < 1 or max_new_tokens < 1 or shots < 0:
         raise MedtuneError("--batch-size and --max-new-tokens must be at least 1, --shots at least 0")
@@ -211,23 +198,14 @@ def evaluate(
     todo = [r for r in records if r["id"] not in done]
     if todo:
         loaded = load_model_for_inference(model, dtype, template)
-        bar = tqdm(
-            total=len(records),
-            initial=len(records) - len(todo),
-            unit="question",
-            disable=not progress or not sys.stderr.isatty(),
-        )
-        with out.open("a", encoding="utf-8") as handle:
-            for start in range(0, len(todo), batch_size):
-                batch = todo[start : start + batch_size]
-                if mode == "loglik":
-                    rows = loglik_rows(loaded, batch, chosen_shots, batch_size)
-                else:
-                    rows = generate_rows(loaded, batch, chosen_shots, batch_size, max_new_tokens)
-                append_rows(handle, rows)
-                done.update((row["id"], row) for row in rows)
-                bar.update(len(batch))
-        bar.close()
+
+        def answer(batch: list[dict]) -> list[dict]:
+            if mode == "loglik":
+                return loglik_rows(loaded, batch, chosen_shots, batch_size)
+            return generate_rows(loaded, batch, chosen_shots, batch_size, max_new_tokens)
+
+        rows = answer_in_batches(out, todo, len(records), batch_size, answer, "question", progress)
+        done.update((row["id"], row) for row in rows)
     return finish(out_dir, records, done, {**settings, "model": model, "data": str(data), "answered_now": len(todo)})
 
 
