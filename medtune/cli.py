@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "merge": ("merge LoRA adapters into the base and save a plain model", "medtune.merge"),
     "predict": ("batched, resumable generation with the training template", "medtune.predict"),
+    "reward": ("score preference pairs or replies with a trained reward model", "medtune.reward"),
     "score": ("score predictions (promptcblue: the official track's scoring)", "medtune.score"),
     "eval": (
         "evaluate a model: medical exams (exam) or dialogue quality and safety with an LLM judge (dialogue)",

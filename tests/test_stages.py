@@ -86,6 +86,40 @@ def test_reward_model_trains_and_merges(tmp_path, corpora, tokenizer):
     assert summary["parity_max_abs_logit_diff"] <= 1e-4
     scorer = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm-merged").eval()
     assert scorer.config.num_labels == 1 and scorer.config.pad_token_id == tokenizer.pad_token_id
+    check_reward_command(result.run.root, tmp_path / "rm-merged", pair_file, tmp_path, scorer)
+
+
+def check_reward_command(run_dir, merged, pair_file, tmp_path, scorer):
+    """medtune reward on the RM's own pairs: above chance, and each score is the merged model's own."""
+    import torch
+
+    from medtune.reward import main as reward_main
+    from medtune.templates import encode_conversation, get_template
+    from medtune.tokenizer import load_tokenizer
+
+    out = tmp_path / "scores.jsonl"
+    assert reward_main([str(run_dir), "--data", str(pair_file), "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    accuracy = sum(r["correct"] for r in rows) / len(rows)
+    print(
+        f"medtune reward on its training pairs: accuracy {accuracy:.3f}, mean margin "
+        f"{sum(r['margin'] for r in rows) / len(rows):.3f}"
+    )
+    assert len(rows) == 40 and accuracy > 0.75
+    record = json.loads(pair_file.read_text(encoding="utf-8").splitlines()[3])
+    tokenizer = load_tokenizer(str(merged))  # the run's own (its tiny base was built from the pairs)
+    ids, _ = encode_conversation(
+        tokenizer, get_template("chatmed"), record["messages"] + [{"role": "assistant", "content": record["chosen"]}]
+    )
+    with torch.no_grad():
+        direct = scorer(input_ids=torch.tensor([ids])).logits.item()
+    assert rows[3]["chosen_score"] == pytest.approx(direct, abs=1e-4)
+    merged_out = tmp_path / "scores-merged.jsonl"
+    assert reward_main([str(merged), "--data", str(pair_file), "--out", str(merged_out)]) == 0
+    again = [json.loads(line) for line in merged_out.read_text().splitlines()]
+    assert [r["correct"] for r in again] == [r["correct"] for r in rows]
+    assert reward_main([str(run_dir), "--data", str(DEMO_DATA), "--out", str(tmp_path / "replies.jsonl")]) == 0
+    assert len((tmp_path / "replies.jsonl").read_text().splitlines()) == 40
 
 
 def test_zhongjing_chain_pt_sft_dpo(tmp_path, corpora):
