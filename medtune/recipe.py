@@ -86,6 +86,13 @@ class TrainConfig:
         "sft"  # pre-training on text, SFT on chats, reward model or DPO on pairs
     )
     dpo_beta: float = 0.1  # DPO: how far the policy may move from the reference (the base without the adapter)
+    # Dropout (the base's and LoRA's) during training. Unset: off for rm and dpo — TRL and the DPO paper
+    # train preferences without it (with it, the policy's log-probs are noisy against a noise-free
+    # reference) — and on for pt and sft.
+    disable_dropout: bool | None = None
+    # DPO refines an instruction-tuned model: a base that is not a medtune SFT merge is warned about,
+    # or refused when this is true.
+    require_sft_base: bool = False
     learning_rate: float = 2e-4
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = 0.03  # fraction of optimizer steps with linear warm-up

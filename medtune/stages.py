@@ -9,6 +9,7 @@ optimizer step (medtune/losses.py says why).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -31,20 +32,52 @@ def forward_logits(model, batch: Batch) -> torch.Tensor:
     ).logits
 
 
-def lm_loss(model, batch: Batch, accelerator, dpo_beta: float) -> torch.Tensor:
-    return causal_lm_loss_sum(forward_logits(model, batch), batch["labels"])
+Stats = dict[str, torch.Tensor]  # sums over the batch's items, logged as means per item
 
 
-def reward_loss(model, batch: Batch, accelerator, dpo_beta: float) -> torch.Tensor:
+def lm_loss(model, batch: Batch, accelerator, dpo_beta: float) -> tuple[torch.Tensor, Stats]:
+    return causal_lm_loss_sum(forward_logits(model, batch), batch["labels"]), {}
+
+
+def preference_stats(chosen: torch.Tensor, rejected: torch.Tensor) -> Stats:
+    """The figures people read for RM and DPO (TRL's names): mean rewards of each side, how often the
+    chosen one wins, by how much."""
+    chosen, rejected = chosen.detach().float(), rejected.detach().float()
+    return {
+        "rewards/chosen": chosen.sum(),
+        "rewards/rejected": rejected.sum(),
+        "rewards/accuracy": (chosen > rejected).float().sum(),
+        "rewards/margin": (chosen - rejected).sum(),
+    }
+
+
+def reward_loss(model, batch: Batch, accelerator, dpo_beta: float) -> tuple[torch.Tensor, Stats]:
     rewards = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)
-    return reward_loss_sum(rewards)
+    n = rewards.shape[0] // 2
+    return reward_loss_sum(rewards), preference_stats(rewards[:n], rewards[n:])
 
 
-def dpo_loss(model, batch: Batch, accelerator, dpo_beta: float) -> torch.Tensor:
-    # The reference policy is the same network with the adapter switched off: no second model in memory.
-    with torch.no_grad(), accelerator.unwrap_model(model).disable_adapter():
+@contextmanager
+def reference_model(model, accelerator) -> Iterator[None]:
+    """The reference policy: the same network with the adapter switched off (no second model in memory),
+    without gradients and in eval mode (no dropout), as TRL runs its reference model."""
+    unwrapped = accelerator.unwrap_model(model)
+    was_training = unwrapped.training
+    unwrapped.eval()
+    try:
+        with torch.no_grad(), unwrapped.disable_adapter():
+            yield
+    finally:
+        unwrapped.train(was_training)
+
+
+def dpo_loss(model, batch: Batch, accelerator, dpo_beta: float) -> tuple[torch.Tensor, Stats]:
+    with reference_model(model, accelerator):
         reference = sequence_logps(forward_logits(model, batch), batch["labels"])
-    return dpo_loss_sum(sequence_logps(forward_logits(model, batch), batch["labels"]), reference, dpo_beta)
+    policy = sequence_logps(forward_logits(model, batch), batch["labels"])
+    n = policy.shape[0] // 2
+    implicit = dpo_beta * (policy - reference)  # DPO's implicit rewards
+    return dpo_loss_sum(policy, reference, dpo_beta), preference_stats(implicit[:n], implicit[n:])
 
 
 def target_tokens(batch: Batch) -> torch.Tensor:
@@ -62,11 +95,12 @@ class Stage:
     records: str  # the record kind it trains on: chat | text | preference (medtune/records.py)
     rows: Callable[..., Iterator[list[dict]]]  # (records, data_cfg, tokenizer, report) → chunks of rows
     collate: Callable[..., Batch]  # pad_batch or pad_pairs
-    loss_sum: Callable[..., torch.Tensor]  # (model, batch, accelerator, dpo_beta) → summed loss
+    loss_sum: Callable[..., tuple[torch.Tensor, Stats]]  # (model, batch, accelerator, dpo_beta) → sum, stats
     items: Callable[[Batch], torch.Tensor]  # what the loss is averaged over
     reward_head: bool = False  # a one-output score head instead of the LM head
     packs: bool = False  # data.packing applies
     generates: bool = True  # predict/chat can use the result
+    dropout: bool = True  # train.disable_dropout's default is its opposite: off for preference stages
 
 
 STAGES: dict[str, Stage] = {
@@ -74,8 +108,18 @@ STAGES: dict[str, Stage] = {
     for s in (
         Stage("pt", "text", text_rows, pad_batch, lm_loss, target_tokens),
         Stage("sft", "chat", chat_rows, pad_batch, lm_loss, target_tokens, packs=True),
-        Stage("rm", "preference", pair_rows, pad_pairs, reward_loss, pairs, reward_head=True, generates=False),
-        Stage("dpo", "preference", pair_rows, pad_pairs, dpo_loss, pairs),
+        Stage(
+            "rm",
+            "preference",
+            pair_rows,
+            pad_pairs,
+            reward_loss,
+            pairs,
+            reward_head=True,
+            generates=False,
+            dropout=False,
+        ),
+        Stage("dpo", "preference", pair_rows, pad_pairs, dpo_loss, pairs, dropout=False),
     )
 }
 

@@ -41,6 +41,7 @@ from medtune.model import (
 )
 from medtune.recipe import Recipe, RecipeError, check_data_files, load_recipe
 from medtune.rundir import (
+    MERGE_INFO,
     SAFE_TO_CHANGE_ON_RESUME,
     TRAINER_STATE,
     RunDir,
@@ -179,9 +180,32 @@ def build_model(recipe: Recipe, base: str, dtype: str, tokenizer, accelerator):
         accelerator.print(f"embeddings resized from {rows} to {model.get_input_embeddings().num_embeddings} rows")
     check_module_names(model, recipe)
     model = attach_lora(model, recipe.lora, recipe.train.gradient_checkpointing, quantized, reward_head)
+    disable = recipe.train.disable_dropout
+    if disable if disable is not None else not get_stage(recipe.train.stage).dropout:
+        for module in model.modules():  # LoRA's dropout and the base's: every nn.Dropout
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        accelerator.print("dropout off (train.disable_dropout)")
     trainable, total = count_parameters(model)
     accelerator.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
     return model
+
+
+def check_policy_base(base: str, recipe: Recipe, log) -> None:
+    """DPO starts from the SFT model it refines (Zhongjing: SFT → RM → PPO/DPO). A base that is not a
+    medtune SFT merge is named in a warning, or refused with train.require_sft_base."""
+    if recipe.train.stage != "dpo":
+        return
+    merge_info = Path(base) / MERGE_INFO
+    saved = json.loads(merge_info.read_text(encoding="utf-8")) if merge_info.is_file() else {}
+    stage = saved.get("source", saved).get("stage")
+    if stage == "sft":
+        return
+    what = f"a medtune merge of a {stage} run" if stage else "not a medtune merge of an SFT run"
+    message = f"model.base {base}: {what}; train.stage {recipe.train.stage} expects the SFT model it refines"
+    if recipe.train.require_sft_base:
+        raise RecipeError(f"{message} (train.require_sft_base is true)")
+    log(f"warning: {message}")
 
 
 def check_module_names(model, recipe: Recipe) -> None:
@@ -246,7 +270,7 @@ def evaluate(model, dataloader, accelerator, stage: Stage, dpo_beta: float = 0.1
     model.eval()
     total = torch.zeros(2, device=accelerator.device)
     for batch in dataloader:
-        loss = stage.loss_sum(model, batch, accelerator, dpo_beta).detach().float()
+        loss = stage.loss_sum(model, batch, accelerator, dpo_beta)[0].detach().float()
         total += torch.stack([loss, stage.items(batch).float()])
     total = accelerator.reduce(total, "sum")
     model.train()
@@ -356,6 +380,7 @@ def setup(recipe: Recipe, accelerator, run: RunDir, dtype: str) -> Setup:
     cfg = recipe.train
     with accelerator.main_process_first():  # the tiny base is built once, by the main process
         base = resolve_base(recipe.model, recipe.data.train_files)
+    check_policy_base(base, recipe, accelerator.print)
     tokenizer = load_tokenizer(base, recipe.model.tokenizer, recipe.model.trust_remote_code)
     tokenizer.chat_template = jinja_chat_template(get_template(recipe.data.template), recipe.data.system_prompt)
     with accelerator.main_process_first():  # the main process tokenizes (or finds the cache); the others load it
@@ -506,10 +531,13 @@ class Meter:
         self.window_items = torch.zeros((), device=device)  # all processes: items since the last line
         self.items_total = torch.tensor(float(items_seen), device=device)  # all processes, the whole run
         self.device, self.last, self.real_tokens = device, time.perf_counter(), 0
+        self.stats: dict[str, torch.Tensor] = {}  # this process: the stage's stats (sums over items)
 
-    def micro_batch(self, loss_sum: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
+    def micro_batch(self, loss_sum: torch.Tensor, batch: dict[str, torch.Tensor], stats: dict) -> None:
         processed = torch.tensor(float(batch["input_ids"].numel()), device=self.device)
         self.window += torch.stack([loss_sum.detach().float(), batch["real_tokens"].float(), processed])
+        for name, value in stats.items():
+            self.stats[name] = self.stats.get(name, 0) + value.to(self.device)
 
     def optimizer_step(self, step_items: torch.Tensor) -> None:
         self.items_total += step_items
@@ -517,15 +545,19 @@ class Meter:
 
     def line(self, accelerator, step: int, lr: float, epoch: float) -> dict[str, Any]:
         loss_total, real, processed = accelerator.reduce(self.window, "sum").tolist()
+        items = max(self.window_items.item(), 1.0)
         now = time.perf_counter()
         row = {
             "step": step,
-            "loss": round(loss_total / max(self.window_items.item(), 1.0), 6),
+            "loss": round(loss_total / items, 6),
             "lr": lr,
             "tokens_per_s": round(real / (now - self.last), 1),
             "padding_efficiency": round(real / max(processed, 1.0), 4),
             "epoch": round(epoch, 4),
         }
+        for name in sorted(self.stats):  # means per item (pair) over the window, all processes
+            row[name] = round(accelerator.reduce(self.stats[name], "sum").item() / items, 6)
+        self.stats = {}
         self.real_tokens += int(real)
         self.last = now
         self.window.zero_()
@@ -542,7 +574,7 @@ def optimizer_step(s: Setup, stage: Stage, window: list[dict[str, torch.Tensor]]
     step_items = accelerator.reduce(local_items.to(accelerator.device).float(), "sum").clamp(min=1)
     for batch in window:
         with accelerator.accumulate(model):
-            loss_sum = stage.loss_sum(model, batch, accelerator, cfg.dpo_beta)
+            loss_sum, stats = stage.loss_sum(model, batch, accelerator, cfg.dpo_beta)
             # backward() divides by the accumulation steps and DDP averages over processes:
             # multiply both back so the gradient is exactly d(sum of item losses)/d(w) / step_items.
             accelerator.backward(loss_sum * (len(window) * accelerator.num_processes) / step_items)
@@ -551,7 +583,7 @@ def optimizer_step(s: Setup, stage: Stage, window: list[dict[str, torch.Tensor]]
                     accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 s.optimizer.step()
                 s.optimizer.zero_grad()
-        meter.micro_batch(loss_sum, batch)
+        meter.micro_batch(loss_sum, batch, stats)
     s.scheduler.step()
     meter.optimizer_step(step_items)
 

@@ -7,7 +7,7 @@ import pytest
 from helpers import DEMO_DATA, SMALL_RECIPE, write_recipe
 
 from medtune.merge import merge
-from medtune.recipe import load_recipe
+from medtune.recipe import RecipeError, load_recipe
 from medtune.train import train
 
 
@@ -70,6 +70,24 @@ def test_dpo_starts_at_log2_and_learns_the_preference(tmp_path, corpora):
     # The adapter starts as a no-op (LoRA B = 0, lm_head copied), so policy == reference: loss = log 2.
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=0.05)
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.05
+    # The preference figures people read, per pair; the implicit rewards start at 0 and part as it learns.
+    assert {"rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin"} <= set(rows[-1])
+    assert rows[-1]["rewards/margin"] > rows[0]["rewards/margin"] and 0 <= rows[-1]["rewards/accuracy"] <= 1
+    assert dropouts(result.model) == {0.0}  # off by default in a preference stage (lora.dropout is 0.1)
+
+
+def dropouts(model) -> set[float]:
+    import torch
+
+    return {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}
+
+
+def test_dropout_stays_where_asked(tmp_path, corpora):
+    _, pair_file = corpora
+    kept = run_stage(tmp_path, "dpo-dropout", "dpo", pair_file, steps=1, extra=["train.disable_dropout=false"])
+    assert dropouts(kept.model) == {0.1}
+    sft = run_stage(tmp_path, "sft", "sft", DEMO_DATA, steps=1)
+    assert dropouts(sft.model) == {0.1}
 
 
 def test_reward_model_trains_and_merges(tmp_path, corpora, tokenizer):
@@ -81,6 +99,8 @@ def test_reward_model_trains_and_merges(tmp_path, corpora, tokenizer):
     result = run_stage(tmp_path, "rm", "rm", pair_file, steps=20, extra=extra)
     info = result.run.read_info()
     print(f"reward model loss {info['first_loss']} → {info['final_loss']}")
+    last = [r for r in result.run.read_metrics() if "loss" in r][-1]
+    assert last["rewards/accuracy"] > 0.5 and last["rewards/margin"] > 0
     assert info["finished"] and info["final_loss"] < info["first_loss"] - 0.05
     summary = merge(str(result.run.root), tmp_path / "rm-merged", [])
     assert summary["parity_max_abs_logit_diff"] <= 1e-4
@@ -131,6 +151,10 @@ def test_zhongjing_chain_pt_sft_dpo(tmp_path, corpora):
     merge(str(sft.root), tmp_path / "sft-merged", [])
     dpo = run_stage(tmp_path, "dpo", "dpo", pair_file, base=tmp_path / "sft-merged", steps=4).run
     assert dpo.read_info()["base_model"] == str(tmp_path / "sft-merged") and dpo.read_info()["finished"]
+    with pytest.raises(RecipeError, match="a medtune merge of a pt run"):  # DPO straight on the pre-trained model
+        run_stage(
+            tmp_path, "dpo-on-pt", "dpo", pair_file, base=tmp_path / "pt-merged", extra=["train.require_sft_base=true"]
+        )
 
 
 def test_wrong_record_kind_for_the_stage_is_named(tmp_path, corpora):
