@@ -58,14 +58,15 @@ KIND_HELP = {
 
 def load_records(files: Sequence[str], stage: str = "sft") -> list[dict[str, Any]]:
     """All records of the files, of the kind the stage trains on; anything else names file and line."""
-    want = _stage(stage).records
+    stage_ = _stage(stage)
+    want = stage_.records
     records = []
     for path in files:
         for lineno, record in read_records(path):
             kind = record_kind(record)
             if kind != want:
                 raise RecordError(f"{path}:{lineno}: a {kind} record; train.stage {stage} needs {KIND_HELP[want]}")
-            if kind == "chat" and record["messages"][-1]["role"] != "assistant":
+            if kind == "chat" and not stage_.rollout and record["messages"][-1]["role"] != "assistant":
                 raise RecordError(
                     f"{path}:{lineno}: field 'messages': the last message must be the assistant's reply to train on it"
                 )
@@ -346,6 +347,45 @@ def pair_rows(
         )
         report.add(part)
         yield rows
+
+
+def prompt_messages(record: dict) -> list[dict]:
+    """What an RL stage asks: the conversation up to its last user turn (a trailing reply is dropped)."""
+    messages = record["messages"]
+    return messages[:-1] if messages[-1]["role"] == "assistant" else messages
+
+
+def prompt_rows(
+    records: list[dict], data_cfg, tokenizer, report: TokenizeReport, chunk: int = 8192
+) -> Iterator[list[Example]]:
+    """Prompts for rollouts, encoded as predict encodes them; each row keeps its record's index (the reward
+    needs the conversation as text). Prompts longer than data.max_length are dropped and counted."""
+    template = get_template(data_cfg.template)
+    for start in range(0, len(records), chunk):
+        part = records[start : start + chunk]
+        conversations = [prompt_messages(r) for r in part]
+        encoded = encode_conversations(tokenizer, template, conversations, data_cfg.system_prompt)
+        rows = []
+        for offset, (ids, _) in enumerate(encoded):
+            if len(ids) > data_cfg.max_length:
+                report.dropped["prompt over max_length"] += 1
+                continue
+            rows.append({"input_ids": ids, "record": [start + offset]})
+        report.kept += len(rows)
+        yield rows
+
+
+def pad_prompts(examples: Sequence[Example], pad_id: int, pad_to_multiple_of: int | None = None) -> dict:
+    """Left-padded prompts (generation continues at the right end of every row)."""
+    longest = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), longest), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example["input_ids"])
+        ids[row, longest - n :] = torch.tensor(example["input_ids"])
+        mask[row, longest - n :] = 1
+    record = torch.tensor([e["record"][0] for e in examples])
+    return {"prompt_ids": ids, "prompt_mask": mask, "record": record, "input_ids": ids, "real_tokens": mask.sum()}
 
 
 def chat_rows(

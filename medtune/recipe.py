@@ -82,8 +82,8 @@ class DataConfig:
 class TrainConfig:
     """The optimisation, one loop for every stage."""
 
-    stage: Literal["pt", "sft", "rm", "dpo"] = (
-        "sft"  # pre-training on text, SFT on chats, reward model or DPO on pairs
+    stage: Literal["pt", "sft", "rm", "dpo", "grpo", "rloo"] = (
+        "sft"  # pre-training on text, SFT on chats, reward model or DPO on pairs, online RL on prompts (rl group)
     )
     dpo_beta: float = 0.1  # DPO: how far the policy may move from the reference (the base without the adapter)
     # Dropout (the base's and LoRA's) during training. Unset: off for rm and dpo — TRL and the DPO paper
@@ -115,6 +115,23 @@ class TrainConfig:
 
 
 @dataclass
+class RLConfig:
+    """Online RL (train.stage grpo | rloo): what a rollout samples and how its replies are scored."""
+
+    reward_model: str | None = None  # a medtune reward model: its merged directory or its RM run directory
+    reward_function: str | None = None  # or a rule, "module:function" called with (prompt messages, reply text)
+    num_generations: int = 4  # replies sampled per prompt (the group GRPO and RLOO compare within)
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    beta: float = 0.0  # KL to the reference (the base without the adapter); TRL: 0.0 for GRPO, 0.05 for RLOO
+    epsilon: float = 0.2  # clipping of the probability ratio
+    kl_bias_correction: bool = True  # grpo stage: the KL term times the ratio (TRL's default, DeepSeek-V3.2)
+    loss_type: Literal["dapo", "grpo"] = "dapo"  # grpo stage: per reply token over the step, or per reply
+    scale_rewards: bool = True  # grpo stage: divide advantages by the group's reward std
+
+
+@dataclass
 class OutputConfig:
     """Where the run directory goes."""
 
@@ -129,6 +146,7 @@ class Recipe:
     lora: LoraSettings = field(default_factory=LoraSettings)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -154,7 +172,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, strict: bo
     lines = _key_lines(text, str(path))
     raw = yaml.safe_load(text) or {}
     if not isinstance(raw, dict):
-        raise RecipeError(f"{path}: a recipe is a mapping of groups (model, lora, data, train, output)")
+        raise RecipeError(f"{path}: a recipe is a mapping of groups (model, lora, data, train, rl, output)")
     overridden = {_apply_override(raw, item) for item in overrides or []}
     recipe = _build(Recipe, raw, "", lambda key: _where(path, lines, key, overridden), strict)
     if not recipe.output.dir:
@@ -354,5 +372,26 @@ def check_recipe(recipe: Recipe, name: str = "recipe") -> None:
             f"model.quantization.compute_dtype: {quant.compute_dtype} with model.dtype fp32; "
             f"set model.dtype: {quant.compute_dtype} (or compute_dtype: fp32 on a CPU)"
         )
+    problems += rl_problems(recipe)
     if problems:
         raise RecipeError(f"{name}: " + f"\n{name}: ".join(problems))
+
+
+def rl_problems(recipe: Recipe) -> list[str]:
+    rl, stage = recipe.rl, recipe.train.stage
+    if stage not in ("grpo", "rloo"):
+        return []
+    problems = []
+    if (rl.reward_model is None) == (rl.reward_function is None):
+        problems.append(f"rl.reward_model / rl.reward_function: train.stage {stage} needs exactly one of them")
+    if rl.reward_model is not None and not Path(rl.reward_model).is_dir():
+        problems.append(f"rl.reward_model: {rl.reward_model}: no such directory (a merged RM or an RM run)")
+    if rl.reward_function is not None and ":" not in rl.reward_function:
+        problems.append(f"rl.reward_function: {rl.reward_function!r}: write it as module:function")
+    if rl.num_generations < 2:
+        problems.append("rl.num_generations: at least 2 (replies are compared within their group)")
+    if rl.max_new_tokens < 1 or rl.temperature <= 0 or not 0 < rl.top_p <= 1:
+        problems.append("rl.max_new_tokens >= 1, rl.temperature > 0 and rl.top_p in (0, 1] are needed")
+    if rl.beta < 0 or not 0 < rl.epsilon < 1:
+        problems.append("rl.beta >= 0 and rl.epsilon in (0, 1) are needed")
+    return problems

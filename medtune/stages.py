@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from medtune.console import MedtuneError
-from medtune.data import chat_rows, pad_batch, pad_pairs, pair_rows, text_rows
+from medtune.data import chat_rows, pad_batch, pad_pairs, pad_prompts, pair_rows, prompt_rows, text_rows
 from medtune.losses import causal_lm_loss_sum, count_target_tokens, dpo_loss_sum, reward_loss_sum, sequence_logps
+from medtune.rollout import grpo_loss_sum, mean_stat, replies, reply_tokens, rloo_loss_sum
 
 Batch = dict[str, torch.Tensor]
 
@@ -32,10 +33,10 @@ def forward_logits(model, batch: Batch) -> torch.Tensor:
     ).logits
 
 
-Stats = dict[str, torch.Tensor]  # sums over the batch's items, logged as means per item
+Stats = dict[str, torch.Tensor]  # name → [sum, count]: the loop adds them up and logs sum / count
 
 
-def lm_loss(model, batch: Batch, accelerator, dpo_beta: float) -> tuple[torch.Tensor, Stats]:
+def lm_loss(model, batch: Batch, accelerator, recipe) -> tuple[torch.Tensor, Stats]:
     return causal_lm_loss_sum(forward_logits(model, batch), batch["labels"]), {}
 
 
@@ -43,15 +44,16 @@ def preference_stats(chosen: torch.Tensor, rejected: torch.Tensor) -> Stats:
     """The figures people read for RM and DPO (TRL's names): mean rewards of each side, how often the
     chosen one wins, by how much."""
     chosen, rejected = chosen.detach().float(), rejected.detach().float()
+    n = chosen.numel()
     return {
-        "rewards/chosen": chosen.sum(),
-        "rewards/rejected": rejected.sum(),
-        "rewards/accuracy": (chosen > rejected).float().sum(),
-        "rewards/margin": (chosen - rejected).sum(),
+        "rewards/chosen": mean_stat(chosen.sum(), n),
+        "rewards/rejected": mean_stat(rejected.sum(), n),
+        "rewards/accuracy": mean_stat((chosen > rejected).float().sum(), n),
+        "rewards/margin": mean_stat((chosen - rejected).sum(), n),
     }
 
 
-def reward_loss(model, batch: Batch, accelerator, dpo_beta: float) -> tuple[torch.Tensor, Stats]:
+def reward_loss(model, batch: Batch, accelerator, recipe) -> tuple[torch.Tensor, Stats]:
     rewards = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)
     n = rewards.shape[0] // 2
     return reward_loss_sum(rewards), preference_stats(rewards[:n], rewards[n:])
@@ -71,7 +73,8 @@ def reference_model(model, accelerator) -> Iterator[None]:
         unwrapped.train(was_training)
 
 
-def dpo_loss(model, batch: Batch, accelerator, dpo_beta: float) -> tuple[torch.Tensor, Stats]:
+def dpo_loss(model, batch: Batch, accelerator, recipe) -> tuple[torch.Tensor, Stats]:
+    dpo_beta = recipe.train.dpo_beta
     with reference_model(model, accelerator):
         reference = sequence_logps(forward_logits(model, batch), batch["labels"])
     policy = sequence_logps(forward_logits(model, batch), batch["labels"])
@@ -89,18 +92,24 @@ def pairs(batch: Batch) -> torch.Tensor:
     return torch.tensor(batch["input_ids"].shape[0] // 2, device=batch["input_ids"].device)
 
 
+def grpo_items(batch: Batch) -> torch.Tensor:
+    """dapo: every reply token of the step weighs the same; grpo: every reply does."""
+    return reply_tokens(batch) if batch["token_level"] else replies(batch)
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
     records: str  # the record kind it trains on: chat | text | preference (medtune/records.py)
     rows: Callable[..., Iterator[list[dict]]]  # (records, data_cfg, tokenizer, report) → chunks of rows
     collate: Callable[..., Batch]  # pad_batch or pad_pairs
-    loss_sum: Callable[..., tuple[torch.Tensor, Stats]]  # (model, batch, accelerator, dpo_beta) → sum, stats
+    loss_sum: Callable[..., tuple[torch.Tensor, Stats]]  # (model, batch, accelerator, recipe) → sum, stats
     items: Callable[[Batch], torch.Tensor]  # what the loss is averaged over
     reward_head: bool = False  # a one-output score head instead of the LM head
     packs: bool = False  # data.packing applies
     generates: bool = True  # predict/chat can use the result
-    dropout: bool = True  # train.disable_dropout's default is its opposite: off for preference stages
+    dropout: bool = True  # train.disable_dropout's default is its opposite: off for preference and RL stages
+    rollout: bool = False  # micro-batches are prompts, turned into scored replies (medtune/rollout.py) first
 
 
 STAGES: dict[str, Stage] = {
@@ -120,6 +129,8 @@ STAGES: dict[str, Stage] = {
             dropout=False,
         ),
         Stage("dpo", "preference", pair_rows, pad_pairs, dpo_loss, pairs, dropout=False),
+        Stage("grpo", "chat", prompt_rows, pad_prompts, grpo_loss_sum, grpo_items, dropout=False, rollout=True),
+        Stage("rloo", "chat", prompt_rows, pad_prompts, rloo_loss_sum, replies, dropout=False, rollout=True),
     )
 }
 

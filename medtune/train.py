@@ -40,6 +40,7 @@ from medtune.model import (
     resolve_dtype,
 )
 from medtune.recipe import Recipe, RecipeError, check_data_files, load_recipe
+from medtune.rollout import rollout
 from medtune.rundir import (
     MERGE_INFO,
     SAFE_TO_CHANGE_ON_RESUME,
@@ -265,12 +266,12 @@ def micro_batches(dataloader, start: int) -> Iterator[dict[str, torch.Tensor]]:
 
 
 @torch.no_grad()
-def evaluate(model, dataloader, accelerator, stage: Stage, dpo_beta: float = 0.1) -> float:
+def evaluate(model, dataloader, accelerator, stage: Stage, recipe: Recipe) -> float:
     """Mean loss per item (target token, or pair) over the whole eval set, all processes together."""
     model.eval()
     total = torch.zeros(2, device=accelerator.device)
     for batch in dataloader:
-        loss = stage.loss_sum(model, batch, accelerator, dpo_beta)[0].detach().float()
+        loss = stage.loss_sum(model, batch, accelerator, recipe)[0].detach().float()
         total += torch.stack([loss, stage.items(batch).float()])
     total = accelerator.reduce(total, "sum")
     model.train()
@@ -301,6 +302,10 @@ class Setup:
     save_kwargs: dict
     step: int = 0
     tokens_seen: int = 0
+    # online RL (stages with rollouts): the prompts' conversations, the reward, the ids that end a reply
+    prompts: list | None = None
+    reward: Any = None
+    stop_ids: list[int] | None = None
 
 
 LAUNCH_VARIABLES = ("ACCELERATE_USE_DEEPSPEED", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -405,7 +410,7 @@ def setup(recipe: Recipe, accelerator, run: RunDir, dtype: str) -> Setup:
         model = torch.compile(model)
     model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
     eval_dl = None
-    if len(eval_set):
+    if len(eval_set) and not get_stage(cfg.stage).rollout:  # RL has no held-out loss: its figure is the reward
         eval_dl = accelerator.prepare(DataLoader(eval_set, batch_size=cfg.per_device_batch_size, collate_fn=collate))
     if cfg.max_steps > 0:
         total_steps = cfg.max_steps
@@ -421,6 +426,7 @@ def setup(recipe: Recipe, accelerator, run: RunDir, dtype: str) -> Setup:
     )
     accelerator.register_save_state_pre_hook(keep_only_trainable())
     is_deepspeed = accelerator.distributed_type.name == "DEEPSPEED"
+    rl = rl_parts(recipe, tokenizer, accelerator) if get_stage(cfg.stage).rollout else {}
     return Setup(
         recipe,
         accelerator,
@@ -434,7 +440,25 @@ def setup(recipe: Recipe, accelerator, run: RunDir, dtype: str) -> Setup:
         eval_dl,
         total_steps,
         {"exclude_frozen_parameters": True} if is_deepspeed else {},
+        **rl,
     )
+
+
+def rl_parts(recipe: Recipe, tokenizer, accelerator) -> dict[str, Any]:
+    """What rollouts need beside the model: each prompt row's conversation (rows keep their record's index in
+    the train split, which _split_records makes the same way every time), the reward, the stop ids."""
+    from medtune.data import _split_records, prompt_messages
+    from medtune.rollout import load_reward
+    from medtune.templates import stop_token_ids
+
+    train_records, _ = _split_records(recipe.data, recipe.train.seed, recipe.train.stage)
+    reward = load_reward(recipe.rl, accelerator.device)
+    accelerator.print(f"rewards from {reward.name}")
+    return {
+        "prompts": [prompt_messages(r) for r in train_records],
+        "reward": reward,
+        "stop_ids": stop_token_ids(tokenizer, get_template(recipe.data.template)),
+    }
 
 
 def restore(s: Setup, checkpoints: list[Path]) -> None:
@@ -536,7 +560,7 @@ class Meter:
     def micro_batch(self, loss_sum: torch.Tensor, batch: dict[str, torch.Tensor], stats: dict) -> None:
         processed = torch.tensor(float(batch["input_ids"].numel()), device=self.device)
         self.window += torch.stack([loss_sum.detach().float(), batch["real_tokens"].float(), processed])
-        for name, value in stats.items():
+        for name, value in stats.items():  # [sum, count] pairs
             self.stats[name] = self.stats.get(name, 0) + value.to(self.device)
 
     def optimizer_step(self, step_items: torch.Tensor) -> None:
@@ -555,14 +579,26 @@ class Meter:
             "padding_efficiency": round(real / max(processed, 1.0), 4),
             "epoch": round(epoch, 4),
         }
-        for name in sorted(self.stats):  # means per item (pair) over the window, all processes
-            row[name] = round(accelerator.reduce(self.stats[name], "sum").item() / items, 6)
+        for name in sorted(self.stats):  # each stat's own mean over the window, all processes
+            total, count = accelerator.reduce(self.stats[name], "sum").tolist()
+            row[name] = round(total / max(count, 1.0), 6)
         self.stats = {}
         self.real_tokens += int(real)
         self.last = now
         self.window.zero_()
         self.window_items.zero_()
         return row
+
+
+def peak_memory_mb(device) -> float:
+    """The GPU's peak allocation since the last line (then reset), or on a CPU the process's peak RSS so far."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return round(peak / 2**20, 1)
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
 
 
 def optimizer_step(s: Setup, stage: Stage, window: list[dict[str, torch.Tensor]], meter: Meter) -> None:
@@ -574,7 +610,7 @@ def optimizer_step(s: Setup, stage: Stage, window: list[dict[str, torch.Tensor]]
     step_items = accelerator.reduce(local_items.to(accelerator.device).float(), "sum").clamp(min=1)
     for batch in window:
         with accelerator.accumulate(model):
-            loss_sum, stats = stage.loss_sum(model, batch, accelerator, cfg.dpo_beta)
+            loss_sum, stats = stage.loss_sum(model, batch, accelerator, s.recipe)
             # backward() divides by the accumulation steps and DDP averages over processes:
             # multiply both back so the gradient is exactly d(sum of item losses)/d(w) / step_items.
             accelerator.backward(loss_sum * (len(window) * accelerator.num_processes) / step_items)
@@ -603,14 +639,20 @@ def fit(s: Setup) -> TrainResult:
     meter = Meter(accelerator.device, s.tokens_seen)
     last_eval = None
     while s.step < s.total_steps:
-        optimizer_step(s, stage, [next(stream) for _ in range(accumulation)], meter)
+        window = [next(stream) for _ in range(accumulation)]
+        if stage.rollout:  # prompts → sampled, scored replies (the policy as it stands before this step)
+            window = [rollout(s, batch, s.step, i) for i, batch in enumerate(window)]
+        optimizer_step(s, stage, window, meter)
         s.step += 1
         progress.update(1)
         if s.step % cfg.logging_steps == 0 or s.step == s.total_steps:
             epoch = s.step * accumulation / len(s.train_dl)
-            _log(run, accelerator, progress, meter.line(accelerator, s.step, s.scheduler.get_last_lr()[0], epoch))
+            row = meter.line(accelerator, s.step, s.scheduler.get_last_lr()[0], epoch)
+            if stage.rollout:
+                row["peak_memory_mb"] = peak_memory_mb(accelerator.device)
+            _log(run, accelerator, progress, row)
         if s.eval_dl is not None and cfg.eval_steps and s.step % cfg.eval_steps == 0:
-            last_eval = evaluate(s.model, s.eval_dl, accelerator, stage, cfg.dpo_beta)
+            last_eval = evaluate(s.model, s.eval_dl, accelerator, stage, s.recipe)
             _log(run, accelerator, progress, {"step": s.step, "eval_loss": round(last_eval, 6)})
         if cfg.save_steps and s.step % cfg.save_steps == 0 and s.step < s.total_steps:
             state = {
@@ -635,7 +677,7 @@ def finish(s: Setup, session: dict[str, Any], last_eval: float | None) -> TrainR
     the run is 'finished' only after all of them."""
     accelerator, run, cfg = s.accelerator, s.run, s.recipe.train
     if s.eval_dl is not None and not (cfg.eval_steps and s.step % cfg.eval_steps == 0):
-        last_eval = evaluate(s.model, s.eval_dl, accelerator, get_stage(cfg.stage), cfg.dpo_beta)
+        last_eval = evaluate(s.model, s.eval_dl, accelerator, get_stage(cfg.stage), s.recipe)
         _log(run, accelerator, None, {"step": s.step, "eval_loss": round(last_eval, 6)})
     save_adapter(run, s.model, s.tokenizer, accelerator)
     if accelerator.is_main_process:

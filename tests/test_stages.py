@@ -107,6 +107,11 @@ def test_reward_model_trains_and_merges(tmp_path, corpora, tokenizer):
     scorer = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm-merged").eval()
     assert scorer.config.num_labels == 1 and scorer.config.pad_token_id == tokenizer.pad_token_id
     check_reward_command(result.run.root, tmp_path / "rm-merged", pair_file, tmp_path, scorer)
+    # The RM scores GRPO's rollouts (its own tokenizer and template: replies go to it as text), merged or as a run.
+    for name, rm in (("grpo-merged-rm", tmp_path / "rm-merged"), ("grpo-rm-run", result.run.root)):
+        extra = [f"rl.reward_model={rm}", "rl.max_new_tokens=8", "train.logging_steps=1", "data.eval_ratio=0"]
+        rows = [r for r in run_stage(tmp_path, name, "grpo", DEMO_DATA, steps=2, extra=extra).run.read_metrics()]
+        assert len(rows) == 2 and all(math.isfinite(r["reward"]) for r in rows)
 
 
 def check_reward_command(run_dir, merged, pair_file, tmp_path, scorer):

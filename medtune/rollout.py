@@ -1,0 +1,242 @@
+"""Online RL on one frozen base: rollouts, rewards, advantages, and the policy losses of GRPO and RLOO.
+
+The policy is the LoRA adapter being trained; the reference is the same network with the adapter off
+(no second copy); the reward is a reward model (a medtune RM, merged or as a run directory, read where
+its training read it) or a rule (`rl.reward_function: module:function`). A rollout turns one micro-batch
+of prompts into num_generations sampled replies per prompt, scored, with the per-token log-probs the
+loss needs; the loop (medtune/train.py) then treats it like any other micro-batch.
+
+The choices follow TRL 1.16 (GRPOTrainer / RLOOTrainer), so the figures compare:
+- log-probs of the sampling distribution: logits divided by the temperature, then log-softmax, the
+  reply tokens up to and including the first stop token (TRL masks after EOS the same way);
+- GRPO advantages (Shao et al. 2024): (r − group mean) / (group std + 1e-4), the std unbiased;
+  RLOO advantages (Ahmadian et al. 2024): r − the mean of the other replies to the same prompt, with
+  the KL to the reference taken into the reward as β·Σ(log π_old − log π_ref);
+- the clipped surrogate (Schulman et al. 2017): −min(ρA, clip(ρ, 1−ε, 1+ε)A), per token for GRPO, per
+  sequence for RLOO; GRPO's KL term is the k3 estimator exp(r)−r−1 of Schulman's "Approximating KL"
+  note, added per token with weight β, times ρ by default (rl.kl_bias_correction, TRL 1.16's default
+  after DeepSeek-V3.2: 1 in value, but it makes the gradient the unbiased reverse-KL gradient);
+- aggregation: "dapo" (TRL's GRPO default) averages over every reply token of the optimizer step,
+  "grpo" over replies of their per-token means; RLOO over replies. The loop divides the summed loss by
+  these items across micro-batches and processes, as it does for every stage.
+With one optimisation pass per rollout (TRL's default num_iterations = 1) π_old is π detached, so ρ = 1
+in value; its gradient is the policy gradient.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+Batch = dict[str, Any]
+
+
+# ----------------------------------------------------------------------------- the math
+
+
+def group_advantages(rewards: torch.Tensor, group: int, scale: bool = True) -> torch.Tensor:
+    """GRPO: each reward against its prompt's group of replies."""
+    grouped = rewards.view(-1, group)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale:
+        centred = centred / (grouped.std(dim=1, keepdim=True) + 1e-4)
+    return centred.reshape(-1)
+
+
+def leave_one_out_advantages(rewards: torch.Tensor, group: int) -> torch.Tensor:
+    """RLOO: each reward against the mean of the other replies to the same prompt."""
+    grouped = rewards.view(-1, group)
+    baseline = (grouped.sum(dim=1, keepdim=True) - grouped) / (group - 1)
+    return (grouped - baseline).reshape(-1)
+
+
+def clipped_surrogate(ratio: torch.Tensor, advantages: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """−min(ρA, clip(ρ, 1−ε, 1+ε)A): the PPO policy loss, element-wise."""
+    return -torch.min(ratio * advantages, ratio.clamp(1 - epsilon, 1 + epsilon) * advantages)
+
+
+def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+    """exp(ref − logp) − (ref − logp) − 1 ≥ 0, per token (Schulman's k3 estimator of KL(π‖π_ref))."""
+    diff = ref_logps - logps
+    return torch.exp(diff) - diff - 1
+
+
+def completion_mask(completion_ids: torch.Tensor, stop_ids: list[int]) -> torch.Tensor:
+    """1 up to and including the first stop token of each row, 0 after it."""
+    is_stop = torch.isin(completion_ids, torch.tensor(stop_ids, device=completion_ids.device))
+    after = torch.cumsum(is_stop.int(), dim=1) - is_stop.int()  # stops strictly before each position
+    return (after == 0).long()
+
+
+def reply_logps(model, batch: Batch, temperature: float) -> torch.Tensor:
+    """Per-token log-probs (temperature-scaled) of the reply tokens, given prompt and reply: (rows, reply length).
+    Inputs are only ids and mask (positions as the model derives them), as TRL computes them."""
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+    n = batch["completion_ids"].shape[1]
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, -n - 1 : -1].float() / temperature
+    return torch.log_softmax(logits, dim=-1).gather(-1, batch["completion_ids"][..., None]).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------- the losses (stage table)
+
+
+def grpo_loss_sum(model, batch: Batch, accelerator, recipe) -> tuple[torch.Tensor, dict]:
+    rl = recipe.rl
+    logps = reply_logps(model, batch, rl.temperature)
+    mask = batch["completion_mask"].float()
+    old = batch.get("old_logps", logps.detach())
+    ratio = torch.exp(logps - old)
+    per_token = clipped_surrogate(ratio, batch["advantages"][:, None], rl.epsilon)
+    stats = rollout_stats(batch, mask)
+    if rl.beta:
+        kl = k3_kl(logps, batch["ref_logps"])
+        if rl.kl_bias_correction:  # × ρ (1 in value, not in gradient): the unbiased reverse-KL gradient
+            kl = kl * ratio
+        per_token = per_token + rl.beta * kl
+        stats["kl"] = mean_stat((kl.detach() * mask).sum(), mask.sum())
+    clipped = ((ratio < 1 - rl.epsilon) & (batch["advantages"][:, None] < 0)) | (
+        (ratio > 1 + rl.epsilon) & (batch["advantages"][:, None] > 0)
+    )
+    stats["clip_ratio"] = mean_stat((clipped.float() * mask).sum(), mask.sum())
+    if rl.loss_type == "dapo":
+        return (per_token * mask).sum(), stats
+    return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).sum(), stats
+
+
+def rloo_loss_sum(model, batch: Batch, accelerator, recipe) -> tuple[torch.Tensor, dict]:
+    rl = recipe.rl
+    mask = batch["completion_mask"].float()
+    logps = (reply_logps(model, batch, rl.temperature) * mask).sum(-1)
+    old = batch.get("old_seq_logps", logps.detach())
+    per_sequence = clipped_surrogate(torch.exp(logps - old), batch["advantages"], rl.epsilon)
+    return per_sequence.sum(), rollout_stats(batch, mask)
+
+
+def reply_tokens(batch: Batch) -> torch.Tensor:
+    return batch["completion_mask"].sum()
+
+
+def replies(batch: Batch) -> torch.Tensor:
+    return torch.tensor(batch["completion_ids"].shape[0], device=batch["completion_ids"].device)
+
+
+def mean_stat(total: torch.Tensor, count) -> torch.Tensor:
+    """A logged figure as [sum, count]: the loop adds these over micro-batches and processes, then divides."""
+    return torch.stack([total.detach().float(), torch.as_tensor(count, dtype=torch.float32, device=total.device)])
+
+
+def rollout_stats(batch: Batch, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    rewards = batch["rewards"].float()
+    n = rewards.numel()
+    return {
+        "reward": mean_stat(rewards.sum(), n),
+        "reward_std": mean_stat(batch["reward_std"].float().sum(), batch["reward_std"].numel()),
+        "completion_length": mean_stat(mask.sum(), n),
+    }
+
+
+# ----------------------------------------------------------------------------- rewards
+
+
+@dataclass
+class RewardSource:
+    """Scores (prompt messages, reply text) pairs: a reward model read as the RM stage trained it, or a rule."""
+
+    score: Callable[[list[list[dict]], list[str]], list[float]]
+    name: str
+
+
+def load_reward(rl, device) -> RewardSource:
+    from medtune.console import MedtuneError
+
+    if rl.reward_function:
+        module, _, function = rl.reward_function.partition(":")
+        try:
+            rule = getattr(importlib.import_module(module), function)
+        except (ImportError, AttributeError) as exc:
+            raise MedtuneError(f"rl.reward_function {rl.reward_function}: {exc}") from None
+        return RewardSource(
+            lambda prompts, texts: [float(rule(p, t)) for p, t in zip(prompts, texts, strict=True)], rl.reward_function
+        )
+    from medtune.reward import load_reward_model, score_conversations
+
+    model, tokenizer, info = load_reward_model(rl.reward_model, "fp32")
+    model.to(device)
+
+    def score(prompts: list[list[dict]], texts: list[str]) -> list[float]:
+        conversations = [p + [{"role": "assistant", "content": t}] for p, t in zip(prompts, texts, strict=True)]
+        return score_conversations(model, tokenizer, info.template, info.system_prompt, conversations, 16)
+
+    return RewardSource(score, rl.reward_model)
+
+
+# ----------------------------------------------------------------------------- the rollout
+
+
+@torch.no_grad()
+def rollout(s, batch: Batch, step: int, micro: int) -> Batch:
+    """Sample num_generations replies per prompt of the micro-batch, score them, and add what the loss needs.
+
+    Sampling is seeded by (seed, step, micro-batch, process): a resumed run samples what an uninterrupted
+    one did at the same step, whatever happened before."""
+    from medtune.tokenizer import decode
+
+    rl, model, accelerator = s.recipe.rl, s.model, s.accelerator
+    unwrapped = accelerator.unwrap_model(model)
+    group = rl.num_generations
+    prompt_ids = batch["prompt_ids"].repeat_interleave(group, dim=0)
+    prompt_mask = batch["prompt_mask"].repeat_interleave(group, dim=0)
+    seed = (s.recipe.train.seed * 1_000_003 + step * 1_009 + micro) * 64 + accelerator.process_index
+    with torch.random.fork_rng(devices=[] if prompt_ids.device.type == "cpu" else [prompt_ids.device]):
+        torch.manual_seed(seed)
+        was_training = unwrapped.training
+        unwrapped.eval()
+        output = unwrapped.generate(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            do_sample=True,
+            temperature=rl.temperature,
+            top_p=rl.top_p,
+            top_k=0,
+            max_new_tokens=rl.max_new_tokens,
+            eos_token_id=s.stop_ids,
+            pad_token_id=s.tokenizer.pad_token_id,
+        )
+        unwrapped.train(was_training)
+    completion_ids = output[:, prompt_ids.shape[1] :]
+    mask = completion_mask(completion_ids, s.stop_ids)
+    texts = [
+        decode(s.tokenizer, [t for t, m in zip(row.tolist(), keep.tolist(), strict=True) if m and t not in s.stop_ids])
+        for row, keep in zip(completion_ids, mask, strict=True)
+    ]
+    prompts = [s.prompts[int(i)] for i in batch["record"].tolist() for _ in range(group)]
+    rewards = torch.tensor(s.reward.score(prompts, texts), dtype=torch.float32, device=prompt_ids.device)
+    out: Batch = {
+        "prompt_ids": prompt_ids,
+        "prompt_mask": prompt_mask,
+        "completion_ids": completion_ids,
+        "completion_mask": mask,
+        "rewards": rewards,
+        "reward_std": rewards.view(-1, group).std(dim=1),
+        "input_ids": torch.cat([prompt_ids, completion_ids], dim=1),  # for the loop's token counts
+        "real_tokens": prompt_mask.sum() + mask.sum(),
+    }
+    if rl.beta:
+        from medtune.stages import reference_model
+
+        with reference_model(model, accelerator):
+            out["ref_logps"] = reply_logps(model, out, rl.temperature)
+    out["token_level"] = rl.loss_type == "dapo"
+    if s.recipe.train.stage == "rloo":
+        if rl.beta:  # RLOO puts the KL in the reward: the first-order estimate, summed over the reply
+            current = reply_logps(model, out, rl.temperature)
+            rewards = rewards - rl.beta * ((current - out["ref_logps"]) * mask).sum(-1)
+        out["advantages"] = leave_one_out_advantages(rewards, group)
+    else:
+        out["advantages"] = group_advantages(rewards, group, rl.scale_rewards)
+    return out
