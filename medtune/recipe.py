@@ -82,7 +82,7 @@ class DataConfig:
 class TrainConfig:
     """The optimisation, one loop for every stage."""
 
-    stage: Literal["pt", "sft", "rm", "dpo", "grpo", "rloo"] = (
+    stage: Literal["pt", "sft", "rm", "dpo", "ppo", "grpo", "rloo"] = (
         "sft"  # pre-training on text, SFT on chats, reward model or DPO on pairs, online RL on prompts (rl group)
     )
     dpo_beta: float = 0.1  # DPO: how far the policy may move from the reference (the base without the adapter)
@@ -116,7 +116,7 @@ class TrainConfig:
 
 @dataclass
 class RLConfig:
-    """Online RL (train.stage grpo | rloo): what a rollout samples and how its replies are scored."""
+    """Online RL (train.stage ppo | grpo | rloo): what a rollout samples and how its replies are scored."""
 
     reward_model: str | None = None  # a medtune reward model: its merged directory or its RM run directory
     reward_function: str | None = None  # or a rule, "module:function" called with (prompt messages, reply text)
@@ -127,6 +127,13 @@ class RLConfig:
     beta: float = 0.0  # KL to the reference (the base without the adapter); TRL: 0.0 for GRPO, 0.05 for RLOO
     epsilon: float = 0.2  # clipping of the probability ratio
     kl_bias_correction: bool = True  # grpo stage: the KL term times the ratio (TRL's default, DeepSeek-V3.2)
+    # ppo stage (beta is its per-token KL penalty coefficient; TRL's PPO used 0.05)
+    ppo_epochs: int = 4  # optimisation passes over each rollout batch
+    gamma: float = 1.0  # discount
+    lam: float = 0.95  # GAE's λ
+    vf_coef: float = 0.1  # weight of the value loss
+    cliprange_value: float = 0.2
+    whiten_rewards: bool = False
     loss_type: Literal["dapo", "grpo"] = "dapo"  # grpo stage: per reply token over the step, or per reply
     scale_rewards: bool = True  # grpo stage: divide advantages by the group's reward std
 
@@ -379,7 +386,7 @@ def check_recipe(recipe: Recipe, name: str = "recipe") -> None:
 
 def rl_problems(recipe: Recipe) -> list[str]:
     rl, stage = recipe.rl, recipe.train.stage
-    if stage not in ("grpo", "rloo"):
+    if stage not in ("ppo", "grpo", "rloo"):
         return []
     problems = []
     if (rl.reward_model is None) == (rl.reward_function is None):
@@ -388,8 +395,10 @@ def rl_problems(recipe: Recipe) -> list[str]:
         problems.append(f"rl.reward_model: {rl.reward_model}: no such directory (a merged RM or an RM run)")
     if rl.reward_function is not None and ":" not in rl.reward_function:
         problems.append(f"rl.reward_function: {rl.reward_function!r}: write it as module:function")
-    if rl.num_generations < 2:
-        problems.append("rl.num_generations: at least 2 (replies are compared within their group)")
+    if rl.num_generations < (1 if stage == "ppo" else 2):
+        problems.append("rl.num_generations: at least 2 for grpo and rloo (replies are compared within their group)")
+    if rl.ppo_epochs < 1 or not 0 <= rl.gamma <= 1 or not 0 <= rl.lam <= 1 or rl.vf_coef < 0:
+        problems.append("rl.ppo_epochs >= 1, rl.gamma and rl.lam in [0, 1], rl.vf_coef >= 0 are needed")
     if rl.max_new_tokens < 1 or rl.temperature <= 0 or not 0 < rl.top_p <= 1:
         problems.append("rl.max_new_tokens >= 1, rl.temperature > 0 and rl.top_p in (0, 1] are needed")
     if rl.beta < 0 or not 0 < rl.epsilon < 1:

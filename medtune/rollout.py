@@ -65,6 +65,36 @@ def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
     return torch.exp(diff) - diff - 1
 
 
+def gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
+    """Generalised advantage estimation (Schulman et al. 2016) over reply tokens, right to left; rewards and
+    values are 0 past each reply's end, so a reply's last token bootstraps from 0 (TRL's PPO does the same)."""
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = delta + gamma * lam * running
+        advantages[:, t] = running
+    return advantages
+
+
+def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(x − mean) / std over the masked entries (unbiased variance, + 1e-8), as TRL's PPO whitens."""
+    n = mask.sum()
+    mean = (values * mask).sum() / n
+    var = (((values - mean) ** 2) * mask).sum() / n * n / (n - 1)
+    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
+    return whitened if shift_mean else whitened + mean
+
+
+def clipped_value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip: float
+) -> torch.Tensor:
+    """½·max((V − R)², (clip(V, V_old ± c) − R)²): PPO's value loss, element-wise."""
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    return 0.5 * torch.max((values - returns) ** 2, (clipped - returns) ** 2)
+
+
 def completion_mask(completion_ids: torch.Tensor, stop_ids: list[int]) -> torch.Tensor:
     """1 up to and including the first stop token of each row, 0 after it."""
     is_stop = torch.isin(completion_ids, torch.tensor(stop_ids, device=completion_ids.device))
@@ -115,6 +145,43 @@ def rloo_loss_sum(model, batch: Batch, accelerator, recipe) -> tuple[torch.Tenso
     old = batch.get("old_seq_logps", logps.detach())
     per_sequence = clipped_surrogate(torch.exp(logps - old), batch["advantages"], rl.epsilon)
     return per_sequence.sum(), rollout_stats(batch, mask)
+
+
+def ppo_loss_sum(model, batch: Batch, accelerator, recipe) -> tuple[torch.Tensor, dict]:
+    """Clipped policy loss plus vf_coef × clipped value loss, summed over reply tokens; one forward gives the
+    policy's log-probs and (from the last hidden states, through the value head) its values."""
+    rl = recipe.rl
+    logits, values = policy_logits_and_values(model, batch, accelerator)
+    logps = (
+        torch.log_softmax(logits / rl.temperature, dim=-1).gather(-1, batch["completion_ids"][..., None]).squeeze(-1)
+    )
+    mask = batch["completion_mask"].float()
+    ratio = torch.exp(logps - batch["old_logps"])
+    policy = clipped_surrogate(ratio, batch["advantages"], rl.epsilon)
+    value = clipped_value_loss(values, batch["old_values"], batch["returns"], rl.cliprange_value)
+    stats = rollout_stats(batch, mask)
+    with torch.no_grad():
+        probs = torch.softmax(logits / rl.temperature, dim=-1)
+        entropy = -(probs * torch.log(probs.clamp(min=1e-30))).sum(-1)
+        clipped = (ratio - 1).abs() > rl.epsilon
+        stats.update(
+            kl=mean_stat((batch["old_logps"] - batch["ref_logps"]).mul(mask).sum(), mask.sum()),
+            entropy=mean_stat((entropy * mask).sum(), mask.sum()),
+            clip_ratio=mean_stat((clipped.float() * mask).sum(), mask.sum()),
+            value_loss=mean_stat((value * mask).sum(), mask.sum()),
+        )
+    return ((policy + rl.vf_coef * value) * mask).sum(), stats
+
+
+def policy_logits_and_values(model, batch: Batch, accelerator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (fp32) and value-head values at the positions that predict each reply token."""
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+    n = batch["completion_ids"].shape[1]
+    out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
+    head = accelerator.unwrap_model(model).v_head
+    hidden = out.hidden_states[-1][:, -n - 1 : -1]
+    return out.logits[:, -n - 1 : -1].float(), head(hidden.to(head.weight.dtype)).squeeze(-1).float()
 
 
 def reply_tokens(batch: Batch) -> torch.Tensor:
@@ -226,12 +293,14 @@ def rollout(s, batch: Batch, step: int, micro: int) -> Batch:
         "input_ids": torch.cat([prompt_ids, completion_ids], dim=1),  # for the loop's token counts
         "real_tokens": prompt_mask.sum() + mask.sum(),
     }
-    if rl.beta:
+    if rl.beta or s.recipe.train.stage == "ppo":
         from medtune.stages import reference_model
 
         with reference_model(model, accelerator):
             out["ref_logps"] = reply_logps(model, out, rl.temperature)
     out["token_level"] = rl.loss_type == "dapo"
+    if s.recipe.train.stage == "ppo":
+        return ppo_targets(s, out)
     if s.recipe.train.stage == "rloo":
         if rl.beta:  # RLOO puts the KL in the reward: the first-order estimate, summed over the reply
             current = reply_logps(model, out, rl.temperature)
@@ -239,4 +308,34 @@ def rollout(s, batch: Batch, step: int, micro: int) -> Batch:
         out["advantages"] = leave_one_out_advantages(rewards, group)
     else:
         out["advantages"] = group_advantages(rewards, group, rl.scale_rewards)
+    return out
+
+
+def ppo_targets(s, out: Batch) -> Batch:
+    """What PPO's epochs learn from, fixed at rollout time (Huang et al. 2024, "The N Implementation Details
+    of RLHF with PPO", and TRL 1.12's PPO): π_old's log-probs and values, per-token rewards = −β·(log π_old −
+    log π_ref) with the reward model's score added at the reply's last token, GAE advantages (whitened over
+    the batch's reply tokens) and returns = advantages + values (before whitening)."""
+    rl, model, accelerator = s.recipe.rl, s.model, s.accelerator
+    unwrapped = accelerator.unwrap_model(model)
+    mask = out["completion_mask"].float()
+    was_training = unwrapped.training
+    unwrapped.eval()
+    logits, values = policy_logits_and_values(model, out, accelerator)
+    unwrapped.train(was_training)
+    ids = out["completion_ids"][..., None]
+    old_logps = torch.log_softmax(logits / rl.temperature, dim=-1).gather(-1, ids).squeeze(-1)
+    values = values * mask
+    rewards = -rl.beta * (old_logps - out["ref_logps"]) * mask
+    last = (mask.sum(-1) - 1).clamp(min=0).long()  # the reply's last token (EOS, or where max_new_tokens cut it)
+    rewards[torch.arange(len(last)), last] += out["rewards"]
+    if rl.whiten_rewards:
+        rewards = whiten(rewards, mask, shift_mean=False) * mask
+    advantages = gae(rewards, values, rl.gamma, rl.lam)
+    out.update(
+        old_logps=old_logps,
+        old_values=values,
+        returns=advantages + values,
+        advantages=whiten(advantages, mask) * mask,
+    )
     return out

@@ -17,7 +17,7 @@ import torch
 from medtune.console import MedtuneError
 from medtune.data import chat_rows, pad_batch, pad_pairs, pad_prompts, pair_rows, prompt_rows, text_rows
 from medtune.losses import causal_lm_loss_sum, count_target_tokens, dpo_loss_sum, reward_loss_sum, sequence_logps
-from medtune.rollout import grpo_loss_sum, mean_stat, replies, reply_tokens, rloo_loss_sum
+from medtune.rollout import grpo_loss_sum, mean_stat, ppo_loss_sum, replies, reply_tokens, rloo_loss_sum
 
 Batch = dict[str, torch.Tensor]
 
@@ -129,6 +129,7 @@ STAGES: dict[str, Stage] = {
             dropout=False,
         ),
         Stage("dpo", "preference", pair_rows, pad_pairs, dpo_loss, pairs, dropout=False),
+        Stage("ppo", "chat", prompt_rows, pad_prompts, ppo_loss_sum, reply_tokens, dropout=False, rollout=True),
         Stage("grpo", "chat", prompt_rows, pad_prompts, grpo_loss_sum, grpo_items, dropout=False, rollout=True),
         Stage("rloo", "chat", prompt_rows, pad_prompts, rloo_loss_sum, replies, dropout=False, rollout=True),
     )

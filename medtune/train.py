@@ -181,6 +181,8 @@ def build_model(recipe: Recipe, base: str, dtype: str, tokenizer, accelerator):
         accelerator.print(f"embeddings resized from {rows} to {model.get_input_embeddings().num_embeddings} rows")
     check_module_names(model, recipe)
     model = attach_lora(model, recipe.lora, recipe.train.gradient_checkpointing, quantized, reward_head)
+    if recipe.train.stage == "ppo":  # PPO's critic: a value head on the policy's last hidden states, trained too
+        model.v_head = torch.nn.Linear(model.config.hidden_size, 1, dtype=torch.float32)
     disable = recipe.train.disable_dropout
     if disable if disable is not None else not get_stage(recipe.train.stage).dropout:
         for module in model.modules():  # LoRA's dropout and the base's: every nn.Dropout
@@ -601,8 +603,11 @@ def peak_memory_mb(device) -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
 
 
-def optimizer_step(s: Setup, stage: Stage, window: list[dict[str, torch.Tensor]], meter: Meter) -> None:
-    """One optimizer step over an accumulation window of micro-batches."""
+def optimizer_step(
+    s: Setup, stage: Stage, window: list[dict[str, torch.Tensor]], meter: Meter, last: bool = True
+) -> None:
+    """One optimizer step over an accumulation window of micro-batches; the schedule and the item count move
+    on the ``last`` pass over a window (PPO makes several)."""
     cfg, accelerator, model = s.recipe.train, s.accelerator, s.model
     # Normalise by the items (target tokens, or pairs) of the whole optimizer step, over all
     # micro-batches and all processes: every item weighs the same, however the batches split them.
@@ -619,9 +624,11 @@ def optimizer_step(s: Setup, stage: Stage, window: list[dict[str, torch.Tensor]]
                     accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 s.optimizer.step()
                 s.optimizer.zero_grad()
-        meter.micro_batch(loss_sum, batch, stats)
-    s.scheduler.step()
-    meter.optimizer_step(step_items)
+        if last:  # what the line reports: the last pass over the window
+            meter.micro_batch(loss_sum, batch, stats)
+    if last:
+        s.scheduler.step()
+        meter.optimizer_step(step_items)
 
 
 def fit(s: Setup) -> TrainResult:
@@ -642,7 +649,9 @@ def fit(s: Setup) -> TrainResult:
         window = [next(stream) for _ in range(accumulation)]
         if stage.rollout:  # prompts → sampled, scored replies (the policy as it stands before this step)
             window = [rollout(s, batch, s.step, i) for i, batch in enumerate(window)]
-        optimizer_step(s, stage, window, meter)
+        epochs = s.recipe.rl.ppo_epochs if cfg.stage == "ppo" else 1  # PPO learns from each rollout several times
+        for epoch in range(epochs):
+            optimizer_step(s, stage, window, meter, last=epoch == epochs - 1)
         s.step += 1
         progress.update(1)
         if s.step % cfg.logging_steps == 0 or s.step == s.total_steps:

@@ -207,12 +207,13 @@ def test_rl_raises_a_rule_reward(tmp_path: Path, stage: str) -> None:
     assert last > first + 0.3 and {"reward_std", "completion_length", "peak_memory_mb"} <= set(rows[-1])
 
 
-def test_rl_resumes_to_the_uninterrupted_adapter(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stage", ["grpo", "ppo"])
+def test_rl_resumes_to_the_uninterrupted_adapter(tmp_path: Path, stage: str) -> None:
     """A run stopped after its step-3 checkpoint and resumed samples what the straight run sampled."""
     from safetensors.torch import load_file
 
     common = ["train.max_steps=6", "train.save_steps=3", "rl.beta=0.04"]
-    run = rl_run(tmp_path, "run", "grpo", *common).run
+    run = rl_run(tmp_path, "run", stage, *common).run
     reference = load_file(run.adapter_dir / "adapter_model.safetensors")
     # Stop it in spirit after its step-3 checkpoint: no final adapter, not finished, later lines gone.
     shutil.rmtree(run.adapter_dir)
@@ -220,10 +221,10 @@ def test_rl_resumes_to_the_uninterrupted_adapter(tmp_path: Path) -> None:
     run.info_file.write_text(json.dumps({**info, "finished": False}))
     rows = [json.loads(line) for line in run.metrics_file.read_text().splitlines()]
     run.metrics_file.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= 3))
-    rl_run(tmp_path, "run", "grpo", *common, "train.resume=true")
+    rl_run(tmp_path, "run", stage, *common, "train.resume=true")
     resumed = load_file(run.adapter_dir / "adapter_model.safetensors")
     gap = max((resumed[k] - reference[k]).abs().max().item() for k in reference)
-    print(f"resumed vs straight adapter: max |Δ| {gap:.2e}")
+    print(f"{stage}: resumed vs straight adapter: max |Δ| {gap:.2e}")
     assert resumed.keys() == reference.keys() and gap <= 1e-6
 
 
@@ -236,3 +237,33 @@ def test_rl_recipe_errors_name_the_key(tmp_path: Path) -> None:
     with pytest.raises(RecipeError, match="exactly one of them"):
         load_recipe(path, ["train.stage=grpo", "rl.reward_model=/tmp"])
     assert DEMO_DATA.is_file()
+
+
+def test_ppo_pieces_by_hand() -> None:
+    from medtune.rollout import clipped_value_loss, gae, whiten
+
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
+    values = torch.tensor([[0.5, 0.2, 0.4, 0.0]])  # the last position is past the reply's end
+    # γ = 0.9, λ = 0.5: δ2 = 1 − 0.4 = 0.6, A2 = 0.6; δ1 = 0.9·0.4 − 0.2 = 0.16, A1 = 0.16 + 0.45·0.6 = 0.43;
+    # δ0 = 0.9·0.2 − 0.5 = −0.32, A0 = −0.32 + 0.45·0.43 = −0.1265
+    assert torch.allclose(gae(rewards, values, 0.9, 0.5), torch.tensor([[-0.1265, 0.43, 0.6, 0.0]]))
+    x, mask = torch.tensor([[1.0, 2.0, 3.0, 100.0]]), torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    assert torch.allclose(whiten(x, mask)[0, :3], torch.tensor([-1.0, 0.0, 1.0]), atol=1e-6)  # mean 2, std 1
+    assert torch.allclose(whiten(x, mask, shift_mean=False)[0, :3], torch.tensor([1.0, 2.0, 3.0]), atol=1e-6)
+    # V = 1.5 from V_old = 1.0, R = 2: unclipped (1.5−2)² = 0.25, clipped V = 1.2 → 0.64; the larger, halved
+    loss = clipped_value_loss(torch.tensor([1.5]), torch.tensor([1.0]), torch.tensor([2.0]), 0.2)
+    assert torch.allclose(loss, torch.tensor([0.32]))
+
+
+def test_ppo_raises_the_reward_with_bounded_kl(tmp_path: Path) -> None:
+    extra = ["train.max_steps=50", "train.learning_rate=1e-2", "train.save_steps=0", "rl.beta=0.05"]
+    result = rl_run(tmp_path, "ppo", "ppo", *extra, "rl.num_generations=2", "rl.ppo_epochs=2")
+    rows = [r for r in result.run.read_metrics() if "reward" in r]
+    first, last = sum(r["reward"] for r in rows[:5]) / 5, sum(r["reward"] for r in rows[-5:]) / 5
+    kls = [r["kl"] for r in rows]
+    print(
+        f"ppo: mean reward {first:.3f} → {last:.3f} (first/last 5 of 50 steps); KL max {max(kls):.3f}, "
+        f"last {kls[-1]:.3f}; value loss {rows[0]['value_loss']:.3f} → {rows[-1]['value_loss']:.3f}"
+    )
+    assert last > first + 0.3 and max(kls) < 5.0
+    assert {"entropy", "clip_ratio", "value_loss", "peak_memory_mb"} <= set(rows[-1])
