@@ -391,8 +391,6 @@ def rl_problems(recipe: Recipe) -> list[str]:
     problems = []
     if (rl.reward_model is None) == (rl.reward_function is None):
         problems.append(f"rl.reward_model / rl.reward_function: train.stage {stage} needs exactly one of them")
-    if rl.reward_model is not None and not Path(rl.reward_model).is_dir():
-        problems.append(f"rl.reward_model: {rl.reward_model}: no such directory (a merged RM or an RM run)")
     if rl.reward_function is not None and ":" not in rl.reward_function:
         problems.append(f"rl.reward_function: {rl.reward_function!r}: write it as module:function")
     if rl.num_generations < (1 if stage == "ppo" else 2):

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from medtune.console import MedtuneError, quiet_libraries, run_command
-from medtune.model import DTYPES, load_weights
+from medtune.model import DTYPES, load_weights, quantization_config
 from medtune.records import read_records, record_kind, write_jsonl_line
 from medtune.rundir import describe_source
 from medtune.stages import get_stage
@@ -26,8 +26,9 @@ from medtune.templates import IGNORE_INDEX, encode_conversations, get_template
 from medtune.tokenizer import load_tokenizer
 
 
-def load_reward_model(source: str, dtype: str):
-    """The score model (base + adapters merged in memory), its tokenizer and its description."""
+def load_reward_model(source: str, dtype: str, quantization=None):
+    """The score model (base + adapters merged in memory), its tokenizer and its description. With
+    ``quantization`` (a QuantizationConfig) a merged RM loads k-bit, as the policy's base does in RL."""
     from transformers import AutoModelForSequenceClassification
 
     from medtune.merge import apply_adapter
@@ -38,18 +39,23 @@ def load_reward_model(source: str, dtype: str):
     if info.template is None:
         raise MedtuneError(f"{source}: no chat template is recorded; score a run directory or a medtune-merged RM")
     tokenizer = load_tokenizer(info.tokenizer, info.tokenizer_kind, info.trust_remote_code)
+    if quantization is not None and info.adapters:
+        raise MedtuneError(f"{source}: a quantized reward model must be merged first (medtune merge {source} --out …)")
+    extra = {"quantization_config": quantization_config(quantization)} if quantization is not None else {}
     model = load_weights(
         AutoModelForSequenceClassification,
         info.base,
         dtype=DTYPES[dtype],
         num_labels=1,
         trust_remote_code=info.trust_remote_code,
+        **extra,
     )
     model.config.pad_token_id = tokenizer.pad_token_id
     for adapter in info.adapters:
         model = apply_adapter(model, adapter).merge_and_unload()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return model.to(device).eval(), tokenizer, info
+    if quantization is None:
+        model = model.to("cuda" if torch.cuda.is_available() else "cpu")
+    return model.eval(), tokenizer, info
 
 
 def read_scoring_records(path: Path) -> tuple[str, list[dict[str, Any]]]:

@@ -218,9 +218,12 @@ class RewardSource:
     name: str
 
 
-def load_reward(rl, device) -> RewardSource:
+def load_reward(recipe) -> RewardSource:
+    """The recipe's reward; a reward model loads in the policy's dtype and quantization (a 13B RM next to a
+    4-bit 13B policy is then ~7 GB more, not 26)."""
     from medtune.console import MedtuneError
 
+    rl = recipe.rl
     if rl.reward_function:
         module, _, function = rl.reward_function.partition(":")
         try:
@@ -230,10 +233,11 @@ def load_reward(rl, device) -> RewardSource:
         return RewardSource(
             lambda prompts, texts: [float(rule(p, t)) for p, t in zip(prompts, texts, strict=True)], rl.reward_function
         )
+    from medtune.model import resolve_dtype
     from medtune.reward import load_reward_model, score_conversations
 
-    model, tokenizer, info = load_reward_model(rl.reward_model, "fp32")
-    model.to(device)
+    dtype = resolve_dtype(recipe.model.dtype)
+    model, tokenizer, info = load_reward_model(rl.reward_model, dtype, recipe.model.quantization)
 
     def score(prompts: list[list[dict]], texts: list[str]) -> list[float]:
         conversations = [p + [{"role": "assistant", "content": t}] for p, t in zip(prompts, texts, strict=True)]

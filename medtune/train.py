@@ -385,6 +385,12 @@ def setup(recipe: Recipe, accelerator, run: RunDir, dtype: str) -> Setup:
     from transformers import get_scheduler
 
     cfg = recipe.train
+    if get_stage(cfg.stage).rollout and recipe.rl.reward_model:  # before any model is loaded
+        from medtune.rundir import describe_source
+
+        scorer = describe_source(recipe.rl.reward_model)
+        if not get_stage(scorer.stage).reward_head:
+            raise RecipeError(f"rl.reward_model: {recipe.rl.reward_model}: a {scorer.stage} model, not a reward model")
     with accelerator.main_process_first():  # the tiny base is built once, by the main process
         base = resolve_base(recipe.model, recipe.data.train_files)
     check_policy_base(base, recipe, accelerator.print)
@@ -454,7 +460,7 @@ def rl_parts(recipe: Recipe, tokenizer, accelerator) -> dict[str, Any]:
     from medtune.templates import stop_token_ids
 
     train_records, _ = _split_records(recipe.data, recipe.train.seed, recipe.train.stage)
-    reward = load_reward(recipe.rl, accelerator.device)
+    reward = load_reward(recipe)
     accelerator.print(f"rewards from {reward.name}")
     return {
         "prompts": [prompt_messages(r) for r in train_records],

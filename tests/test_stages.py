@@ -168,3 +168,39 @@ def test_wrong_record_kind_for_the_stage_is_named(tmp_path, corpora):
     text_file, _ = corpora
     with pytest.raises(RecordError, match="train.stage dpo needs preference records"):
         run_stage(tmp_path, "bad", "dpo", text_file)
+
+
+@pytest.mark.slow
+def test_zhongjing_script_runs_all_five_stages_on_cpu(tmp_path, corpora):
+    """PT → SFT → RM → PPO (and DPO) through scripts/zhongjing.sh, with the tiny model, from another directory."""
+    import os
+    import subprocess
+
+    from helpers import REPO
+
+    text_file, pair_file = corpora
+    work, elsewhere = tmp_path / "zhongjing", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    overrides = [
+        "model.base=tiny-llama", "model.quantization=null", "model.dtype=fp32", "data.template=chatmed",
+        "data.max_length=128", "train.max_steps=2", "train.per_device_batch_size=2",
+        "train.gradient_accumulation_steps=1", "train.gradient_checkpointing=false", "train.save_steps=0",
+        "train.logging_steps=1", "rl.max_new_tokens=8", "rl.num_generations=2", "rl.ppo_epochs=2",
+    ]  # fmt: skip
+    command = ["bash", str(REPO / "scripts" / "zhongjing.sh"), str(text_file), str(DEMO_DATA), str(pair_file)]
+    proc = subprocess.run(
+        [*command, str(work), *overrides],
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "LAUNCH": "python"},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for stage in ("pt", "sft", "rm", "ppo", "dpo"):
+        assert json.loads((work / stage / "run_info.json").read_text())["finished"], stage
+    ppo = [json.loads(line) for line in (work / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert all("reward" in row and "kl" in row for row in ppo)
+    assert json.loads((work / "ppo" / "run_info.json").read_text())["base_model"] == str(work / "sft-merged")
+    assert (work / "zhongjing" / "config.json").is_file() and (work / "zhongjing-dpo" / "config.json").is_file()
+    assert "final model (PPO)" in proc.stdout and len((work / "rm-scores.jsonl").read_text().splitlines()) == 40
