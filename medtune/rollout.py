@@ -78,6 +78,17 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float) -
     return advantages
 
 
+def ppo_rewards(
+    scores: torch.Tensor, logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor, beta: float
+) -> torch.Tensor:
+    """Per-token rewards: −β·(log π_old − log π_ref) on every reply token (the k1 KL penalty), plus the reward
+    model's score on the reply's last token (its EOS, or where max_new_tokens cut it)."""
+    rewards = -beta * (logps - ref_logps) * mask
+    last = (mask.sum(-1) - 1).clamp(min=0).long()
+    rewards[torch.arange(len(last)), last] += scores
+    return rewards
+
+
 def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
     """(x − mean) / std over the masked entries (unbiased variance, + 1e-8), as TRL's PPO whitens."""
     n = mask.sum()
@@ -102,14 +113,24 @@ def completion_mask(completion_ids: torch.Tensor, stop_ids: list[int]) -> torch.
     return (after == 0).long()
 
 
-def reply_logps(model, batch: Batch, temperature: float) -> torch.Tensor:
+def reply_logps(model, batch: Batch, temperature: float, stats: dict | None = None) -> torch.Tensor:
     """Per-token log-probs (temperature-scaled) of the reply tokens, given prompt and reply: (rows, reply length).
-    Inputs are only ids and mask (positions as the model derives them), as TRL computes them."""
+    Inputs are only ids and mask (positions as the model derives them), as TRL computes them. With ``stats``,
+    the mean entropy of the sampling distribution over reply tokens is added to it."""
     ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
     mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
     n = batch["completion_ids"].shape[1]
     logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, -n - 1 : -1].float() / temperature
-    return torch.log_softmax(logits, dim=-1).gather(-1, batch["completion_ids"][..., None]).squeeze(-1)
+    logps = torch.log_softmax(logits, dim=-1)
+    if stats is not None:
+        stats["entropy"] = entropy_stat(logps, batch["completion_mask"].float())
+    return logps.gather(-1, batch["completion_ids"][..., None]).squeeze(-1)
+
+
+def entropy_stat(logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        entropy = -(logps.exp() * logps).sum(-1)
+        return mean_stat((entropy * mask).sum(), mask.sum())
 
 
 # ----------------------------------------------------------------------------- the losses (stage table)
@@ -117,12 +138,12 @@ def reply_logps(model, batch: Batch, temperature: float) -> torch.Tensor:
 
 def grpo_loss_sum(model, batch: Batch, accelerator, recipe) -> tuple[torch.Tensor, dict]:
     rl = recipe.rl
-    logps = reply_logps(model, batch, rl.temperature)
     mask = batch["completion_mask"].float()
+    stats = rollout_stats(batch, mask)
+    logps = reply_logps(model, batch, rl.temperature, stats)
     old = batch.get("old_logps", logps.detach())
     ratio = torch.exp(logps - old)
     per_token = clipped_surrogate(ratio, batch["advantages"][:, None], rl.epsilon)
-    stats = rollout_stats(batch, mask)
     if rl.beta:
         kl = k3_kl(logps, batch["ref_logps"])
         if rl.kl_bias_correction:  # × ρ (1 in value, not in gradient): the unbiased reverse-KL gradient
@@ -141,10 +162,11 @@ def grpo_loss_sum(model, batch: Batch, accelerator, recipe) -> tuple[torch.Tenso
 def rloo_loss_sum(model, batch: Batch, accelerator, recipe) -> tuple[torch.Tensor, dict]:
     rl = recipe.rl
     mask = batch["completion_mask"].float()
-    logps = (reply_logps(model, batch, rl.temperature) * mask).sum(-1)
+    stats = rollout_stats(batch, mask)
+    logps = (reply_logps(model, batch, rl.temperature, stats) * mask).sum(-1)
     old = batch.get("old_seq_logps", logps.detach())
     per_sequence = clipped_surrogate(torch.exp(logps - old), batch["advantages"], rl.epsilon)
-    return per_sequence.sum(), rollout_stats(batch, mask)
+    return per_sequence.sum(), stats
 
 
 def ppo_loss_sum(model, batch: Batch, accelerator, recipe) -> tuple[torch.Tensor, dict]:
@@ -161,12 +183,10 @@ def ppo_loss_sum(model, batch: Batch, accelerator, recipe) -> tuple[torch.Tensor
     value = clipped_value_loss(values, batch["old_values"], batch["returns"], rl.cliprange_value)
     stats = rollout_stats(batch, mask)
     with torch.no_grad():
-        probs = torch.softmax(logits / rl.temperature, dim=-1)
-        entropy = -(probs * torch.log(probs.clamp(min=1e-30))).sum(-1)
         clipped = (ratio - 1).abs() > rl.epsilon
         stats.update(
             kl=mean_stat((batch["old_logps"] - batch["ref_logps"]).mul(mask).sum(), mask.sum()),
-            entropy=mean_stat((entropy * mask).sum(), mask.sum()),
+            entropy=entropy_stat(torch.log_softmax(logits / rl.temperature, dim=-1), mask),
             clip_ratio=mean_stat((clipped.float() * mask).sum(), mask.sum()),
             value_loss=mean_stat((value * mask).sum(), mask.sum()),
         )
@@ -330,9 +350,7 @@ def ppo_targets(s, out: Batch) -> Batch:
     ids = out["completion_ids"][..., None]
     old_logps = torch.log_softmax(logits / rl.temperature, dim=-1).gather(-1, ids).squeeze(-1)
     values = values * mask
-    rewards = -rl.beta * (old_logps - out["ref_logps"]) * mask
-    last = (mask.sum(-1) - 1).clamp(min=0).long()  # the reply's last token (EOS, or where max_new_tokens cut it)
-    rewards[torch.arange(len(last)), last] += out["rewards"]
+    rewards = ppo_rewards(out["rewards"], old_logps, out["ref_logps"], mask, rl.beta)
     if rl.whiten_rewards:
         rewards = whiten(rewards, mask, shift_mean=False) * mask
     advantages = gae(rewards, values, rl.gamma, rl.lam)

@@ -204,7 +204,7 @@ def test_rl_raises_a_rule_reward(tmp_path: Path, stage: str) -> None:
     first, last = sum(r["reward"] for r in rows[:5]) / 5, sum(r["reward"] for r in rows[-5:]) / 5
     length = f"{rows[0]['completion_length']:.1f} → {rows[-1]['completion_length']:.1f}"
     print(f"{stage}: mean reward {first:.3f} → {last:.3f} (first/last 5 steps); reply tokens {length}")
-    assert last > first + 0.3 and {"reward_std", "completion_length", "peak_memory_mb"} <= set(rows[-1])
+    assert last > first + 0.3 and {"reward_std", "completion_length", "entropy", "peak_memory_mb"} <= set(rows[-1])
 
 
 @pytest.mark.parametrize("stage", ["grpo", "ppo"])
@@ -240,7 +240,7 @@ def test_rl_recipe_errors_name_the_key(tmp_path: Path) -> None:
 
 
 def test_ppo_pieces_by_hand() -> None:
-    from medtune.rollout import clipped_value_loss, gae, whiten
+    from medtune.rollout import clipped_value_loss, gae, ppo_rewards, whiten
 
     rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
     values = torch.tensor([[0.5, 0.2, 0.4, 0.0]])  # the last position is past the reply's end
@@ -253,6 +253,14 @@ def test_ppo_pieces_by_hand() -> None:
     # V = 1.5 from V_old = 1.0, R = 2: unclipped (1.5−2)² = 0.25, clipped V = 1.2 → 0.64; the larger, halved
     loss = clipped_value_loss(torch.tensor([1.5]), torch.tensor([1.0]), torch.tensor([2.0]), 0.2)
     assert torch.allclose(loss, torch.tensor([0.32]))
+    # KL penalty −β(log π_old − log π_ref) per reply token, the score on the last one (reply 1 ends at token 1)
+    logps, ref = (
+        torch.tensor([[-1.0, -2.0, -0.5], [-1.0, -1.0, -9.0]]),
+        torch.tensor([[-1.5, -1.0, -0.5], [-2.0, -1.0, 0.0]]),
+    )
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    shaped = ppo_rewards(torch.tensor([3.0, -1.0]), logps, ref, mask, beta=0.1)
+    assert torch.allclose(shaped, torch.tensor([[-0.05, 0.1, 3.0], [-0.1, -1.0, 0.0]]))
 
 
 def test_ppo_raises_the_reward_with_bounded_kl(tmp_path: Path) -> None:
@@ -267,3 +275,39 @@ def test_ppo_raises_the_reward_with_bounded_kl(tmp_path: Path) -> None:
     )
     assert last > first + 0.3 and max(kls) < 5.0
     assert {"entropy", "clip_ratio", "value_loss", "peak_memory_mb"} <= set(rows[-1])
+
+
+@pytest.mark.slow
+def test_ppo_killed_and_resumed_equals_the_uninterrupted_run(tmp_path: Path) -> None:
+    """SIGKILL after the first checkpoint, `--resume`: the adapter of a run that never stopped."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import REPO
+    from safetensors.torch import load_file
+
+    path = write_recipe(tmp_path / "ppo.yaml", RL_RECIPE)
+    common = ["train.stage=ppo", "train.max_steps=12", "train.save_steps=3", "rl.beta=0.05", "rl.ppo_epochs=2"]
+    killed = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "medtune/train.py", str(path), *common, f"output.dir={killed}"]
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list((killed / "checkpoints").glob("step-*/trainer_state.json")):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not json.loads((killed / "run_info.json").read_text())["finished"], "the kill came too late"
+    resumed = subprocess.run([*command, "--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stdout + resumed.stderr
+    straight = rl_run(tmp_path, "straight", "ppo", *common[1:]).run
+    reference = load_file(straight.adapter_dir / "adapter_model.safetensors")
+    got = load_file(killed / "adapter" / "adapter_model.safetensors")
+    gap = max((got[k] - reference[k]).abs().max().item() for k in reference)
+    print(f"ppo killed at a checkpoint and resumed vs uninterrupted: max |Δ adapter| {gap:.2e}")
+    assert got.keys() == reference.keys() and gap <= 1e-6
