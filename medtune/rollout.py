@@ -238,10 +238,12 @@ class RewardSource:
     name: str
 
 
-def load_reward(recipe) -> RewardSource:
-    """The recipe's reward; a reward model loads in the policy's dtype and quantization (a 13B RM next to a
-    4-bit 13B policy is then ~7 GB more, not 26)."""
+def load_reward(recipe, policy, base: str) -> RewardSource:
+    """The recipe's reward. A reward model trained on the policy's own base (an RM run or adapter directory,
+    as Zhongjing's RM is trained on the SFT model) is loaded as a second adapter on the policy's network: no
+    second copy of the base. Any other RM (a merged directory) loads in the policy's dtype and quantization."""
     from medtune.console import MedtuneError
+    from medtune.rundir import describe_source
 
     rl = recipe.rl
     if rl.reward_function:
@@ -251,8 +253,13 @@ def load_reward(recipe) -> RewardSource:
         except (ImportError, AttributeError) as exc:
             raise MedtuneError(f"rl.reward_function {rl.reward_function}: {exc}") from None
         return RewardSource(
-            lambda prompts, texts: [float(rule(p, t)) for p, t in zip(prompts, texts, strict=True)], rl.reward_function
+            lambda prompts, texts: [float(rule(p, t)) for p, t in zip(prompts, texts, strict=True)],
+            rl.reward_function,
         )
+    info = describe_source(rl.reward_model)
+    same_base = len(info.adapters) == 1 and _same_model(info.base, base)
+    if same_base:
+        return shared_reward_adapter(policy, info)
     from medtune.model import resolve_dtype
     from medtune.reward import load_reward_model, score_conversations
 
@@ -263,7 +270,64 @@ def load_reward(recipe) -> RewardSource:
         conversations = [p + [{"role": "assistant", "content": t}] for p, t in zip(prompts, texts, strict=True)]
         return score_conversations(model, tokenizer, info.template, info.system_prompt, conversations, 16)
 
-    return RewardSource(score, rl.reward_model)
+    return RewardSource(score, f"{rl.reward_model} (its own copy of {info.base})")
+
+
+def _same_model(a: str, b: str) -> bool:
+    from pathlib import Path
+
+    return a == b or (Path(a).is_dir() and Path(b).is_dir() and Path(a).resolve() == Path(b).resolve())
+
+
+def shared_reward_adapter(policy, info) -> RewardSource:
+    """The RM's LoRA as adapter "reward" on the policy's PeftModel, frozen; its score head applied to the base's
+    last hidden state at each row's last non-pad token (where AutoModelForSequenceClassification reads it)."""
+    from pathlib import Path
+
+    from peft import LoraConfig, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from medtune.templates import encode_conversations, get_template
+    from medtune.tokenizer import load_tokenizer
+
+    adapter = Path(info.adapters[0])
+    state = load_file(adapter / "adapter_model.safetensors")
+    score_weight = state.pop("base_model.model.score.weight").float()
+    config = LoraConfig.from_pretrained(adapter)
+    config.task_type, config.modules_to_save, config.inference_mode = "CAUSAL_LM", None, True
+    policy.add_adapter("reward", config)
+    set_peft_model_state_dict(policy, state, adapter_name="reward")
+    policy.set_adapter("default")  # the policy stays the trained adapter; "reward" is frozen
+    tokenizer = load_tokenizer(info.tokenizer, info.tokenizer_kind)
+    template = get_template(info.template)
+    backbone = policy.get_base_model().model  # LlamaModel (or the causal LM's own backbone)
+
+    @torch.no_grad()
+    def score(prompts: list[list[dict]], texts: list[str]) -> list[float]:
+        conversations = [p + [{"role": "assistant", "content": t}] for p, t in zip(prompts, texts, strict=True)]
+        encoded = [ids for ids, _ in encode_conversations(tokenizer, template, conversations, info.system_prompt)]
+        width = max(map(len, encoded))
+        pad = tokenizer.pad_token_id
+        device = score_weight.device if score_weight.device.type != "cpu" else next(policy.parameters()).device
+        ids = torch.tensor([row + [pad] * (width - len(row)) for row in encoded], device=device)
+        mask = (
+            torch.arange(width, device=device)[None, :]
+            < torch.tensor([len(r) for r in encoded], device=device)[:, None]
+        )
+        was_training = policy.training
+        policy.eval()
+        policy.set_adapter("reward", inference_mode=True)
+        try:
+            hidden = backbone(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        finally:
+            policy.set_adapter("default")
+            policy.train(was_training)
+        positions = torch.arange(width, device=device)
+        last = (positions * (ids != pad).int()).argmax(-1)  # the classification head's rule
+        pooled = hidden[torch.arange(len(encoded), device=device), last].float()
+        return (pooled @ score_weight.to(device).T).squeeze(-1).tolist()
+
+    return RewardSource(score, f"{info.adapters[0]} (a second adapter on the policy's base)")
 
 
 # ----------------------------------------------------------------------------- the rollout

@@ -434,7 +434,7 @@ def setup(recipe: Recipe, accelerator, run: RunDir, dtype: str) -> Setup:
     )
     accelerator.register_save_state_pre_hook(keep_only_trainable())
     is_deepspeed = accelerator.distributed_type.name == "DEEPSPEED"
-    rl = rl_parts(recipe, tokenizer, accelerator) if get_stage(cfg.stage).rollout else {}
+    rl = rl_parts(recipe, base, tokenizer, model, accelerator) if get_stage(cfg.stage).rollout else {}
     return Setup(
         recipe,
         accelerator,
@@ -452,7 +452,7 @@ def setup(recipe: Recipe, accelerator, run: RunDir, dtype: str) -> Setup:
     )
 
 
-def rl_parts(recipe: Recipe, tokenizer, accelerator) -> dict[str, Any]:
+def rl_parts(recipe: Recipe, base: str, tokenizer, model, accelerator) -> dict[str, Any]:
     """What rollouts need beside the model: each prompt row's conversation (rows keep their record's index in
     the train split, which _split_records makes the same way every time), the reward, the stop ids."""
     from medtune.data import _split_records, prompt_messages
@@ -460,7 +460,7 @@ def rl_parts(recipe: Recipe, tokenizer, accelerator) -> dict[str, Any]:
     from medtune.templates import stop_token_ids
 
     train_records, _ = _split_records(recipe.data, recipe.train.seed, recipe.train.stage)
-    reward = load_reward(recipe)
+    reward = load_reward(recipe, accelerator.unwrap_model(model), base)
     accelerator.print(f"rewards from {reward.name}")
     return {
         "prompts": [prompt_messages(r) for r in train_records],
@@ -732,7 +732,9 @@ def save_adapter(run: RunDir, model, tokenizer, accelerator) -> None:
     if accelerator.is_main_process:
         tmp = run.root / ".adapter.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        accelerator.unwrap_model(model).save_pretrained(
+            tmp, state_dict=state_dict, safe_serialization=True, selected_adapters=["default"]
+        )  # only the trained adapter (RL may hold the reward model's as a second one)
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(run.adapter_dir, ignore_errors=True)
         os.replace(tmp, run.adapter_dir)

@@ -26,10 +26,10 @@ medtune merge "$work/pt" --out "$work/pt-merged"
 train "$recipes"/zhongjing_sft.yaml "$work/pt-merged" "$sft" sft "$@" data.eval_ratio=0.02
 medtune merge "$work/sft" --out "$work/sft-merged"
 train "$recipes"/zhongjing_rm.yaml "$work/sft-merged" "$pairs" rm "$@" data.eval_ratio=0.02
-medtune merge "$work/rm" --out "$work/rm-merged"
-medtune reward "$work/rm-merged" --data "$pairs" --out "$work/rm-scores.jsonl" --overwrite
-train "$recipes"/zhongjing_ppo.yaml "$work/sft-merged" "$sft" ppo "$@" "rl.reward_model=$work/rm-merged"
+medtune reward "$work/rm" --data "$pairs" --out "$work/rm-scores.jsonl" --overwrite
+# the RM was trained on the same SFT base: PPO holds it as a second adapter on the policy's network
+train "$recipes"/zhongjing_ppo.yaml "$work/sft-merged" "$sft" ppo "$@" "rl.reward_model=$work/rm"
 medtune merge "$work/ppo" --out "$work/zhongjing"
 train "$recipes"/zhongjing_dpo.yaml "$work/sft-merged" "$pairs" dpo "$@" data.eval_ratio=0.02
 medtune merge "$work/dpo" --out "$work/zhongjing-dpo"
-echo "reward model: $work/rm-merged; final model (PPO): $work/zhongjing; the DPO alternative: $work/zhongjing-dpo"
+echo "reward model: $work/rm; final model (PPO): $work/zhongjing; the DPO alternative: $work/zhongjing-dpo"

@@ -112,6 +112,37 @@ def test_reward_model_trains_and_merges(tmp_path, corpora, tokenizer):
         extra = [f"rl.reward_model={rm}", "rl.max_new_tokens=8", "train.logging_steps=1", "data.eval_ratio=0"]
         rows = [r for r in run_stage(tmp_path, name, "grpo", DEMO_DATA, steps=2, extra=extra).run.read_metrics()]
         assert len(rows) == 2 and all(math.isfinite(r["reward"]) for r in rows)
+    check_shared_reward_adapter(result.run, tmp_path, pair_file)
+
+
+def check_shared_reward_adapter(rm_run, tmp_path, pair_file):
+    """An RM trained on the policy's own base joins the policy as a second adapter: its scores are the RM's."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from medtune.reward import load_reward_model, score_conversations
+    from medtune.rollout import shared_reward_adapter
+    from medtune.rundir import describe_source
+
+    base = rm_run.read_info()["base_model"]
+    policy = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, target_modules="all-linear"))
+    shared = shared_reward_adapter(policy, describe_source(str(rm_run.root)))
+    pairs = [json.loads(line) for line in pair_file.read_text(encoding="utf-8").splitlines()[:6]]
+    prompts, texts = [p["messages"] for p in pairs], [p["chosen"] for p in pairs]
+    model, tokenizer, info = load_reward_model(str(rm_run.root), "fp32")
+    conversations = [m + [{"role": "assistant", "content": t}] for m, t in zip(prompts, texts, strict=True)]
+    expected = score_conversations(model, tokenizer, info.template, info.system_prompt, conversations, 4)
+    got = shared.score(prompts, texts)
+    gap = max(abs(a - b) for a, b in zip(got, expected, strict=True))
+    print(f"shared reward adapter vs the RM itself: max |Δ score| {gap:.2e}")
+    assert got == pytest.approx(expected, abs=1e-4)
+    trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
+    assert trainable and all(".default." in n for n in trainable)  # only the policy's adapter trains
+    run = run_stage(
+        tmp_path, "grpo-shared-rm", "grpo", DEMO_DATA, base=base, steps=2,
+        extra=[f"rl.reward_model={rm_run.root}", "rl.max_new_tokens=8", "data.eval_ratio=0"],
+    ).run  # fmt: skip
+    assert list((run.adapter_dir).glob("reward")) == [] and json.loads(run.info_file.read_text())["finished"]
 
 
 def check_reward_command(run_dir, merged, pair_file, tmp_path, scorer):
@@ -204,3 +235,4 @@ def test_zhongjing_script_runs_all_five_stages_on_cpu(tmp_path, corpora):
     assert json.loads((work / "ppo" / "run_info.json").read_text())["base_model"] == str(work / "sft-merged")
     assert (work / "zhongjing" / "config.json").is_file() and (work / "zhongjing-dpo" / "config.json").is_file()
     assert "final model (PPO)" in proc.stdout and len((work / "rm-scores.jsonl").read_text().splitlines()) == 40
+    assert "a second adapter on the policy" in proc.stdout + proc.stderr
