@@ -377,7 +377,7 @@ def rollout(s, batch: Batch, step: int, micro: int) -> Batch:
         "completion_ids": completion_ids,
         "completion_mask": mask,
         "rewards": rewards,
-        "reward_std": rewards.view(-1, group).std(dim=1),
+        "reward_std": rewards.view(-1, group).std(dim=1) if group > 1 else torch.zeros_like(rewards),
         "input_ids": torch.cat([prompt_ids, completion_ids], dim=1),  # for the loop's token counts
         "real_tokens": prompt_mask.sum() + mask.sum(),
     }
@@ -403,7 +403,8 @@ def ppo_targets(s, out: Batch) -> Batch:
     """What PPO's epochs learn from, fixed at rollout time (Huang et al. 2024, "The N Implementation Details
     of RLHF with PPO", and TRL 1.12's PPO): π_old's log-probs and values, per-token rewards = −β·(log π_old −
     log π_ref) with the reward model's score added at the reply's last token, GAE advantages (whitened over
-    the batch's reply tokens) and returns = advantages + values (before whitening)."""
+    the micro-batch's reply tokens; TRL whitens over its whole rollout batch) and returns = advantages +
+    values (before whitening)."""
     rl, model, accelerator = s.recipe.rl, s.model, s.accelerator
     unwrapped = accelerator.unwrap_model(model)
     mask = out["completion_mask"].float()

@@ -311,3 +311,10 @@ def test_ppo_killed_and_resumed_equals_the_uninterrupted_run(tmp_path: Path) -> 
     gap = max((got[k] - reference[k]).abs().max().item() for k in reference)
     print(f"ppo killed at a checkpoint and resumed vs uninterrupted: max |Δ adapter| {gap:.2e}")
     assert got.keys() == reference.keys() and gap <= 1e-6
+
+
+def test_ppo_with_one_reply_per_prompt(tmp_path: Path) -> None:
+    """PPO needs no group (Zhongjing's recipe samples one reply per prompt): every figure stays finite."""
+    run = rl_run(tmp_path, "ppo1", "ppo", "train.max_steps=2", "rl.num_generations=1", "rl.ppo_epochs=1").run
+    rows = [r for r in run.read_metrics() if "loss" in r]
+    assert len(rows) == 2 and all(math.isfinite(v) for r in rows for v in r.values() if isinstance(v, float))
