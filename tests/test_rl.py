@@ -90,10 +90,29 @@ def compare(ours_loss, ours_grads, trl_loss, trl_grads, what: str) -> None:
     assert ours_grads.keys() == trl_grads.keys() and gap <= 1e-6 * max(scale, 1.0)
 
 
+def trl_setup(config_cls, trainer_cls, model, tokenizer, batch, tmp_path: Path, **config):
+    """A TRL trainer over ``model`` with our settings (fp32: TRL's bf16 default off), and the rollout as its inputs."""
+    from datasets import Dataset
+
+    args = config_cls(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, max_completion_length=7,
+        report_to="none", use_cpu=True, bf16=False, gradient_checkpointing=False, **config,
+    )  # fmt: skip
+    trainer = trainer_cls(
+        model=model,
+        reward_funcs=lambda completions, **kw: [0.0] * len(completions),
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": ["头痛怎么办"] * 4}),
+        processing_class=tokenizer,
+    )
+    trainer.current_gradient_accumulation_steps = 1
+    keys = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages")
+    return trainer, {k: batch[k] for k in keys}
+
+
 @pytest.mark.parametrize(("loss_type", "beta"), [("dapo", 0.0), ("grpo", 0.04), ("dapo", 0.04)])
 def test_grpo_loss_and_gradients_equal_trls(tiny_base, tmp_path: Path, loss_type: str, beta: float) -> None:
     trl = pytest.importorskip("trl")
-    from datasets import Dataset
 
     model, tokenizer, batch = fixed_rollout(tiny_base)
     twin = copy.deepcopy(model)
@@ -109,20 +128,8 @@ def test_grpo_loss_and_gradients_equal_trls(tiny_base, tmp_path: Path, loss_type
     items = batch["completion_mask"].sum() if loss_type == "dapo" else 4
     (loss_sum / items).backward()
 
-    args = trl.GRPOConfig(
-        output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, max_completion_length=7,
-        temperature=temperature, beta=beta, loss_type=loss_type, report_to="none", use_cpu=True, bf16=False,
-        gradient_checkpointing=False,
-    )  # fmt: skip
-    trainer = trl.GRPOTrainer(
-        model=twin,
-        reward_funcs=lambda completions, **kw: [0.0] * len(completions),
-        args=args,
-        train_dataset=Dataset.from_dict({"prompt": ["头痛怎么办"] * 4}),
-        processing_class=tokenizer,
-    )
-    trainer.current_gradient_accumulation_steps = 1
-    inputs = {k: batch[k] for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages")}
+    config = dict(temperature=temperature, beta=beta, loss_type=loss_type)
+    trainer, inputs = trl_setup(trl.GRPOConfig, trl.GRPOTrainer, twin, tokenizer, batch, tmp_path, **config)
     inputs["num_items_in_batch"] = batch["completion_mask"].sum()
     if beta:
         inputs["ref_per_token_logps"] = batch["ref_logps"]
@@ -140,7 +147,6 @@ def test_grpo_loss_and_gradients_equal_trls(tiny_base, tmp_path: Path, loss_type
 
 def test_rloo_loss_and_gradients_equal_trls(tiny_base, tmp_path: Path) -> None:
     trl = pytest.importorskip("trl")
-    from datasets import Dataset
 
     model, tokenizer, batch = fixed_rollout(tiny_base, seed=1)
     twin = copy.deepcopy(model)
@@ -150,19 +156,7 @@ def test_rloo_loss_and_gradients_equal_trls(tiny_base, tmp_path: Path) -> None:
     loss_sum, _ = rloo_loss_sum(model, batch, None, recipe)
     (loss_sum / 4).backward()
 
-    args = trl.RLOOConfig(
-        output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, max_completion_length=7,
-        report_to="none", use_cpu=True, bf16=False, gradient_checkpointing=False,
-    )  # fmt: skip
-    trainer = trl.RLOOTrainer(
-        model=twin,
-        reward_funcs=lambda completions, **kw: [0.0] * len(completions),
-        args=args,
-        train_dataset=Dataset.from_dict({"prompt": ["头痛怎么办"] * 4}),
-        processing_class=tokenizer,
-    )
-    trainer.current_gradient_accumulation_steps = 1
-    inputs = {k: batch[k] for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages")}
+    trainer, inputs = trl_setup(trl.RLOOConfig, trl.RLOOTrainer, twin, tokenizer, batch, tmp_path)
     with torch.no_grad():  # π_old as TRL computes it at generation time (its own log-prob function)
         ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
         mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
