@@ -90,8 +90,8 @@ class TrainConfig:
     # train preferences without it (with it, the policy's log-probs are noisy against a noise-free
     # reference) — and on for pt and sft.
     disable_dropout: bool | None = None
-    # DPO refines an instruction-tuned model: a base that is not a medtune SFT merge is warned about,
-    # or refused when this is true.
+    # DPO, PPO, GRPO and RLOO refine an instruction-tuned model: a base that is not a medtune SFT merge is
+    # warned about, or refused when this is true.
     require_sft_base: bool = False
     learning_rate: float = 2e-4
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"

@@ -195,9 +195,9 @@ def build_model(recipe: Recipe, base: str, dtype: str, tokenizer, accelerator):
 
 
 def check_policy_base(base: str, recipe: Recipe, log) -> None:
-    """DPO starts from the SFT model it refines (Zhongjing: SFT → RM → PPO/DPO). A base that is not a
+    """DPO and RL start from the SFT model they refine (Zhongjing: SFT → RM → PPO/DPO). A base that is not a
     medtune SFT merge is named in a warning, or refused with train.require_sft_base."""
-    if recipe.train.stage != "dpo":
+    if recipe.train.stage != "dpo" and not get_stage(recipe.train.stage).rollout:
         return
     merge_info = Path(base) / MERGE_INFO
     saved = json.loads(merge_info.read_text(encoding="utf-8")) if merge_info.is_file() else {}
