@@ -22,6 +22,28 @@ def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+def chunked_lm_loss_sum(hidden: torch.Tensor, lm_head, labels: torch.Tensor, chunk_size: int = 256) -> torch.Tensor:
+    """:func:`causal_lm_loss_sum` from the final hidden states, without the full-vocabulary logits: only the
+    labelled positions go through the LM head, ``chunk_size`` of them at a time, and each chunk's logits
+    are recomputed in backward (activation checkpointing) instead of kept. Peak memory is one chunk's fp32
+    logits (chunk_size × vocabulary × 4 bytes) instead of the whole batch's, twice over."""
+    from torch.utils.checkpoint import checkpoint
+
+    states = hidden[:, :-1].reshape(-1, hidden.size(-1))
+    targets = labels[:, 1:].reshape(-1)
+    keep = targets != IGNORE_INDEX
+    states, targets = states[keep], targets[keep]
+
+    def chunk_loss(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(lm_head(h).float(), y, reduction="sum")
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, targets.numel(), chunk_size):
+        part = slice(start, start + chunk_size)
+        total = total + checkpoint(chunk_loss, states[part], targets[part], use_reentrant=False)
+    return total
+
+
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per row: the summed log-probability of its labelled tokens (a reply's likelihood)."""
     shift_labels = labels[:, 1:]

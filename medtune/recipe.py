@@ -103,6 +103,9 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     gradient_checkpointing: bool = False  # trade compute for activation memory
     max_grad_norm: float = 1.0  # 0 = no clipping
+    # pt/sft: the loss from hidden states in chunks, never the full-vocabulary logits (equal loss and
+    # gradients). Unset: on when vocabulary × max_length ≥ 2^26, e.g. Chinese-LLaMA-2 at 2,048 tokens.
+    chunked_loss: bool | None = None
     seed: int = 42
     logging_steps: int = 10
     eval_steps: int = 0  # 0 = evaluate only at the end

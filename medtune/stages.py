@@ -16,7 +16,14 @@ import torch
 
 from medtune.console import MedtuneError
 from medtune.data import chat_rows, pad_batch, pad_pairs, pad_prompts, pair_rows, prompt_rows, text_rows
-from medtune.losses import causal_lm_loss_sum, count_target_tokens, dpo_loss_sum, reward_loss_sum, sequence_logps
+from medtune.losses import (
+    causal_lm_loss_sum,
+    chunked_lm_loss_sum,
+    count_target_tokens,
+    dpo_loss_sum,
+    reward_loss_sum,
+    sequence_logps,
+)
 from medtune.rollout import grpo_loss_sum, mean_stat, ppo_loss_sum, replies, reply_tokens, rloo_loss_sum
 
 Batch = dict[str, torch.Tensor]
@@ -37,7 +44,37 @@ Stats = dict[str, torch.Tensor]  # name → [sum, count]: the loop adds them up 
 
 
 def lm_loss(model, batch: Batch, accelerator, recipe) -> tuple[torch.Tensor, Stats]:
-    return causal_lm_loss_sum(forward_logits(model, batch), batch["labels"]), {}
+    if not chunked_loss(recipe, accelerator.unwrap_model(model)):
+        return causal_lm_loss_sum(forward_logits(model, batch), batch["labels"]), {}
+    # Through the model's own forward (so DDP and ZeRO-3 see it), keeping the logits of one position only.
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch.get("attention_mask"),
+        position_ids=batch.get("position_ids"),
+        use_cache=False,
+        output_hidden_states=True,
+        logits_to_keep=1,
+    )
+    head = accelerator.unwrap_model(model).get_output_embeddings()
+    return chunked_lm_loss_sum(out.hidden_states[-1], head, batch["labels"], LOSS_CHUNK), {}
+
+
+LOSS_CHUNK = 256  # labelled positions a chunk: 56 MB of fp32 logits at 55,296 rows (155 MB at Qwen's 151,646)
+CHUNKED_LOSS_FROM = 1 << 26  # vocabulary × max_length from which the loss is chunked: 256 MB of fp32 logits a row
+
+
+def chunked_loss(recipe, model) -> bool:
+    """train.chunked_loss, or when unset: on when one row's fp32 logits would pass 256 MB (e.g.
+    Chinese-LLaMA-2's 55,296 × 2,048; Qwen's 151,646 × 1,024)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    supported = "logits_to_keep" in inspect.signature(base.forward).parameters  # remote-code models may lack it
+    if recipe.train.chunked_loss is not None:
+        if recipe.train.chunked_loss and not supported:
+            raise MedtuneError(f"train.chunked_loss: {type(base).__name__} takes no logits_to_keep; set it to false")
+        return recipe.train.chunked_loss
+    return supported and model.config.vocab_size * recipe.data.max_length >= CHUNKED_LOSS_FROM
 
 
 def preference_stats(chosen: torch.Tensor, rejected: torch.Tensor) -> Stats:
