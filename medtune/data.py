@@ -9,8 +9,10 @@ functions of a list of examples.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import hashlib
+import itertools
 import os
 import random
 import shutil
@@ -168,28 +170,48 @@ def text_blocks(
 def pack_examples(examples: Sequence[Example], max_length: int) -> list[Example]:
     """Several samples per row, kept apart: position ids restart at 0 for each sample (transformers
     then builds a block-diagonal causal mask, or varlen flash-attention on GPU), and the first label
-    of every sample is masked, so nothing is predicted across a boundary. First-fit decreasing."""
+    of every sample is masked, so nothing is predicted across a boundary.
+
+    Best-fit decreasing: longest sample first, each into the open row it fills most tightly. Open rows are
+    kept by their free space — a sorted list of the distinct free-space values (at most max_length of them,
+    found by bisection) and a stack of rows for each — so placing a sample is O(log max_length), not a scan
+    over every row as first-fit was."""
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
     rows: list[list[int]] = []
-    space: list[int] = []
+    frees: list[int] = []  # distinct free-space values of open rows, ascending
+    rows_with: dict[int, list[int]] = {}  # free space → open rows with exactly that much
     for i in order:
         n = len(examples[i]["input_ids"])
-        slot = next((r for r, free in enumerate(space) if free >= n), None)
-        if slot is None:
-            rows.append([]), space.append(max_length)
-            slot = len(rows) - 1
+        k = bisect.bisect_left(frees, n)
+        if k == len(frees):  # no open row has room: a new one
+            slot, free = len(rows), max_length
+            rows.append([])
+        else:
+            free = frees[k]
+            slot = rows_with[free].pop()
+            if not rows_with[free]:
+                del rows_with[free], frees[k]
         rows[slot].append(i)
-        space[slot] -= n
-    packed = []
-    for members in rows:
-        row: Example = {"input_ids": [], "labels": [], "position_ids": []}
-        for i in members:
-            ids, labels = examples[i]["input_ids"], examples[i]["labels"]
-            row["input_ids"] += ids
-            row["labels"] += [IGNORE_INDEX] + labels[1:]
-            row["position_ids"] += list(range(len(ids)))
-        packed.append(row)
-    return packed
+        free -= n
+        if free > 0:
+            if free not in rows_with:
+                rows_with[free] = []
+                bisect.insort(frees, free)
+            rows_with[free].append(slot)
+    chain = itertools.chain.from_iterable  # rows built in C: the token copying, not the placing, is the cost
+    return [
+        {
+            "input_ids": list(chain(examples[i]["input_ids"] for i in members)),
+            "labels": list(chain(part for i in members for part in first_masked(examples[i]["labels"]))),
+            "position_ids": list(chain(range(len(examples[i]["input_ids"])) for i in members)),
+        }
+        for members in rows
+    ]
+
+
+def first_masked(labels: list[int]) -> tuple:
+    """A packed sample's labels as two pieces: no prediction of its first token from the previous sample."""
+    return ([IGNORE_INDEX], itertools.islice(labels, 1, None))
 
 
 def concat_examples(examples: Sequence[Example], block: int) -> list[Example]:
