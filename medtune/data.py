@@ -16,6 +16,7 @@ import itertools
 import os
 import random
 import shutil
+import socket
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -456,8 +457,9 @@ def _unpacked(data_cfg):
 def load_datasets(data_cfg, seed: int, tokenizer, stage: str = "sft", is_main: bool = True, log=print):
     """The train and eval datasets, from the on-disk cache when the inputs have not changed.
 
-    Only the main process tokenizes (call under ``accelerator.main_process_first()``): the
-    others find its cache and memory-map it.
+    Only each machine's first process tokenizes (call under ``accelerator.local_main_process_first()``):
+    the machine's other processes find its cache and memory-map it. Machines with their own disks build
+    their own cache; machines sharing one find the first finished cache (renames are atomic).
     """
     from datasets import Dataset, DatasetDict, Features, Value, concatenate_datasets, load_from_disk
     from datasets import Sequence as Ids
@@ -469,7 +471,7 @@ def load_datasets(data_cfg, seed: int, tokenizer, stage: str = "sft", is_main: b
         log(f"tokenized data from cache {path} ({len(cached['train'])} train rows)")
         return cached["train"], cached["eval"] if "eval" in cached else []
     if not is_main:
-        raise RuntimeError(f"{path}: the main process should have written this tokenized cache")
+        raise RuntimeError(f"{path}: this machine's first process should have written this tokenized cache")
 
     def table(rows: list[Example]) -> Dataset:
         features = Features({k: Ids(Value("int32")) for k in rows[0]})
@@ -489,7 +491,8 @@ def load_datasets(data_cfg, seed: int, tokenizer, stage: str = "sft", is_main: b
         splits["eval"] = concatenate_datasets(eval_parts)
     packed = f"; {report.kept} samples in {len(splits['train'])} packed rows" if data_cfg.packing else ""
     log(f"train data: {report.summary()}; eval: {len(splits.get('eval', []))} examples{packed}")
-    tmp = path.with_name(f".{path.name}.tmp")
+    # Unique per process: on a filesystem shared by several machines each one's first process may build it.
+    tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     DatasetDict(splits).save_to_disk(str(tmp))
     try:

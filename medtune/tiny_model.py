@@ -119,8 +119,19 @@ def build_tiny_llama(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out_dir.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        # Not model.save_pretrained: under torch.distributed, transformers 5 writes weights on global rank 0
+        # only, and this runs on each machine's first process (rank 1 on the second machine).
+        from safetensors.torch import save_file
+
+        save_file(
+            {k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors", {"format": "pt"}
+        )
+        model.config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        missing = [n for n in ("config.json", "model.safetensors", "tokenizer.json") if not (tmp / n).is_file()]
+        if missing:
+            raise RuntimeError(f"building the tiny model wrote no {', '.join(missing)}")
         os.replace(tmp, out_dir)
     except OSError:
         if not out_dir.is_dir():  # another process may have won the race; that is fine

@@ -391,14 +391,14 @@ def setup(recipe: Recipe, accelerator, run: RunDir, dtype: str) -> Setup:
         scorer = describe_source(recipe.rl.reward_model)
         if not get_stage(scorer.stage).reward_head:
             raise RecipeError(f"rl.reward_model: {recipe.rl.reward_model}: a {scorer.stage} model, not a reward model")
-    with accelerator.main_process_first():  # the tiny base is built once, by the main process
+    with accelerator.local_main_process_first():  # the tiny base is built once per machine (its own disk)
         base = resolve_base(recipe.model, recipe.data.train_files)
     check_policy_base(base, recipe, accelerator.print)
     tokenizer = load_tokenizer(base, recipe.model.tokenizer, recipe.model.trust_remote_code)
     tokenizer.chat_template = jinja_chat_template(get_template(recipe.data.template), recipe.data.system_prompt)
-    with accelerator.main_process_first():  # the main process tokenizes (or finds the cache); the others load it
+    with accelerator.local_main_process_first():  # each machine's first process tokenizes (or finds the cache)
         train_set, eval_set = load_datasets(
-            recipe.data, cfg.seed, tokenizer, cfg.stage, accelerator.is_main_process, log=accelerator.print
+            recipe.data, cfg.seed, tokenizer, cfg.stage, accelerator.is_local_main_process, log=accelerator.print
         )
     set_seed(cfg.seed)  # right before anything random: the adapter's init, then dropout and shuffling
     model = build_model(recipe, base, dtype, tokenizer, accelerator)
@@ -747,6 +747,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", help="group.key=value, e.g. train.max_steps=10")
     parser.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors too")
+    # DeepSpeed's launcher appends --local_rank=N; the same number is in the LOCAL_RANK variable accelerate reads
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     return parser.parse_intermixed_args(argv)  # overrides may come before or after --resume
 
 

@@ -90,3 +90,28 @@ def test_deepspeed_zero3_from_accelerate_launch(recipe_path, ddp_adapter, tiny_b
         ]
     )
     check_same_adapter(out, ddp_adapter, tiny_base)
+
+
+def test_two_nodes_of_one_process_equal_one_node_of_two(recipe_path, ddp_adapter, tiny_base, tmp_path):
+    """Two torchrun launchers on 127.0.0.1 as machines 0 and 1 (a static rendezvous on a free port), each with
+    its own cache directory as machines with their own disks have: each builds its tiny base and tokenized
+    cache, and the run ends with the adapter of one machine with two processes."""
+    import os
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = recipe_path.parent / "two-nodes"
+    launchers = []
+    for rank in (0, 1):
+        env = {**os.environ, "MEDTUNE_CACHE": str(tmp_path / f"node{rank}-cache")}
+        command = ["torchrun", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(rank)]
+        command += ["--master_addr", "127.0.0.1", "--master_port", str(port)]
+        command += ["medtune/train.py", str(recipe_path), *STEPS, f"output.dir={out}"]
+        launchers.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    outputs = [launcher.communicate(timeout=600) for launcher in launchers]
+    for launcher, (stdout, stderr) in zip(launchers, outputs, strict=True):
+        assert launcher.returncode == 0, stdout.decode()[-2000:] + stderr.decode()[-3000:]
+    assert all((tmp_path / f"node{rank}-cache" / "tokenized").is_dir() for rank in (0, 1))  # each built its own
+    check_same_adapter(out, ddp_adapter, tiny_base)
