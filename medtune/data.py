@@ -325,6 +325,7 @@ def cache_key(data_cfg, seed: int, tokenizer, files: Sequence[str], stage: str =
     for path in files:
         digest.update(file_identity(Path(path)).encode())
     settings = {k: v for k, v in dataclasses.asdict(data_cfg).items() if k not in ("train_files", "eval_files")}
+    settings["mixture"] = repr([f for f in dataclasses.asdict(data_cfg)["train_files"] if not isinstance(f, str)])
     digest.update(
         repr((sorted(settings.items()), seed, dataclasses.astuple(get_template(data_cfg.template)))).encode()
     )
@@ -340,11 +341,53 @@ def cache_key(data_cfg, seed: int, tokenizer, files: Sequence[str], stage: str =
     return digest.hexdigest()[:24]
 
 
-def _split_records(data_cfg, seed: int, stage: str = "sft") -> tuple[list[dict], list[dict]]:
-    records = load_records(data_cfg.train_files, stage)
-    if data_cfg.eval_files:
-        return records, load_records(data_cfg.eval_files, stage)
-    return split_eval(records, data_cfg.eval_ratio, seed)
+def _split_records(data_cfg, seed: int, stage: str = "sft", log=None) -> tuple[list[dict], list[dict]]:
+    if all(isinstance(f, str) for f in data_cfg.train_files):
+        records = load_records(data_cfg.train_files, stage)
+        if data_cfg.eval_files:
+            return records, load_records(data_cfg.eval_files, stage)
+        return split_eval(records, data_cfg.eval_ratio, seed)
+    # A mixture: each file's held-out share is split off first (a repeated record never lands on both
+    # sides), then each file's training records are drawn to its weight or count.
+    parts, held = [], []
+    for spec in data_cfg.train_files:
+        path = spec if isinstance(spec, str) else spec.path
+        records = load_records([path], stage)
+        train, evaluation = (records, []) if data_cfg.eval_files else split_eval(records, data_cfg.eval_ratio, seed)
+        parts.append((spec, path, train))
+        held += evaluation
+    mixed = mix_records(parts, seed, log)
+    return mixed, load_records(data_cfg.eval_files, stage) if data_cfg.eval_files else held
+
+
+def mix_records(parts: list[tuple[Any, str, list[dict]]], seed: int, log=None) -> list[dict]:
+    """Plain files give all their records; {samples: N} exactly N; {weight: w} files share the records the
+    weighted files have between them in proportion to their weights. Draws are seeded per file: the same
+    seed and files give the same mixture."""
+    weighted = [(spec, train) for spec, _, train in parts if not isinstance(spec, str) and spec.weight is not None]
+    pool = sum(len(train) for _, train in weighted)
+    total_weight = sum(spec.weight for spec, _ in weighted)
+    mixed, lines = [], []
+    for spec, path, train in parts:
+        if isinstance(spec, str):
+            want = len(train)
+        elif spec.samples is not None:
+            want = spec.samples
+        else:
+            want = round(pool * spec.weight / total_weight)
+        if not train and want:
+            raise RecordError(f"data.train_files: {path}: no records to draw {want} from")
+        rng = random.Random(f"{seed}:{path}")
+        drawn: list[dict] = []
+        while len(drawn) < want:  # whole shuffled passes, then part of one
+            order = list(train)
+            rng.shuffle(order)
+            drawn += order[: want - len(drawn)]
+        mixed += drawn
+        lines.append(f"{Path(path).name} {len(drawn):,} of {len(train):,}")
+    if log is not None:
+        log("mixture: " + "; ".join(lines))
+    return mixed
 
 
 def text_rows(
@@ -464,7 +507,7 @@ def load_datasets(data_cfg, seed: int, tokenizer, stage: str = "sft", is_main: b
     from datasets import Dataset, DatasetDict, Features, Value, concatenate_datasets, load_from_disk
     from datasets import Sequence as Ids
 
-    files = list(data_cfg.train_files) + list(data_cfg.eval_files)
+    files = [f if isinstance(f, str) else f.path for f in data_cfg.train_files] + list(data_cfg.eval_files)
     path = cache_root() / "tokenized" / cache_key(data_cfg, seed, tokenizer, files, stage)
     if (path / "dataset_dict.json").is_file():
         cached = load_from_disk(str(path))
@@ -477,12 +520,12 @@ def load_datasets(data_cfg, seed: int, tokenizer, stage: str = "sft", is_main: b
         features = Features({k: Ids(Value("int32")) for k in rows[0]})
         return Dataset.from_dict({k: [r[k] for r in rows] for k in rows[0]}, features=features)
 
-    train_records, eval_records = _split_records(data_cfg, seed, stage)
+    train_records, eval_records = _split_records(data_cfg, seed, stage, log)
     report = TokenizeReport()
     build_rows = _stage(stage).rows
     parts = [table(rows) for rows in build_rows(train_records, data_cfg, tokenizer, report) if rows]
     if not parts:
-        raise RecordError(f"no trainable example in {', '.join(data_cfg.train_files)}: {report.summary()}")
+        raise RecordError(f"no trainable example in {', '.join(files)}: {report.summary()}")
     splits = {"train": concatenate_datasets(parts)}
     eval_parts = [
         table(rows) for rows in build_rows(eval_records, _unpacked(data_cfg), tokenizer, TokenizeReport()) if rows

@@ -32,7 +32,7 @@ def resolve_dtype(name: str) -> str:
     return "fp32"
 
 
-def resolve_base(model: ModelConfig, train_files: list[str]) -> str:
+def resolve_base(model: ModelConfig, train_files: list[str]) -> str:  # paths (recipe.train_paths)
     """The absolute path or hub id to load (an absolute path keeps a run directory usable from anywhere);
     the built-in tiny model is built (once) from the training files."""
     if model.base == TINY_NAME:

@@ -63,10 +63,21 @@ class LoraSettings:
 
 
 @dataclass
+class TrainFile:
+    """A training file with its share of the mixture: a weight (relative to the other weighted files) or an
+    exact number of records (sampled without repeats while it has enough, repeated when it has fewer)."""
+
+    path: str
+    weight: float | None = None
+    samples: int | None = None
+
+
+@dataclass
 class DataConfig:
     """Instruction JSONL files (see README: the record format) and how they become tokens."""
 
-    train_files: list[str] = field(default_factory=list)  # instruction JSONL written by data_prep
+    # instruction JSONL written by data_prep; an entry may be {path, weight} or {path, samples} to mix
+    train_files: list[str | TrainFile] = field(default_factory=list)
     eval_files: list[str] = field(default_factory=list)  # held-out JSONL; empty = split eval_ratio off train
     eval_ratio: float = 0.0  # fraction of train records held out when eval_files is empty
     template: str = "chatmed"  # chat template name: see medtune/templates.py
@@ -313,10 +324,15 @@ def _coerce(value: Any, tp: Any, key: str, where: typing.Callable[[str], str], s
     raise RecipeError(f"{where(key)}: {key}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
 
 
+def train_paths(data: DataConfig) -> list[str]:
+    """The training files' paths, mixture or not."""
+    return [f if isinstance(f, str) else f.path for f in data.train_files]
+
+
 def check_data_files(recipe: Recipe) -> None:
     """Before training starts (not at load: shipped recipes name files a user prepares first)."""
-    for key in ("train_files", "eval_files"):
-        for path in getattr(recipe.data, key):
+    for key, paths in (("train_files", train_paths(recipe.data)), ("eval_files", recipe.data.eval_files)):
+        for path in paths:
             if not Path(path).is_file():
                 raise RecipeError(
                     f"data.{key}: {path}: file not found (write it with python -m data_prep, "
@@ -337,6 +353,11 @@ def check_recipe(recipe: Recipe, name: str = "recipe") -> None:
         problems.append(f"data.template: unknown template {data.template!r} (known: {', '.join(TEMPLATES)}){hint}")
     if not data.train_files:
         problems.append("data.train_files: at least one instruction JSONL file is needed")
+    for spec in (f for f in data.train_files if not isinstance(f, str)):
+        if (spec.weight is None) == (spec.samples is None):
+            problems.append(f"data.train_files: {spec.path}: give weight or samples (one of them)")
+        elif (spec.weight is not None and spec.weight <= 0) or (spec.samples is not None and spec.samples < 1):
+            problems.append(f"data.train_files: {spec.path}: weight must be positive, samples at least 1")
     if not 0.0 <= data.eval_ratio < 1.0:
         problems.append(f"data.eval_ratio: {data.eval_ratio} must be in [0, 1)")
     if data.eval_files and data.eval_ratio:

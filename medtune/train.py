@@ -39,7 +39,7 @@ from medtune.model import (
     resolve_base,
     resolve_dtype,
 )
-from medtune.recipe import Recipe, RecipeError, check_data_files, load_recipe
+from medtune.recipe import Recipe, RecipeError, check_data_files, load_recipe, train_paths
 from medtune.rollout import rollout
 from medtune.rundir import (
     MERGE_INFO,
@@ -392,7 +392,7 @@ def setup(recipe: Recipe, accelerator, run: RunDir, dtype: str) -> Setup:
         if not get_stage(scorer.stage).reward_head:
             raise RecipeError(f"rl.reward_model: {recipe.rl.reward_model}: a {scorer.stage} model, not a reward model")
     with accelerator.local_main_process_first():  # the tiny base is built once per machine (its own disk)
-        base = resolve_base(recipe.model, recipe.data.train_files)
+        base = resolve_base(recipe.model, train_paths(recipe.data))
     check_policy_base(base, recipe, accelerator.print)
     tokenizer = load_tokenizer(base, recipe.model.tokenizer, recipe.model.trust_remote_code)
     tokenizer.chat_template = jinja_chat_template(get_template(recipe.data.template), recipe.data.system_prompt)

@@ -75,3 +75,51 @@ def test_saved_recipe_round_trips_and_tolerates_unknown_keys(small_recipe, tmp_p
 def test_missing_data_file_is_named_before_anything_loads(small_recipe, capsys):
     assert train_main([str(small_recipe), "data.train_files=[no/such/data.jsonl]"]) == 2
     assert "data.train_files: no/such/data.jsonl: file not found" in capsys.readouterr().err
+
+
+def test_training_files_mix_by_weight_or_count(tmp_path):
+    import json
+
+    from helpers import DEMO_DATA
+
+    from medtune.data import _split_records
+
+    records = DEMO_DATA.read_text(encoding="utf-8").splitlines()
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    first.write_text("\n".join(records[:10]) + "\n", encoding="utf-8")
+    second.write_text("\n".join(records[10:]) + "\n", encoding="utf-8")
+    mixture = f"[{{path: {first}, samples: 25}}, {{path: {second}, weight: 0.5}}]"
+    text = SMALL_RECIPE.replace(f"[{DEMO_DATA}]", mixture)
+    path = write_recipe(tmp_path / "mix.yaml", text)
+    recipe = load_recipe(path, ["data.eval_ratio=0.1"])
+    train, held = _split_records(recipe.data, 7)
+    from_first = [r for r in train if r["id"] in {json.loads(x)["id"] for x in records[:10]}]
+    # a: 9 training records after its held-out one, drawn to 25 (two whole passes and 7 more); b: its 27 training
+    # records are the whole weighted pool, so weight 0.5 of 0.5 takes each once
+    assert len(from_first) == 25 and len(held) == 1 + 3
+    assert len(train) == 25 + 27 and not {r["id"] for r in held} & {r["id"] for r in train}
+    again, _ = _split_records(load_recipe(path, ["data.eval_ratio=0.1"]).data, 7)
+    other, _ = _split_records(recipe.data, 8)
+    assert [r["id"] for r in again] == [r["id"] for r in train] and [r["id"] for r in other] != [
+        r["id"] for r in train
+    ]
+    bad = write_recipe(tmp_path / "bad.yaml", text.replace("samples: 25", "samples: 25, weight: 1.0"))
+    with pytest.raises(RecipeError, match="a.jsonl: give weight or samples"):
+        load_recipe(bad)
+
+
+def test_a_mixture_trains_and_is_recorded(tmp_path, capsys):
+    from helpers import DEMO_DATA
+
+    from medtune.train import train
+
+    records = DEMO_DATA.read_text(encoding="utf-8").splitlines()
+    first = tmp_path / "a.jsonl"
+    first.write_text("\n".join(records[:10]) + "\n", encoding="utf-8")
+    text = SMALL_RECIPE.replace(f"[{DEMO_DATA}]", f"[{{path: {first}, samples: 16}}, {DEMO_DATA}]")
+    path = write_recipe(tmp_path / "mix.yaml", text)
+    overrides = [f"output.dir={tmp_path / 'run'}", "train.max_steps=2", "train.save_steps=0", "train.resume=true"]
+    run = train(load_recipe(path, overrides)).run
+    assert "mixture: a.jsonl 16 of 9; demo_medical.jsonl 36 of 36" in capsys.readouterr().out
+    assert run.read_recipe().data.train_files[0].samples == 16  # the run directory records the mixture
+    assert train(load_recipe(path, overrides)).model is None  # the same mixture: already finished

@@ -68,7 +68,7 @@ class Engine:
         self.queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.batches: list[int] = []  # sizes of the batches run: what the load benchmark reports
-        self.cancelled_rows = 0  # rows dropped because their client left
+        self.cancelled_rows = 0  # requests dropped because their client left (waiting or mid-generation)
         self.thread = threading.Thread(target=self._serve, name="medtune-engine", daemon=True)
         self.thread.start()
 
@@ -87,6 +87,7 @@ class Engine:
                 except queue.Empty:
                     break
             live = [job for job in batch if not job.cancelled.is_set()]
+            self.cancelled_rows += len(batch) - len(live)  # their clients left while they waited
             if not live:
                 continue
             self.batches.append(len(live))
