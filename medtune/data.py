@@ -441,15 +441,24 @@ def prompt_rows(
         yield rows
 
 
+def padded(
+    rows: Sequence[Sequence[int]], value: int, left: bool = False, device=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ids as one tensor, filled with ``value`` to the longest row — on the left for generation, which
+    continues at the right end of every row — and the attention mask (1 on the rows' own tokens)."""
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), value, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, span] = torch.tensor(row, dtype=torch.long)
+        mask[i, span] = 1
+    return ids.to(device), mask.to(device)
+
+
 def pad_prompts(examples: Sequence[Example], pad_id: int, pad_to_multiple_of: int | None = None) -> dict:
     """Left-padded prompts (generation continues at the right end of every row)."""
-    longest = max(len(e["input_ids"]) for e in examples)
-    ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(examples), longest), dtype=torch.long)
-    for row, example in enumerate(examples):
-        n = len(example["input_ids"])
-        ids[row, longest - n :] = torch.tensor(example["input_ids"])
-        mask[row, longest - n :] = 1
+    ids, mask = padded([e["input_ids"] for e in examples], pad_id, left=True)
     record = torch.tensor([e["record"][0] for e in examples])
     return {"prompt_ids": ids, "prompt_mask": mask, "record": record, "input_ids": ids, "real_tokens": mask.sum()}
 

@@ -7,6 +7,8 @@ only maps the recipe's model and lora groups onto them.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,17 @@ from medtune.recipe import LoraSettings, ModelConfig, QuantizationConfig
 from medtune.tiny_model import TINY_NAME, ensure_tiny_llama
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@contextmanager
+def eval_mode(module) -> Iterator[None]:
+    """``module`` in eval mode (no dropout) for the block, then back in the mode it was in."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
 
 
 def resolve_dtype(name: str) -> str:

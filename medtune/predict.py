@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from medtune.console import MedtuneError, quiet_libraries, run_command
+from medtune.data import padded
 from medtune.model import DTYPES, load_weights
 from medtune.records import RecordError, iter_json_lines, validate_record, write_jsonl_line
 from medtune.rundir import ModelSource, describe_source
@@ -129,10 +130,9 @@ def generate_batch(
     """Left-padded batch generation from the training-format prompt ids; stops at the template's end."""
     model, tokenizer = loaded.model, loaded.tokenizer
     encoded = [loaded.prompt_ids(p["messages"]) for p in batch]
-    width = max(len(ids) for ids in encoded)
     pad = tokenizer.pad_token_id
-    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=model.device)
-    attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=model.device)
+    input_ids, attention = padded(encoded, pad, left=True, device=model.device)
+    width = input_ids.shape[1]
     kwargs = dict(
         max_new_tokens=max_new_tokens,
         do_sample=do_sample,

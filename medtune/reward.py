@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from medtune.console import MedtuneError, quiet_libraries, run_command
+from medtune.data import padded
 from medtune.model import DTYPES, load_weights, quantization_config
 from medtune.records import read_records, record_kind, write_jsonl_line
 from medtune.rundir import describe_source
@@ -84,9 +85,7 @@ def score_conversations(model, tokenizer, template_name: str, system_prompt, con
     scores: list[float] = []
     for start in range(0, len(encoded), batch_size):
         chunk = [ids for ids, _ in encoded[start : start + batch_size]]
-        width = max(map(len, chunk))
-        ids = torch.tensor([row + [tokenizer.pad_token_id] * (width - len(row)) for row in chunk], device=model.device)
-        mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in chunk], device=model.device)
+        ids, mask = padded(chunk, tokenizer.pad_token_id, device=model.device)
         scores += model(input_ids=ids, attention_mask=mask).logits.squeeze(-1).float().tolist()
     return scores
 

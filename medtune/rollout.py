@@ -32,6 +32,9 @@ from typing import Any
 
 import torch
 
+from medtune.data import padded
+from medtune.model import eval_mode
+
 Batch = dict[str, Any]
 
 
@@ -306,23 +309,16 @@ def shared_reward_adapter(policy, info) -> RewardSource:
     def score(prompts: list[list[dict]], texts: list[str]) -> list[float]:
         conversations = [p + [{"role": "assistant", "content": t}] for p, t in zip(prompts, texts, strict=True)]
         encoded = [ids for ids, _ in encode_conversations(tokenizer, template, conversations, info.system_prompt)]
-        width = max(map(len, encoded))
         pad = tokenizer.pad_token_id
         device = score_weight.device if score_weight.device.type != "cpu" else next(policy.parameters()).device
-        ids = torch.tensor([row + [pad] * (width - len(row)) for row in encoded], device=device)
-        mask = (
-            torch.arange(width, device=device)[None, :]
-            < torch.tensor([len(r) for r in encoded], device=device)[:, None]
-        )
-        was_training = policy.training
-        policy.eval()
-        policy.set_adapter("reward", inference_mode=True)
-        try:
-            hidden = backbone(input_ids=ids, attention_mask=mask.long()).last_hidden_state
-        finally:
-            policy.set_adapter("default")
-            policy.train(was_training)
-        positions = torch.arange(width, device=device)
+        ids, mask = padded(encoded, pad, device=device)
+        with eval_mode(policy):
+            policy.set_adapter("reward", inference_mode=True)
+            try:
+                hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+            finally:
+                policy.set_adapter("default")
+        positions = torch.arange(ids.shape[1], device=device)
         last = (positions * (ids != pad).int()).argmax(-1)  # the classification head's rule
         pooled = hidden[torch.arange(len(encoded), device=device), last].float()
         return (pooled @ score_weight.to(device).T).squeeze(-1).tolist()
@@ -349,20 +345,18 @@ def rollout(s, batch: Batch, step: int, micro: int) -> Batch:
     seed = (s.recipe.train.seed * 1_000_003 + step * 1_009 + micro) * 64 + accelerator.process_index
     with torch.random.fork_rng(devices=[] if prompt_ids.device.type == "cpu" else [prompt_ids.device]):
         torch.manual_seed(seed)
-        was_training = unwrapped.training
-        unwrapped.eval()
-        output = unwrapped.generate(
-            input_ids=prompt_ids,
-            attention_mask=prompt_mask,
-            do_sample=True,
-            temperature=rl.temperature,
-            top_p=rl.top_p,
-            top_k=0,
-            max_new_tokens=rl.max_new_tokens,
-            eos_token_id=s.stop_ids,
-            pad_token_id=s.tokenizer.pad_token_id,
-        )
-        unwrapped.train(was_training)
+        with eval_mode(unwrapped):
+            output = unwrapped.generate(
+                input_ids=prompt_ids,
+                attention_mask=prompt_mask,
+                do_sample=True,
+                temperature=rl.temperature,
+                top_p=rl.top_p,
+                top_k=0,
+                max_new_tokens=rl.max_new_tokens,
+                eos_token_id=s.stop_ids,
+                pad_token_id=s.tokenizer.pad_token_id,
+            )
     completion_ids = output[:, prompt_ids.shape[1] :]
     mask = completion_mask(completion_ids, s.stop_ids)
     texts = [
@@ -408,10 +402,8 @@ def ppo_targets(s, out: Batch) -> Batch:
     rl, model, accelerator = s.recipe.rl, s.model, s.accelerator
     unwrapped = accelerator.unwrap_model(model)
     mask = out["completion_mask"].float()
-    was_training = unwrapped.training
-    unwrapped.eval()
-    logits, values = policy_logits_and_values(model, out, accelerator)
-    unwrapped.train(was_training)
+    with eval_mode(unwrapped):
+        logits, values = policy_logits_and_values(model, out, accelerator)
     ids = out["completion_ids"][..., None]
     old_logps = torch.log_softmax(logits / rl.temperature, dim=-1).gather(-1, ids).squeeze(-1)
     values = values * mask

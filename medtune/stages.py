@@ -24,6 +24,7 @@ from medtune.losses import (
     reward_loss_sum,
     sequence_logps,
 )
+from medtune.model import eval_mode
 from medtune.rollout import grpo_loss_sum, mean_stat, ppo_loss_sum, replies, reply_tokens, rloo_loss_sum
 
 Batch = dict[str, torch.Tensor]
@@ -101,13 +102,8 @@ def reference_model(model, accelerator) -> Iterator[None]:
     """The reference policy: the same network with the adapter switched off (no second model in memory),
     without gradients and in eval mode (no dropout), as TRL runs its reference model."""
     unwrapped = accelerator.unwrap_model(model)
-    was_training = unwrapped.training
-    unwrapped.eval()
-    try:
-        with torch.no_grad(), unwrapped.disable_adapter():
-            yield
-    finally:
-        unwrapped.train(was_training)
+    with eval_mode(unwrapped), torch.no_grad(), unwrapped.disable_adapter():
+        yield
 
 
 def dpo_loss(model, batch: Batch, accelerator, recipe) -> tuple[torch.Tensor, Stats]:

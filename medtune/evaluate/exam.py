@@ -102,6 +102,7 @@ def reply_logprobs(loaded, conversations: list[list[dict]], batch_size: int) -> 
     """Sum of log p over the reply tokens training puts a loss on, one figure per conversation."""
     import torch
 
+    from medtune.data import padded
     from medtune.templates import IGNORE_INDEX, encode_conversations
 
     encoded = encode_conversations(
@@ -112,10 +113,8 @@ def reply_logprobs(loaded, conversations: list[list[dict]], batch_size: int) -> 
     scores: list[float] = []
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start : start + batch_size]
-        width = max(len(ids) for ids, _ in chunk)
-        ids = torch.tensor([i + [pad] * (width - len(i)) for i, _ in chunk], device=loaded.model.device)
-        labels = torch.tensor([lab + [IGNORE_INDEX] * (width - len(lab)) for _, lab in chunk], device=ids.device)
-        mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in chunk], device=ids.device)
+        ids, mask = padded([i for i, _ in chunk], pad, device=loaded.model.device)
+        labels, _ = padded([lab for _, lab in chunk], IGNORE_INDEX, device=ids.device)
         with torch.no_grad():
             logits = loaded.model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
         targets = labels[:, 1:]

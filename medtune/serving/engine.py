@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from medtune.data import padded
+
 
 class QueueFull(Exception):
     """More requests are waiting than the queue holds: the client should retry later (HTTP 429)."""
@@ -104,9 +106,7 @@ class Engine:
         for row in rows:
             if row.job.seed is not None:
                 row.generator = torch.Generator(device=device).manual_seed(row.job.seed)
-        width = max(len(job.prompt_ids) for job in jobs)
-        ids = torch.tensor([[self.pad] * (width - len(j.prompt_ids)) + j.prompt_ids for j in jobs], device=device)
-        mask = torch.tensor([[0] * (width - len(j.prompt_ids)) + [1] * len(j.prompt_ids) for j in jobs], device=device)
+        ids, mask = padded([job.prompt_ids for job in jobs], self.pad, left=True, device=device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
         active = list(range(len(rows)))
