@@ -65,6 +65,15 @@ def apply_adapter(model, adapter: str):
     return PeftModel.from_pretrained(model, adapter).eval()
 
 
+def load_with_adapters(auto, info, **kwargs):
+    """The base a ModelSource names, its adapters merged in memory, in order: what predict, chat, eval and
+    reward run (``kwargs`` go to the weights loader: dtype, num_labels, quantization_config, ...)."""
+    model = load_weights(auto, info.base, **kwargs)
+    for adapter in info.adapters:
+        model = apply_adapter(model, adapter).merge_and_unload()
+    return model
+
+
 def parity_prompts(tokenizer, source: ModelSource) -> list[list[int]]:
     if source.template is None:
         return [tokenizer(p, add_special_tokens=False)["input_ids"] for p in PARITY_PROMPTS]

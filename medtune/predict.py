@@ -24,7 +24,7 @@ import torch
 
 from medtune.console import MedtuneError, quiet_libraries, run_command
 from medtune.data import padded
-from medtune.model import DTYPES, load_weights
+from medtune.model import DTYPES
 from medtune.records import RecordError, iter_json_lines, validate_record, write_jsonl_line
 from medtune.rundir import ModelSource, describe_source
 from medtune.stages import get_stage
@@ -105,7 +105,7 @@ def load_model_for_inference(
     """A run dir, merged dir or hub id, with its template, system prompt and tokenizer; adapters merged in memory."""
     from transformers import AutoModelForCausalLM
 
-    from medtune.merge import apply_adapter
+    from medtune.merge import load_with_adapters
 
     info = describe_source(source)
     if not get_stage(info.stage).generates:
@@ -116,9 +116,7 @@ def load_model_for_inference(
     trust_remote_code = trust_remote_code or info.trust_remote_code
     tokenizer = load_tokenizer(info.tokenizer, info.tokenizer_kind, trust_remote_code)
     tokenizer.padding_side = "left"  # generation continues at the right end of every row
-    model = load_weights(AutoModelForCausalLM, info.base, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
-    for adapter in info.adapters:
-        model = apply_adapter(model, adapter).merge_and_unload()
+    model = load_with_adapters(AutoModelForCausalLM, info, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return InferenceModel(model.to(device).eval(), tokenizer, get_template(template_name), info.system_prompt, info)
 

@@ -19,7 +19,7 @@ import torch
 
 from medtune.console import MedtuneError, quiet_libraries, run_command
 from medtune.data import padded
-from medtune.model import DTYPES, load_weights, quantization_config
+from medtune.model import DTYPES, quantization_config
 from medtune.records import read_records, record_kind, write_jsonl_line
 from medtune.rundir import describe_source
 from medtune.stages import get_stage
@@ -32,7 +32,7 @@ def load_reward_model(source: str, dtype: str, quantization=None):
     ``quantization`` (a QuantizationConfig) a merged RM loads k-bit, as the policy's base does in RL."""
     from transformers import AutoModelForSequenceClassification
 
-    from medtune.merge import apply_adapter
+    from medtune.merge import load_with_adapters
 
     info = describe_source(source)
     if not get_stage(info.stage).reward_head:
@@ -43,17 +43,15 @@ def load_reward_model(source: str, dtype: str, quantization=None):
     if quantization is not None and info.adapters:
         raise MedtuneError(f"{source}: a quantized reward model must be merged first (medtune merge {source} --out …)")
     extra = {"quantization_config": quantization_config(quantization)} if quantization is not None else {}
-    model = load_weights(
+    model = load_with_adapters(
         AutoModelForSequenceClassification,
-        info.base,
+        info,
         dtype=DTYPES[dtype],
         num_labels=1,
         trust_remote_code=info.trust_remote_code,
         **extra,
     )
-    model.config.pad_token_id = tokenizer.pad_token_id
-    for adapter in info.adapters:
-        model = apply_adapter(model, adapter).merge_and_unload()
+    model.config.pad_token_id = tokenizer.pad_token_id  # the score is read at each row's last non-pad token
     if quantization is None:
         model = model.to("cuda" if torch.cuda.is_available() else "cpu")
     return model.eval(), tokenizer, info
