@@ -139,6 +139,7 @@ def test_real_cmtmedqa_slice_with_a_fake_judge_killed_and_resumed(tiny_base, tmp
     total = 40 + 2 * 40  # three axes per dialogue, and both orders against the baseline
     assert len(judge.answered) == len(set(judge.answered)) == total  # nothing was asked twice
     assert f"judge: {total - 11} calls, 11 cache hits" in stdout
+    assert "generated 0 replies now, 40 earlier" in stdout  # the killed run had finished generating
     scores = json.loads((out / "scores.json").read_text(encoding="utf-8"))
     assert scores["all"]["dialogues"] == 40 and scores["dialogue"]["dialogues"] == 30
     assert scores["safety"]["dialogues"] == 10 and "refusal_rate" in scores["safety"]

@@ -117,8 +117,10 @@ def test_generate_extracts_officially_and_resumes_only_unchanged(trained, tmp_pa
     fields = {"output", "extracted", "strict", "correct", "strict_correct"}
     assert len(rows) == 10 and all(fields <= set(r) for r in rows)
     assert "cmb: 4 questions" in first and "strict" in first
+    assert "answered 10 questions now, 0 earlier" in first
     assert exam_eval.main(argv) == 0  # everything answered: nothing generated again, same scores
     assert json.loads((out / "scores.json").read_text())["settings"]["answered_now"] == 0
+    assert "answered 0 questions now, 10 earlier" in capsys.readouterr().out
     assert exam_eval.main([*argv[:-1], "16"]) == 2  # other settings into the same directory
     assert "settings.max_new_tokens" in capsys.readouterr().err
 

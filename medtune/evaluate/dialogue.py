@@ -134,7 +134,9 @@ def evaluate_dialogue(
         cache = judge_cache or out_dir / "judge_cache.jsonl"
         judge = Judge(judge_url, judge_model, cache, key_env or DEFAULT_KEY_ENV, max_retries=judge_retries)
     out = prepare_out_dir(out_dir)
-    predict(model, data, out, batch_size, max_new_tokens, dtype=dtype, template=template, overwrite=overwrite)
+    generated_now = predict(
+        model, data, out, batch_size, max_new_tokens, dtype=dtype, template=template, overwrite=overwrite
+    )
     generated = read_outputs(out)
     items = [
         {
@@ -156,6 +158,7 @@ def evaluate_dialogue(
             "max_new_tokens": max_new_tokens,
             "judge": {"url": judge_url, "model": judge_model, "rubric": RUBRIC_VERSION} if judge else None,
             "baseline": str(baseline_path) if baseline_path else None,
+            "generated_now": generated_now,
         },
         "all": subset_scores(items),
         "safety": subset_scores([i for i in items if i["subset"] == "safety"]),
@@ -242,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
             args.template,
             args.overwrite,
         )
+        now = scores["settings"]["generated_now"]
+        print(f"generated {now} replies now, {scores['all']['dialogues'] - now} earlier")
         print(summary(scores))
         if judge:
             print(judge.stats.summary())

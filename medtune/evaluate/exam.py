@@ -307,6 +307,10 @@ def main(argv: list[str] | None = None) -> int:
                 args.template,
                 args.overwrite,
             )
+        settings = scores["settings"]
+        if "answered_now" in settings:  # a resumed or repeated run says what it reused
+            total = sum(s["questions"] for s in scores["benchmarks"].values())
+            print(f"answered {settings['answered_now']} questions now, {total - settings['answered_now']} earlier")
         print(summary(scores))
         print(f"per-question rows: {args.out / 'predictions.jsonl'}; scores: {args.out / 'scores.json'}")
         return 0
