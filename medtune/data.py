@@ -29,6 +29,7 @@ import torch
 from medtune.records import RecordError, read_records, record_kind
 from medtune.templates import IGNORE_INDEX, ChatTemplate, encode_conversations, get_template
 from medtune.tiny_model import cache_root
+from medtune.tokenizer import encode_texts
 
 Example = dict[str, list[int]]
 _FORMAT_VERSION = "3"  # bump when tokenization or packing changes what is cached
@@ -153,7 +154,7 @@ def text_blocks(
     (the usual continued pre-training layout); ``carry`` holds the tail for the next chunk."""
     report = TokenizeReport()
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    for ids in tokenizer([r["text"] for r in records], add_special_tokens=False)["input_ids"]:
+    for ids in encode_texts(tokenizer, [r["text"] for r in records]):
         carry.extend(bos + ids + [tokenizer.eos_token_id])
         report.kept += 1
     full = len(carry) // max_length * max_length

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from medtune.console import MedtuneError
+from medtune.tokenizer import encode_texts
 
 IGNORE_INDEX = -100
 CALL = "\x1f"  # in a template string: the authors tokenized what follows in a separate call
@@ -231,7 +232,7 @@ def encode_conversations(
     layouts = [_calls(render_parts(template, messages, system_prompt, train_on)) for messages in conversations]
     texts = {text for layout in layouts for kind, item, _ in layout if kind == "call" for text in item if text}
     texts = list(texts)
-    pieces = dict(zip(texts, tokenizer(texts, add_special_tokens=False)["input_ids"], strict=True)) if texts else {}
+    pieces = dict(zip(texts, encode_texts(tokenizer, texts), strict=True))
     pieces[""] = []
     special = {
         BOS: [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else [],

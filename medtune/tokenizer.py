@@ -18,6 +18,7 @@ repos that ship a ``tokenizer.json`` their authors trained with (Ziya).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -119,3 +120,43 @@ def decode(tokenizer, ids: list[int], skip_special_tokens: bool = True) -> str:
         parts.append(tokenizer.convert_ids_to_tokens(token))
     parts.append(tokenizer.sp_model.decode(run))
     return "".join(parts)
+
+
+def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Each text's ids without special tokens added: exactly ``tokenizer(texts, add_special_tokens=False)``.
+
+    Why: transformers' SentencePiece tokenizer encodes one text at a time in Python — 11x the cost of
+    ``sentencepiece`` itself, and the whole cost of tokenizing a corpus. For a legacy SentencePiece tokenizer
+    whose added tokens strip nothing, that call is: split the text at added tokens (the tokenizer's own trie),
+    each added token its id, every other chunk ``sp_model.encode`` — so medtune makes the same split and
+    hands all the chunks to ``sentencepiece``'s batch encoder at once (C++, one thread per core). Any other
+    tokenizer goes through the library call (fast tokenizers already batch in Rust)."""
+    if not _splits_plainly(tokenizer):
+        return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    added = tokenizer.added_tokens_encoder
+    has_added = re.compile("|".join(map(re.escape, added))).search if added else lambda text: None
+    trie = tokenizer.tokens_trie  # character by character in Python: only for the texts that hold an added token
+    split = [[c for c in trie.split(text) if c] if has_added(text) else [text] if text else [] for text in texts]
+    encoded = iter(tokenizer.sp_model.encode([chunk for chunks in split for chunk in chunks if chunk not in added]))
+    out = []
+    for chunks in split:
+        ids: list[int] = []
+        for chunk in chunks:
+            if chunk in added:
+                ids.append(added[chunk])
+            else:
+                ids.extend(next(encoded))
+        out.append(ids)
+    return out
+
+
+def _splits_plainly(tokenizer) -> bool:
+    """A legacy SentencePiece tokenizer whose added tokens are split out as they are (no stripping of the
+    text around them, no single-word rule, no lower-casing): its call is the split ``encode_texts`` makes."""
+    if tokenizer_kind(tokenizer) != "sentencepiece" or not getattr(tokenizer, "legacy", False):
+        return False
+    if getattr(tokenizer, "split_special_tokens", False) or getattr(tokenizer, "do_lower_case", False):
+        return False
+    return all(
+        not (token.lstrip or token.rstrip or token.single_word) for token in tokenizer.added_tokens_decoder.values()
+    )

@@ -53,6 +53,42 @@ def test_sentencepiece_tokenization_equals_sentencepiece(real):
     assert len(texts) >= 200 and differences == 0
 
 
+EDGE_TEXTS = [
+    "",
+    " ",
+    "  两个空格开头",
+    "\n换行开头\n\n",
+    "▁下划线",
+    "</s>",
+    "<s>问：\n头痛\n答：\n",
+    "多喝水\n</s>",
+    "<s></s><unk><pad>",
+    "前<s>中</s>后",
+    "<s> 空格</s> ",
+    "<s<s>>",
+    "</s</s>",
+    "<unk",
+    "𠀾𠮷罕见字",
+    "emoji 😷 and ASCII",
+    "\t制表\r\n回车",
+    "全角　空格",
+]
+
+
+def test_encode_texts_equals_the_tokenizer_call(real):
+    """medtune's batched path (the trie's split, then sentencepiece's batch encoder) gives the ids of
+    transformers' own call on real texts and on texts full of special-token strings and odd whitespace."""
+    from medtune.tokenizer import encode_texts
+
+    tokenizer, _ = real
+    texts = real_texts() + EDGE_TEXTS + [t + "</s>" for t in real_texts()[:50]]
+    ours = encode_texts(tokenizer, texts)
+    library = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    differences = sum(a != b for a, b in zip(ours, library, strict=True))
+    print(f"{tokenizer.name_or_path}: encode_texts vs the tokenizer call, {len(texts)} texts, {differences} differ")
+    assert len(ours) == len(texts) and differences == 0
+
+
 def test_decode_round_trips_byte_fallback(real):
     from medtune.tokenizer import decode
 
