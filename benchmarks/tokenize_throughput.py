@@ -29,9 +29,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         os.environ["MEDTUNE_CACHE"] = str(tmp / "cache")
-        from medtune.data import load_datasets
         from medtune.recipe import DataConfig
         from medtune.tiny_model import build_tiny_llama, corpus_texts
+        from medtune.token_cache import load_datasets
         from medtune.tokenizer import load_tokenizer
 
         data = write_jsonl(chatmed_like(args.rows), tmp / "data.jsonl")

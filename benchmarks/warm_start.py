@@ -70,8 +70,8 @@ def medtune_runs(base: Path, data: Path, tmp: Path, env: dict[str, str]) -> tupl
 
 def medtune_breakdown(base: Path, data: Path) -> dict[str, float]:
     """The warm run's data steps, in this process: cache key, loading the cache, row lengths."""
-    from medtune.data import cache_key, load_datasets, row_lengths
     from medtune.recipe import DataConfig
+    from medtune.token_cache import cache_key, load_datasets, row_lengths
     from medtune.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(str(base))

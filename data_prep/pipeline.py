@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medtune.records import RecordError, record_kind, validate_record, write_jsonl_line
+from medtune.records import RecordError, held_out, record_kind, validate_record, write_jsonl_line
 
 
 class Skip(Exception):
@@ -200,11 +200,9 @@ def check_paths(inputs: list[Path], out: Path) -> None:
 
 
 def is_dev(record_id: str, options: Options) -> bool:
-    """A stable split: the same id and seed always land on the same side, whatever the order."""
-    if options.dev_ratio <= 0:
-        return False
-    digest = hashlib.blake2b(f"{options.seed}:{record_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64 < options.dev_ratio
+    """A stable split: the same id and seed always land on the same side, whatever the order (training's
+    held-out split is the same function)."""
+    return held_out(record_id, options.seed, options.dev_ratio)
 
 
 def run(

@@ -15,6 +15,7 @@ Both sides validate through :func:`validate_record`, so they cannot drift apart.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -165,6 +166,16 @@ def read_kind(path: str | Path, kind: str, hint: str) -> list[dict[str, Any]]:
     if len(set(ids)) != len(ids):
         raise RecordError(f"{path}: duplicate ids; answers could not be matched back to records")
     return records
+
+
+def held_out(record_id: str, seed: int, ratio: float) -> bool:
+    """Whether a record belongs to the held-out share: a hash of (seed, id), so the split is decided record by
+    record while streaming, a repeated record always lands on the same side, and data_prep's dev split and
+    training's eval split agree (the same seed holds out the same records, a larger ratio a superset)."""
+    if ratio <= 0:
+        return False
+    digest = hashlib.blake2b(f"{seed}:{record_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < ratio
 
 
 def write_jsonl_line(record: dict[str, Any]) -> str:

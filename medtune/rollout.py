@@ -363,7 +363,7 @@ def rollout(s, batch: Batch, step: int, micro: int) -> Batch:
         decode(s.tokenizer, [t for t, m in zip(row.tolist(), keep.tolist(), strict=True) if m and t not in s.stop_ids])
         for row, keep in zip(completion_ids, mask, strict=True)
     ]
-    prompts = [s.prompts[int(i)] for i in batch["record"].tolist() for _ in range(group)]
+    prompts = [messages for messages in batch["prompts"] for _ in range(group)]
     rewards = torch.tensor(s.reward.score(prompts, texts), dtype=torch.float32, device=prompt_ids.device)
     out: Batch = {
         "prompt_ids": prompt_ids,

@@ -134,12 +134,13 @@ def grpo_items(batch: Batch) -> torch.Tensor:
 class Stage:
     name: str
     records: str  # the record kind it trains on: chat | text | preference (medtune/records.py)
-    rows: Callable[..., Iterator[list[dict]]]  # (records, data_cfg, tokenizer, report) → chunks of rows
+    rows: Callable[..., list[dict]]  # (a chunk of records, data_cfg, tokenizer, report) → its rows
     collate: Callable[..., Batch]  # pad_batch or pad_pairs
     loss_sum: Callable[..., tuple[torch.Tensor, Stats]]  # (model, batch, accelerator, recipe) → sum, stats
     items: Callable[[Batch], torch.Tensor]  # what the loss is averaged over
     reward_head: bool = False  # a one-output score head instead of the LM head
     packs: bool = False  # data.packing applies
+    blocks: bool = False  # rows are one stream cut into data.max_length blocks (continued pre-training)
     generates: bool = True  # predict/chat can use the result
     dropout: bool = True  # train.disable_dropout's default is its opposite: off for preference and RL stages
     rollout: bool = False  # micro-batches are prompts, turned into scored replies (medtune/rollout.py) first
@@ -148,7 +149,7 @@ class Stage:
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in (
-        Stage("pt", "text", text_rows, pad_batch, lm_loss, target_tokens),
+        Stage("pt", "text", text_rows, pad_batch, lm_loss, target_tokens, blocks=True),
         Stage("sft", "chat", chat_rows, pad_batch, lm_loss, target_tokens, packs=True),
         Stage(
             "rm",

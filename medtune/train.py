@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from medtune import __version__
 from medtune.console import quiet_libraries, run_command
-from medtune.data import LengthGroupedSampler, load_datasets, row_lengths
+from medtune.data import LengthGroupedSampler
 from medtune.model import (
     attach_lora,
     base_config_summary,
@@ -53,6 +53,7 @@ from medtune.rundir import (
 from medtune.stages import Stage, get_stage
 from medtune.templates import get_template, jinja_chat_template
 from medtune.tiny_model import TINY_NAME
+from medtune.token_cache import load_datasets, row_lengths
 from medtune.tokenizer import load_tokenizer, tokenizer_kind
 
 
@@ -304,8 +305,7 @@ class Setup:
     save_kwargs: dict
     step: int = 0
     tokens_seen: int = 0
-    # online RL (stages with rollouts): the prompts' conversations, the reward, the ids that end a reply
-    prompts: list | None = None
+    # online RL (stages with rollouts): the reward, the ids that end a reply
     reward: Any = None
     stop_ids: list[int] | None = None
 
@@ -453,17 +453,14 @@ def setup(recipe: Recipe, accelerator, run: RunDir, dtype: str) -> Setup:
 
 
 def rl_parts(recipe: Recipe, base: str, tokenizer, model, accelerator) -> dict[str, Any]:
-    """What rollouts need beside the model: each prompt row's conversation (rows keep their record's index in
-    the train split, which _split_records makes the same way every time), the reward, the stop ids."""
-    from medtune.data import _split_records, prompt_messages
+    """What rollouts need beside the model and the prompt rows (which carry their conversations): the reward
+    and the stop ids."""
     from medtune.rollout import load_reward
     from medtune.templates import stop_token_ids
 
-    train_records, _ = _split_records(recipe.data, recipe.train.seed, recipe.train.stage)
     reward = load_reward(recipe, accelerator.unwrap_model(model), base)
     accelerator.print(f"rewards from {reward.name}")
     return {
-        "prompts": [prompt_messages(r) for r in train_records],
         "reward": reward,
         "stop_ids": stop_token_ids(tokenizer, get_template(recipe.data.template)),
     }

@@ -7,19 +7,13 @@ import pytest
 import torch
 from helpers import SMALL_RECIPE, write_recipe
 
-from medtune.data import (
-    LengthGroupedSampler,
-    build_sft_rows,
-    concat_examples,
-    load_datasets,
-    pack_examples,
-    pad_batch,
-    row_lengths,
-)
+from medtune.data import LengthGroupedSampler, pad_batch
 from medtune.losses import causal_lm_loss_sum
+from medtune.packing import concat_examples, pack_examples
 from medtune.recipe import load_recipe
 from medtune.stages import forward_logits
 from medtune.templates import IGNORE_INDEX
+from medtune.token_cache import build_sft_rows, load_datasets, row_lengths
 
 
 @pytest.fixture

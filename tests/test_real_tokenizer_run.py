@@ -59,9 +59,9 @@ def real_run(tmp_path_factory):
 def test_train_predict_serve_ids_agree_with_the_slow_tokenizer(real_run):
     from transformers import AutoTokenizer
 
-    from medtune.data import build_sft_rows
     from medtune.predict import load_model_for_inference
     from medtune.templates import IGNORE_INDEX
+    from medtune.token_cache import build_sft_rows
     from medtune.tokenizer import load_tokenizer
 
     home, recipe, pairs, merged = real_run

@@ -77,12 +77,13 @@ def test_missing_data_file_is_named_before_anything_loads(small_recipe, capsys):
     assert "data.train_files: no/such/data.jsonl: file not found" in capsys.readouterr().err
 
 
-def test_training_files_mix_by_weight_or_count(tmp_path):
+def test_training_files_mix_by_weight_or_count(tmp_path, tokenizer):
     import json
 
     from helpers import DEMO_DATA
 
-    from medtune.data import _split_records
+    from medtune.records import held_out
+    from medtune.token_cache import build_sft_rows
 
     records = DEMO_DATA.read_text(encoding="utf-8").splitlines()
     first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
@@ -91,18 +92,25 @@ def test_training_files_mix_by_weight_or_count(tmp_path):
     mixture = f"[{{path: {first}, samples: 25}}, {{path: {second}, weight: 0.5}}]"
     text = SMALL_RECIPE.replace(f"[{DEMO_DATA}]", mixture)
     path = write_recipe(tmp_path / "mix.yaml", text)
-    recipe = load_recipe(path, ["data.eval_ratio=0.1"])
-    train, held = _split_records(recipe.data, 7)
-    from_first = [r for r in train if r["id"] in {json.loads(x)["id"] for x in records[:10]}]
-    # a: 9 training records after its held-out one, drawn to 25 (two whole passes and 7 more); b: its 27 training
-    # records are the whole weighted pool, so weight 0.5 of 0.5 takes each once
-    assert len(from_first) == 25 and len(held) == 1 + 3
-    assert len(train) == 25 + 27 and not {r["id"] for r in held} & {r["id"] for r in train}
-    again, _ = _split_records(load_recipe(path, ["data.eval_ratio=0.1"]).data, 7)
-    other, _ = _split_records(recipe.data, 8)
-    assert [r["id"] for r in again] == [r["id"] for r in train] and [r["id"] for r in other] != [
-        r["id"] for r in train
-    ]
+    recipe = load_recipe(path, ["data.eval_ratio=0.2"])
+    held = [held_out(json.loads(x)["id"], 7, 0.2) for x in records]
+    assert 0 < sum(held[:10]) < 10 and 0 < sum(held[10:]) < len(records) - 10
+    train, evaluation, info = build_sft_rows(recipe.data, 7, tokenizer)
+    # a: its training records drawn to 25 (whole shuffled passes, then part of one); b: the only weighted file,
+    # so its training records are the whole weighted pool and weight 0.5 of 0.5 takes each once
+    assert info["samples"] == len(train) == 25 + (len(records) - 10 - sum(held[10:]))
+    assert len(evaluation) == sum(held)  # the held-out share of each file, by the hash of its ids
+    assert not {tuple(r["input_ids"]) for r in evaluation} & {tuple(r["input_ids"]) for r in train}
+    from_first = {
+        tuple(r["input_ids"])
+        for r in build_sft_rows(
+            load_recipe(path, ["data.train_files=[" + str(first) + "]", "data.eval_ratio=0.2"]).data, 7, tokenizer
+        )[0]
+    }
+    assert sum(tuple(r["input_ids"]) in from_first for r in train) == 25
+    again, _, _ = build_sft_rows(load_recipe(path, ["data.eval_ratio=0.2"]).data, 7, tokenizer)
+    other, _, _ = build_sft_rows(recipe.data, 8, tokenizer)
+    assert again == train and other != train
     bad = write_recipe(tmp_path / "bad.yaml", text.replace("samples: 25", "samples: 25, weight: 1.0"))
     with pytest.raises(RecipeError, match="a.jsonl: give weight or samples"):
         load_recipe(bad)
@@ -120,6 +128,7 @@ def test_a_mixture_trains_and_is_recorded(tmp_path, capsys):
     path = write_recipe(tmp_path / "mix.yaml", text)
     overrides = [f"output.dir={tmp_path / 'run'}", "train.max_steps=2", "train.save_steps=0", "train.resume=true"]
     run = train(load_recipe(path, overrides)).run
-    assert "mixture: a.jsonl 16 of 9; demo_medical.jsonl 36 of 36" in capsys.readouterr().out
+    # eval_ratio 0.1 holds out 2 of the demo's 40 ids by their hash, none of the 10 that a.jsonl repeats
+    assert "mixture: a.jsonl 16 of 10; demo_medical.jsonl 38 of 38" in capsys.readouterr().out
     assert run.read_recipe().data.train_files[0].samples == 16  # the run directory records the mixture
     assert train(load_recipe(path, overrides)).model is None  # the same mixture: already finished

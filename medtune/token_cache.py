@@ -1,0 +1,320 @@
+"""The tokenized datasets: records streamed from JSONL into a memory-mapped Arrow cache in constant memory.
+
+A chunk of records at a time is read (validated, with file and line in any error), sent to the train or
+held-out side by a hash of its id, turned into rows by the stage's row builder and appended to an Arrow
+file; nothing holds more than a chunk, so a 26M-row corpus costs the memory of 100k-row one. Rows are then
+laid out — packed, cut into blocks, or kept as they are — a larger chunk at a time. The cache is keyed by
+everything that changes its content, so a second run with the same inputs memory-maps it instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import socket
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from medtune.data import Example, TokenizeReport, check_record
+from medtune.packing import Concatenation, as_table, pack_table, padding_efficiency
+from medtune.records import RecordError, held_out, read_records
+from medtune.templates import get_template
+from medtune.tiny_model import cache_root
+
+_FORMAT_VERSION = "4"  # bump when tokenization or the layout of rows changes what is cached
+RECORD_CHUNK = 8_192  # records tokenized together: ~100 MB of Python lists at most
+PACK_CHUNK = 65_536  # samples placed together by best-fit (fill ~0.99 on a PromptCBLUE-like mix)
+
+
+def _stage(name: str):
+    from medtune.stages import get_stage  # late: the stage table refers to the row builders
+
+    return get_stage(name)
+
+
+# ----------------------------------------------------------------------------- the cache key
+
+
+def file_identity(path: Path, sample: int = 1 << 20) -> str:
+    """A data file's identity for the cache key without reading it all on every start: its absolute path,
+    size, modification time and a hash of its first, middle and last MiB. An edit changes the mtime (and
+    usually the size); MEDTUNE_CACHE_FULL_HASH=1 hashes the whole file instead (1-4 s per GB)."""
+    stat = path.stat()
+    digest = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    with path.open("rb") as handle:
+        if os.environ.get("MEDTUNE_CACHE_FULL_HASH") == "1":
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+        else:
+            for offset in sorted({0, max(0, stat.st_size // 2 - sample // 2), max(0, stat.st_size - sample)}):
+                handle.seek(offset)
+                digest.update(handle.read(sample))
+    return digest.hexdigest()
+
+
+def cache_key(data_cfg, seed: int, tokenizer, files: list[str], stage: str = "sft") -> str:
+    """Everything that changes the tokenized rows: file contents, template, tokenizer, lengths, packing."""
+    digest = hashlib.sha256(f"{_FORMAT_VERSION}:{stage}".encode())
+    for path in files:
+        digest.update(file_identity(Path(path)).encode())
+    settings = {k: v for k, v in dataclasses.asdict(data_cfg).items() if k not in ("train_files", "eval_files")}
+    settings["mixture"] = repr([f for f in dataclasses.asdict(data_cfg)["train_files"] if not isinstance(f, str)])
+    digest.update(
+        repr((sorted(settings.items()), seed, dataclasses.astuple(get_template(data_cfg.template)))).encode()
+    )
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        digest.update(backend.to_str().encode())
+    elif hasattr(tokenizer, "sp_model"):  # the SentencePiece model itself, and what was added on top
+        digest.update(tokenizer.sp_model.serialized_model_proto())
+        digest.update(repr(sorted(tokenizer.added_tokens_encoder.items())).encode())
+    else:
+        digest.update(repr(sorted(tokenizer.get_vocab().items())).encode())
+    digest.update(repr((tokenizer.bos_token_id, tokenizer.eos_token_id)).encode())
+    return digest.hexdigest()[:24]
+
+
+# ----------------------------------------------------------------------------- streaming records to rows
+
+
+class RowFile:
+    """An Arrow stream file written a table at a time (the format datasets memory-maps)."""
+
+    def __init__(self, path: Path):
+        self.path, self.rows, self._writer = path, 0, None
+
+    def write(self, table: pa.Table) -> None:
+        if not len(table):
+            return
+        if self._writer is None:
+            self._writer = pa.ipc.new_stream(str(self.path), table.schema)
+        self._writer.write_table(table)
+        self.rows += len(table)
+
+    def close(self) -> int:
+        if self._writer is not None:
+            self._writer.close()
+        return self.rows
+
+
+def record_chunks(path: str, stage) -> Iterator[list[dict]]:
+    """The file's records of the stage's kind, RECORD_CHUNK at a time."""
+    chunk: list[dict] = []
+    for lineno, record in read_records(path):
+        check_record(path, lineno, record, stage)
+        chunk.append(record)
+        if len(chunk) == RECORD_CHUNK:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def tokenize_file(path: str, data_cfg, tokenizer, stage, into: RowFile, report, held=None, seed: int = 0) -> int:
+    """One file's records → rows in ``into``; with a ``held`` file, each record whose id hashes into
+    data.eval_ratio goes there instead. Returns how many records the file had."""
+    records = 0
+    for chunk in record_chunks(path, stage):
+        records += len(chunk)
+        side = [held is not None and held_out(r["id"], seed, data_cfg.eval_ratio) for r in chunk]
+        for out, part, counts in ((into, False, report), (held, True, TokenizeReport())):
+            rows = [r for r, h in zip(chunk, side, strict=True) if h == part]
+            if out is not None and rows:
+                encoded = stage.rows(rows, data_cfg, tokenizer, counts)
+                if encoded:
+                    out.write(as_table(encoded))
+    if not records:
+        raise RecordError(f"{path}: no records in it")
+    return records
+
+
+# ----------------------------------------------------------------------------- mixing and laying out rows
+
+
+def mixture(specs: list, counts: list[int], seed: int) -> list[np.ndarray | None]:
+    """Which of each file's rows the training set takes: None = all of them, in order (a plain file); for
+    {samples: N} exactly N; for {weight: w} files, the rows the weighted files have between them shared in
+    proportion to their weights. Draws are whole shuffled passes and then part of one, seeded per file:
+    the same seed and files give the same mixture."""
+    weighted = [(spec, n) for spec, n in zip(specs, counts, strict=True) if getattr(spec, "weight", None) is not None]
+    pool = sum(n for _, n in weighted)
+    total_weight = sum(spec.weight for spec, _ in weighted)
+    chosen: list[np.ndarray | None] = []
+    for spec, n in zip(specs, counts, strict=True):
+        if isinstance(spec, str):
+            chosen.append(None)
+            continue
+        want = spec.samples if spec.samples is not None else round(pool * spec.weight / total_weight)
+        if not n and want:
+            raise RecordError(f"data.train_files: {spec.path}: no training rows to draw {want} from")
+        rng = np.random.default_rng(int.from_bytes(hashlib.sha256(f"{seed}:{spec.path}".encode()).digest()[:8]))
+        passes = [rng.permutation(n) for _ in range(-(-want // n) if n else 0)]
+        chosen.append(np.concatenate(passes)[:want] if passes else np.zeros(0, dtype=np.int64))
+    return chosen
+
+
+def read_rows(path: Path, take: np.ndarray | None, size: int) -> Iterator[pa.Table]:
+    """A row file's rows, ``size`` at a time: streamed in order (constant memory), or the rows ``take``
+    names, in that order, from the memory-mapped file."""
+    if not path.is_file():
+        return
+    if take is None:
+        with pa.OSFile(str(path)) as source:
+            reader = pa.ipc.open_stream(source)
+            batches, rows = [], 0
+            for batch in reader:
+                batches.append(batch)
+                rows += len(batch)
+                if rows >= size:
+                    yield pa.Table.from_batches(batches)
+                    batches, rows = [], 0
+            if batches:
+                yield pa.Table.from_batches(batches)
+        return
+    with pa.memory_map(str(path)) as source:
+        table = pa.ipc.open_stream(source).read_all()
+        for start in range(0, len(take), size):
+            yield table.take(pa.array(take[start : start + size]))
+
+
+def lay_out(tables: Iterator[pa.Table], layout: str, max_length: int, out: RowFile) -> int:
+    """Rows into ``out``: packed best-fit a PACK_CHUNK of samples at a time, cut into blocks of one stream
+    (concat), or as they are. Returns the number of samples that went in."""
+    samples = 0
+    concat = Concatenation(max_length) if layout == "concat" else None
+    for table in tables:
+        samples += len(table)
+        out.write(pack_table(table, max_length) if layout == "pack" else concat(table) if concat else table)
+    if concat is not None:
+        out.write(concat.tail())
+    return samples
+
+
+def layouts(stage, data_cfg) -> tuple[str, str]:
+    """(train, eval) layouts: pre-training cuts every stream into blocks; data.packing shapes SFT's train
+    rows (held-out rows stay one sample each, so the eval loss is per sample)."""
+    if stage.blocks:
+        return "concat", "concat"
+    if stage.packs and data_cfg.packing == "concat":
+        return "concat", "rows"
+    return ("pack" if stage.packs and data_cfg.packing else "rows"), "rows"
+
+
+def build(data_cfg, seed: int, tokenizer, stage_name: str, directory: Path, log=print) -> dict:
+    """Write train.arrow (and eval.arrow when anything is held out) and info.json into ``directory``."""
+    stage = _stage(stage_name)
+    report = TokenizeReport()
+    parts = directory / "parts"
+    parts.mkdir()
+    specs = list(data_cfg.train_files)
+    held = None if data_cfg.eval_files else RowFile(parts / "held.arrow")
+    counts, records = [], 0
+    for i, spec in enumerate(specs):
+        part = RowFile(parts / f"train-{i}.arrow")
+        records += tokenize_file(getattr(spec, "path", spec), data_cfg, tokenizer, stage, part, report, held, seed)
+        counts.append(part.close())
+    if held is None:
+        held = RowFile(parts / "held.arrow")
+        for path in data_cfg.eval_files:
+            tokenize_file(path, data_cfg, tokenizer, stage, held, TokenizeReport())
+    held.close()
+    train_layout, eval_layout = layouts(stage, data_cfg)
+    chosen = mixture(specs, counts, seed)
+    if any(c is not None for c in chosen):
+        shares = zip(specs, counts, chosen, strict=True)
+        log(
+            "mixture: "
+            + "; ".join(
+                f"{Path(getattr(s, 'path', s)).name} {n if c is None else len(c):,} of {n:,}" for s, n, c in shares
+            )
+        )
+    train = RowFile(directory / "train.arrow")
+    size = PACK_CHUNK if train_layout == "pack" else RECORD_CHUNK
+    samples = sum(
+        lay_out(read_rows(parts / f"train-{i}.arrow", take, size), train_layout, data_cfg.max_length, train)
+        for i, take in enumerate(chosen)
+    )
+    train.close()
+    evaluation = RowFile(directory / "eval.arrow")
+    lay_out(read_rows(parts / "held.arrow", None, RECORD_CHUNK), eval_layout, data_cfg.max_length, evaluation)
+    evaluation.close()
+    shutil.rmtree(parts)
+    if not train.rows:
+        files = ", ".join(map(str, [getattr(s, "path", s) for s in specs]))
+        raise RecordError(f"no trainable example in {files}: {report.summary()}")
+    info = {"records": records, "samples": samples, "train_rows": train.rows, "eval_rows": evaluation.rows}
+    summary = f"train data: {report.summary()}; eval: {evaluation.rows} examples"
+    if train_layout == "pack":
+        from datasets import Dataset
+
+        fill = padding_efficiency(Dataset.from_file(str(train.path)).data.table, data_cfg.max_length)
+        info["padding_efficiency"] = round(fill, 4)
+        summary += f"; {samples} samples in {train.rows} packed rows (fill {fill:.3f})"
+    log(summary)
+    (directory / "info.json").write_text(json.dumps(info) + "\n")
+    return info
+
+
+def open_cache(directory: Path):
+    from datasets import Dataset
+
+    train = Dataset.from_file(str(directory / "train.arrow"))
+    held = directory / "eval.arrow"
+    return train, Dataset.from_file(str(held)) if held.is_file() else []
+
+
+def load_datasets(data_cfg, seed: int, tokenizer, stage: str = "sft", is_main: bool = True, log=print):
+    """The train and eval datasets, from the on-disk cache when the inputs have not changed.
+
+    Only each machine's first process tokenizes (call under ``accelerator.local_main_process_first()``):
+    the machine's other processes find its cache and memory-map it. Machines with their own disks build
+    their own cache; machines sharing one find the first finished cache (renames are atomic).
+    """
+    files = [f if isinstance(f, str) else f.path for f in data_cfg.train_files] + list(data_cfg.eval_files)
+    path = cache_root() / "tokenized" / cache_key(data_cfg, seed, tokenizer, files, stage)
+    if (path / "info.json").is_file():
+        train, held = open_cache(path)
+        log(f"tokenized data from cache {path} ({len(train)} train rows)")
+        return train, held
+    if not is_main:
+        raise RuntimeError(f"{path}: this machine's first process should have written this tokenized cache")
+    # Unique per process: on a filesystem shared by several machines each one's first process may build it.
+    tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    build(data_cfg, seed, tokenizer, stage, tmp, log)
+    try:
+        tmp.rename(path)
+    except OSError:
+        if not path.is_dir():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+    return open_cache(path)
+
+
+def build_sft_rows(data_cfg, seed: int, tokenizer, stage: str = "sft") -> tuple[list[Example], list[Example], dict]:
+    """The train and eval rows as Python lists (tests, small data), built as the cache builds them."""
+    with tempfile.TemporaryDirectory() as tmp:
+        info = build(data_cfg, seed, tokenizer, stage, Path(tmp), log=lambda message: None)
+        train, held = open_cache(Path(tmp))
+        return train.to_list(), held.to_list() if len(held) else [], info
+
+
+def row_lengths(dataset) -> list[int]:
+    """Every row's length (a pair: its longer side), read from the Arrow list offsets of the memory-mapped
+    cache: no row is turned into Python lists (that took ~40% of a warm start at 1M rows)."""
+    import pyarrow.compute as pc
+
+    table = dataset.data
+    if "input_ids" in dataset.column_names:
+        return pc.list_value_length(table.column("input_ids")).to_numpy().tolist()
+    chosen = pc.list_value_length(table.column("chosen_input_ids"))
+    rejected = pc.list_value_length(table.column("rejected_input_ids"))
+    return pc.max_element_wise(chosen, rejected).to_numpy().tolist()
