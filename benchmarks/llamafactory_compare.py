@@ -3,7 +3,14 @@ same tokenizer, same 2,000 synthetic Chinese samples, LoRA r 8 / alpha 16 on all
 batch 8, 60 steps, fp32, 2 threads.
 
     python3 -m venv /tmp/lfvenv && /tmp/lfvenv/bin/pip install torch==2.13.0 llamafactory
-    python benchmarks/llamafactory_compare.py --lf-cli /tmp/lfvenv/bin/llamafactory-cli
+    python benchmarks/llamafactory_compare.py --lf-cli /tmp/lfvenv/bin/llamafactory-cli            # defaults
+    python benchmarks/llamafactory_compare.py --lf-cli /tmp/lfvenv/bin/llamafactory-cli --equal    # equal settings
+
+The first compares each tool as it comes (LLaMA-Factory: random batches, gradient checkpointing on).
+``--equal`` runs the defaults pair and three pairs at equal settings, interleaved, ``--repeats`` times
+each: length-grouped batches without checkpointing (LF: ``train_sampling_strategy: group_by_length``,
+``disable_gradient_checkpointing: true``), packed rows with per-sample attention (LF: ``packing``,
+``neat_packing``), and random batches without checkpointing.
 
 Real (non-pad) tokens/s is the like-for-like number: for LLaMA-Factory, steps x batch samples x
 the mean tokens of a sample (it draws batches at random); for medtune, the real tokens its loop
@@ -22,6 +29,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -69,9 +78,10 @@ train:
 """
 
 
-def run_llamafactory(cli: str, base: Path, records: list[dict], steps: int, tmp: Path) -> float:
+def run_llamafactory(cli: str, base: Path, records: list[dict], steps: int, tmp: Path, extra: str = "") -> dict:
+    """One LLaMA-Factory training run: its loop seconds and, from its log, the number of training rows."""
     data_dir = tmp / "lf_data"
-    data_dir.mkdir()
+    data_dir.mkdir(exist_ok=True)
     alpaca = [
         {"instruction": r["messages"][0]["content"], "input": "", "output": r["messages"][1]["content"]}
         for r in records
@@ -79,7 +89,9 @@ def run_llamafactory(cli: str, base: Path, records: list[dict], steps: int, tmp:
     (data_dir / "synthetic.json").write_text(json.dumps(alpaca, ensure_ascii=False), encoding="utf-8")
     (data_dir / "dataset_info.json").write_text(json.dumps({"synthetic": {"file_name": "synthetic.json"}}))
     config = tmp / "lf.yaml"
-    config.write_text(LF_CONFIG.format(base=base, data_dir=data_dir, out=tmp / "lf_out", steps=steps))
+    out = tmp / "lf_out"
+    shutil.rmtree(out, ignore_errors=True)
+    config.write_text(LF_CONFIG.format(base=base, data_dir=data_dir, out=out, steps=steps) + extra)
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "2",
@@ -90,8 +102,9 @@ def run_llamafactory(cli: str, base: Path, records: list[dict], steps: int, tmp:
     proc = subprocess.run([cli, "train", str(config)], capture_output=True, text=True, env=env)
     if proc.returncode:
         sys.exit("LLaMA-Factory failed:\n" + proc.stdout[-3000:] + proc.stderr[-3000:])
-    results = json.loads((tmp / "lf_out" / "train_results.json").read_text())
-    return results["train_runtime"]
+    results = json.loads((out / "train_results.json").read_text())
+    rows = re.search(r"Num examples = ([\d,]+)", proc.stdout + proc.stderr)
+    return {"seconds": results["train_runtime"], "rows": int(rows.group(1).replace(",", "")) if rows else None}
 
 
 def run_medtune(base: Path, data: Path, steps: int, tmp: Path, overrides: list[str]) -> tuple[float, int]:
@@ -117,6 +130,8 @@ def main() -> None:
     parser.add_argument("--lf-cli", required=True, help="llamafactory-cli of a separate virtual environment")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--samples", type=int, default=2000)
+    parser.add_argument("--equal", action="store_true", help="three pairs at equal settings instead of defaults")
+    parser.add_argument("--repeats", type=int, default=2, help="--equal: runs of each pair, interleaved")
     args = parser.parse_args()
     from medtune.tiny_model import build_tiny_llama, corpus_texts
     from medtune.tokenizer import load_tokenizer
@@ -132,7 +147,11 @@ def main() -> None:
             len(tokenizer.encode(r["messages"][0]["content"] + r["messages"][1]["content"])) for r in records
         ) / len(records)
         samples = args.steps * 8
-        lf_seconds = run_llamafactory(args.lf_cli, base, records, args.steps, tmp)
+        if args.equal:
+            total_tokens = mean_tokens * len(records)
+            equal_settings(args, base, data, records, tmp, samples * mean_tokens, total_tokens)
+            return
+        lf_seconds = run_llamafactory(args.lf_cli, base, records, args.steps, tmp)["seconds"]
         rows = {"LLaMA-Factory 0.9.5 (defaults)": (lf_seconds, samples * mean_tokens)}
         for name, overrides in {
             "medtune (length-grouped, default)": [],
@@ -153,6 +172,42 @@ def main() -> None:
             print(
                 f"{name:40} {seconds:7.1f} {tokens:12.0f} {tokens / seconds:9.0f} {tokens / seconds / lf_rate:5.2f}x {per_sample}"  # noqa: E501
             )
+
+
+NO_CHECKPOINTING = "disable_gradient_checkpointing: true\n"
+EQUAL = {  # name: (LLaMA-Factory's settings, medtune's overrides)
+    "each tool's defaults": ("", []),  # LF: random batches, checkpointing on; medtune: length-grouped, off
+    "length-grouped, no checkpointing": (NO_CHECKPOINTING + "train_sampling_strategy: group_by_length\n", []),
+    "packed, per-sample attention": (NO_CHECKPOINTING + "packing: true\nneat_packing: true\n", ["data.packing=true"]),
+    "random batches, no checkpointing": (NO_CHECKPOINTING, ["data.group_by_length=false"]),
+}
+
+
+def equal_settings(args, base: Path, data: Path, records: list[dict], tmp: Path, lf_tokens: float, total: float):
+    """Each pair at equal settings, the two tools interleaved: loop seconds and real tokens/s per run (the same
+    steps of 8 samples, or of 8 packed rows). LLaMA-Factory's packed rows each hold the data's tokens over its
+    row count (from its log), on average. medtune's counts include its template's few marker tokens a sample
+    (LLaMA-Factory runs the empty template), so equal loop seconds on unpacked batches is equal speed."""
+
+    def span(values: list[float], fmt: str) -> str:
+        low, high = min(values), max(values)
+        return format(low, fmt) if low == high else f"{format(low, fmt)}–{format(high, fmt)}"
+
+    print(
+        f"{'equal settings':34} {'LF loop s':>11} {'medtune loop s':>15} {'LF tokens/s':>13} {'medtune tokens/s':>17}"
+    )
+    for name, (lf_extra, overrides) in EQUAL.items():
+        runs: dict[str, list[tuple[float, float]]] = {"lf": [], "medtune": []}
+        for _ in range(args.repeats):
+            lf = run_llamafactory(args.lf_cli, base, records, args.steps, tmp, lf_extra)
+            tokens = args.steps * 8 * total / lf["rows"] if "packing" in lf_extra and lf["rows"] else lf_tokens
+            runs["lf"].append((lf["seconds"], tokens / lf["seconds"]))
+            seconds, real = run_medtune(base, data, args.steps, tmp, overrides)
+            runs["medtune"].append((seconds, real / seconds))
+        cells = [
+            span([r[k] for r in runs[tool]], f) for k, f in ((0, ".1f"), (1, ",.0f")) for tool in ("lf", "medtune")
+        ]
+        print(f"{name:34} {cells[0]:>11} {cells[1]:>15} {cells[2]:>13} {cells[3]:>17}", flush=True)
 
 
 if __name__ == "__main__":

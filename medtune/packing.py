@@ -51,16 +51,26 @@ def best_fit_decreasing(lengths: Sequence[int], max_length: int) -> tuple[list[i
 
 
 def flat(column: pa.ChunkedArray | pa.ListArray) -> tuple[np.ndarray, np.ndarray]:
-    """A list column as (flat values, offsets from 0), whatever its chunks and slicing."""
+    """A list column as (flat int32 values, int64 offsets from 0), whatever its chunks and slicing."""
     array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    lengths = pc.list_value_length(array).to_numpy(zero_copy_only=False).astype(np.int64)
+    lengths = pc.list_value_length(array).to_numpy(zero_copy_only=False)
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     return array.flatten().to_numpy(zero_copy_only=False), offsets
 
 
 def list_column(values: np.ndarray, offsets: np.ndarray) -> pa.ListArray:
-    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values.astype(np.int32)))
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values.astype(np.int32, copy=False)))
+
+
+def runs(starts: np.ndarray, firsts: np.ndarray, sizes: np.ndarray, total: int) -> np.ndarray:
+    """The concatenation of range(firsts[k], firsts[k] + sizes[k]) placed at starts[k], for all k: a cumulative
+    sum of steps of 1 that jumps at each start (two passes over int32, not numpy's repeat of int64)."""
+    steps = np.ones(total, dtype=np.int32)
+    if len(starts):
+        steps[starts[0]] = firsts[0]
+        steps[starts[1:]] = firsts[1:] - (firsts[:-1] + sizes[:-1] - 1)
+    return np.cumsum(steps, dtype=np.int32)
 
 
 def pack_table(table: pa.Table, max_length: int) -> pa.Table:
@@ -75,10 +85,11 @@ def pack_table(table: pa.Table, max_length: int) -> pa.Table:
     members = order_a[np.argsort(row_a[order_a], kind="stable")]  # by row; within a row, in placing order
     sizes = lengths[members]
     starts = np.cumsum(sizes) - sizes  # where each sample begins in the packed buffer
-    gather = np.repeat(offsets[:-1][members] - starts, sizes) + np.arange(int(sizes.sum()))
+    total = int(sizes.sum())
+    gather = runs(starts, offsets[:-1][members], sizes, total)
     packed_labels = labels[gather]
     packed_labels[starts] = IGNORE_INDEX
-    positions = np.arange(len(gather)) - np.repeat(starts, sizes)
+    positions = runs(starts, np.zeros_like(sizes), sizes, total)
     row_offsets = np.zeros(int(row_a.max(initial=-1)) + 2, dtype=np.int64)
     np.cumsum(np.bincount(row_a, weights=lengths, minlength=len(row_offsets) - 1), out=row_offsets[1:])
     return pa.table(

@@ -65,7 +65,7 @@ class LoraSettings:
 @dataclass
 class TrainFile:
     """A training file with its share of the mixture: a weight (relative to the other weighted files) or an
-    exact number of records (sampled without repeats while it has enough, repeated when it has fewer)."""
+    exact number of samples (drawn without repeats while it has enough, repeated when it has fewer)."""
 
     path: str
     weight: float | None = None
@@ -87,6 +87,7 @@ class DataConfig:
     packing: bool | Literal["concat"] = False  # true: several samples per row, kept apart; concat: baseline blocks
     group_by_length: bool = True  # batch samples of similar length together (when not packing)
     pad_to_multiple_of: int = 0  # pad batches to a multiple of this (8 suits tensor cores); 0 = exact
+    tokenize_workers: int | None = None  # processes that tokenize; unset: one per core for inputs over 16 MiB
 
 
 @dataclass
@@ -362,6 +363,8 @@ def check_recipe(recipe: Recipe, name: str = "recipe") -> None:
         problems.append(f"data.eval_ratio: {data.eval_ratio} must be in [0, 1)")
     if data.eval_files and data.eval_ratio:
         problems.append("data.eval_ratio: set either eval_files or eval_ratio, not both")
+    if data.tokenize_workers is not None and data.tokenize_workers < 1:
+        problems.append("data.tokenize_workers: must be at least 1 (or unset: one per core for large inputs)")
     if data.max_length < 8:
         problems.append(f"data.max_length: {data.max_length} is too small")
     if train.max_steps <= 0 and train.num_epochs <= 0:

@@ -12,11 +12,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
 import socket
 import tempfile
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +68,8 @@ def cache_key(data_cfg, seed: int, tokenizer, files: list[str], stage: str = "sf
     digest = hashlib.sha256(f"{_FORMAT_VERSION}:{stage}".encode())
     for path in files:
         digest.update(file_identity(Path(path)).encode())
-    settings = {k: v for k, v in dataclasses.asdict(data_cfg).items() if k not in ("train_files", "eval_files")}
+    ignored = ("train_files", "eval_files", "tokenize_workers")  # the files by content; workers change no row
+    settings = {k: v for k, v in dataclasses.asdict(data_cfg).items() if k not in ignored}
     settings["mixture"] = repr([f for f in dataclasses.asdict(data_cfg)["train_files"] if not isinstance(f, str)])
     digest.update(
         repr((sorted(settings.items()), seed, dataclasses.astuple(get_template(data_cfg.template)))).encode()
@@ -117,19 +122,78 @@ def record_chunks(path: str, stage) -> Iterator[list[dict]]:
         yield chunk
 
 
+def encode_chunk(chunk: list[dict], data_cfg, tokenizer, stage, seed: int, split: bool):
+    """A chunk of records → (train rows, held-out rows, report, records); a record is held out when ``split``
+    and its id hashes into data.eval_ratio."""
+    report = TokenizeReport()
+    side = [split and held_out(r["id"], seed, data_cfg.eval_ratio) for r in chunk]
+    tables = []
+    for part, counts in ((False, report), (True, TokenizeReport())):
+        records = [r for r, h in zip(chunk, side, strict=True) if h == part]
+        rows = stage.rows(records, data_cfg, tokenizer, counts) if records else []
+        tables.append(as_table(rows) if rows else None)
+    return tables[0], tables[1], report, len(chunk)
+
+
+_WORKER: dict = {}  # what a tokenizing process keeps between chunks (set once, when it starts)
+
+
+def _start_worker(**context) -> None:
+    _WORKER.update(context, stage=_stage(context["stage"]))
+
+
+def _encode_in_worker(chunk: list[dict]):
+    return encode_chunk(chunk, **_WORKER)
+
+
+def encoded_chunks(path: str, data_cfg, tokenizer, stage, seed: int, split: bool, workers: int) -> Iterator[tuple]:
+    """encode_chunk over the file's records, in order. Records are read and validated here (errors name the
+    line); with workers > 1 the chunks are tokenized by that many forked processes — transformers'
+    tokenization and medtune's templates are Python, one core each — at most two chunks a worker ahead."""
+    chunks = record_chunks(path, stage)
+    if workers <= 1:
+        for chunk in chunks:
+            yield encode_chunk(chunk, data_cfg, tokenizer, stage, seed, split)
+        return
+    context = {"data_cfg": data_cfg, "tokenizer": tokenizer, "stage": stage.name, "seed": seed, "split": split}
+    fork = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(workers, mp_context=fork, initializer=partial(_start_worker, **context)) as pool:
+        pending: deque = deque()
+        for chunk in chunks:
+            pending.append(pool.submit(_encode_in_worker, chunk))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def tokenize_workers(data_cfg, paths: list[str]) -> int:
+    """data.tokenize_workers, or when unset: one process per core this process may run on (a SLURM or container
+    allotment, not the machine's count) for inputs over 16 MiB (below that, starting processes costs more
+    than it saves), where processes can be forked (Linux); at most 8."""
+    if data_cfg.tokenize_workers is not None:
+        return data_cfg.tokenize_workers
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return 1
+    size = sum(Path(p).stat().st_size for p in paths)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(cores, 8) if size > 16 << 20 else 1
+
+
 def tokenize_file(path: str, data_cfg, tokenizer, stage, into: RowFile, report, held=None, seed: int = 0) -> int:
     """One file's records → rows in ``into``; with a ``held`` file, each record whose id hashes into
     data.eval_ratio goes there instead. Returns how many records the file had."""
     records = 0
-    for chunk in record_chunks(path, stage):
-        records += len(chunk)
-        side = [held is not None and held_out(r["id"], seed, data_cfg.eval_ratio) for r in chunk]
-        for out, part, counts in ((into, False, report), (held, True, TokenizeReport())):
-            rows = [r for r, h in zip(chunk, side, strict=True) if h == part]
-            if out is not None and rows:
-                encoded = stage.rows(rows, data_cfg, tokenizer, counts)
-                if encoded:
-                    out.write(as_table(encoded))
+    workers = tokenize_workers(data_cfg, [path])
+    for train, evaluation, part, n in encoded_chunks(
+        path, data_cfg, tokenizer, stage, seed, held is not None, workers
+    ):
+        records += n
+        report.add(part)
+        if train is not None:
+            into.write(train)
+        if evaluation is not None:
+            held.write(evaluation)
     if not records:
         raise RecordError(f"{path}: no records in it")
     return records
@@ -160,38 +224,40 @@ def mixture(specs: list, counts: list[int], seed: int) -> list[np.ndarray | None
     return chosen
 
 
-def read_rows(path: Path, take: np.ndarray | None, size: int) -> Iterator[pa.Table]:
-    """A row file's rows, ``size`` at a time: streamed in order (constant memory), or the rows ``take``
-    names, in that order, from the memory-mapped file."""
+def read_rows(path: Path, take: np.ndarray | None, size: int, max_bytes: int = 1 << 26) -> Iterator[pa.Table]:
+    """A row file's rows, ``size`` rows or ``max_bytes`` at a time: streamed in order (constant memory), or the
+    rows ``take`` names, in that order, from the memory-mapped file."""
     if not path.is_file():
         return
     if take is None:
         with pa.OSFile(str(path)) as source:
-            reader = pa.ipc.open_stream(source)
-            batches, rows = [], 0
-            for batch in reader:
+            batches: list[pa.RecordBatch] = []
+            for batch in pa.ipc.open_stream(source):
                 batches.append(batch)
-                rows += len(batch)
-                if rows >= size:
+                if sum(map(len, batches)) >= size or sum(b.nbytes for b in batches) >= max_bytes:
                     yield pa.Table.from_batches(batches)
-                    batches, rows = [], 0
+                    batches = []
             if batches:
                 yield pa.Table.from_batches(batches)
         return
     with pa.memory_map(str(path)) as source:
         table = pa.ipc.open_stream(source).read_all()
+        size = max(1, min(size, max_bytes * len(table) // max(1, table.nbytes)))  # rows of about max_bytes
         for start in range(0, len(take), size):
             yield table.take(pa.array(take[start : start + size]))
 
 
 def lay_out(tables: Iterator[pa.Table], layout: str, max_length: int, out: RowFile) -> int:
     """Rows into ``out``: packed best-fit a PACK_CHUNK of samples at a time, cut into blocks of one stream
-    (concat), or as they are. Returns the number of samples that went in."""
+    (concat), or as they are — one Arrow batch a table (opening the cache reads every batch's header, so
+    few large batches open fastest). Returns the number of samples that went in."""
     samples = 0
     concat = Concatenation(max_length) if layout == "concat" else None
     for table in tables:
         samples += len(table)
-        out.write(pack_table(table, max_length) if layout == "pack" else concat(table) if concat else table)
+        out.write(
+            pack_table(table, max_length) if layout == "pack" else concat(table) if concat else table.combine_chunks()
+        )
     if concat is not None:
         out.write(concat.tail())
     return samples
@@ -236,14 +302,13 @@ def build(data_cfg, seed: int, tokenizer, stage_name: str, directory: Path, log=
             )
         )
     train = RowFile(directory / "train.arrow")
-    size = PACK_CHUNK if train_layout == "pack" else RECORD_CHUNK
     samples = sum(
-        lay_out(read_rows(parts / f"train-{i}.arrow", take, size), train_layout, data_cfg.max_length, train)
+        lay_out(read_rows(parts / f"train-{i}.arrow", take, PACK_CHUNK), train_layout, data_cfg.max_length, train)
         for i, take in enumerate(chosen)
     )
     train.close()
     evaluation = RowFile(directory / "eval.arrow")
-    lay_out(read_rows(parts / "held.arrow", None, RECORD_CHUNK), eval_layout, data_cfg.max_length, evaluation)
+    lay_out(read_rows(parts / "held.arrow", None, PACK_CHUNK), eval_layout, data_cfg.max_length, evaluation)
     evaluation.close()
     shutil.rmtree(parts)
     if not train.rows:

@@ -187,3 +187,40 @@ def test_chunked_loss_equals_the_plain_loss_and_gradients(tiny_base, packed: boo
     scale = max(g.abs().max().item() for g in plain_grads.values())
     print(f"packed={packed}: loss plain {plain:.6f} chunked {chunked:.6f}; max |Δgrad| {gap:.2e} of {scale:.2e}")
     assert chunked == pytest.approx(plain, rel=1e-6) and gap <= 1e-6 * scale
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_tokenizing_processes_and_chunks_change_no_row(recipe, tokenizer, monkeypatch, packing: bool):
+    """The cache built a few records and a few samples at a time, by two forked processes, equals the one built
+    in one process: the same rows in the same order, the same held-out rows, the same counts."""
+    from medtune import token_cache
+
+    recipe.data.eval_ratio, recipe.data.packing, recipe.data.max_length = 0.2, packing, 256
+    recipe.data.tokenize_workers = 1
+    one = token_cache.build_sft_rows(recipe.data, 3, tokenizer)
+    monkeypatch.setattr(token_cache, "RECORD_CHUNK", 7)  # 40 records: six chunks, the last one short
+    monkeypatch.setattr(token_cache, "PACK_CHUNK", 9)
+    recipe.data.tokenize_workers = 2
+    two = token_cache.build_sft_rows(recipe.data, 3, tokenizer)
+    assert two[1] == one[1] and len(one[1]) > 0  # held-out rows: by the hash of the ids, in file order
+    assert two[2]["samples"] == one[2]["samples"] and one[2]["records"] == 40
+    if not packing:
+        assert two[0] == one[0]
+        return
+    # packed a few samples at a time: other rows, the same tokens, every row within max_length
+    tokens = sorted(t for row in one[0] for t in row["input_ids"])
+    assert sorted(t for row in two[0] for t in row["input_ids"]) == tokens
+    assert all(len(row["input_ids"]) <= 256 for row in two[0]) and len(two[0]) >= len(one[0])
+
+
+def test_a_bad_line_is_named_when_processes_tokenize(recipe, tokenizer, monkeypatch, tmp_path):
+    from medtune import token_cache
+    from medtune.records import RecordError
+
+    lines = open(recipe.data.train_files[0], encoding="utf-8").read().splitlines()
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(lines[:30] + ['{"id": "x", "source": "s", "messages": []}'] + lines[30:]) + "\n")
+    monkeypatch.setattr(token_cache, "RECORD_CHUNK", 4)
+    recipe.data.train_files, recipe.data.tokenize_workers = [str(data)], 2
+    with pytest.raises(RecordError, match=rf"{data}:31: field 'messages'"):
+        token_cache.build_sft_rows(recipe.data, 0, tokenizer)
