@@ -10,9 +10,12 @@ The first compares each tool as it comes (LLaMA-Factory: random batches, gradien
 ``--equal`` runs the defaults pair and three pairs at equal settings, interleaved, ``--repeats`` times
 each: length-grouped batches without checkpointing (LF: ``train_sampling_strategy: group_by_length``,
 ``disable_gradient_checkpointing: true``), packed rows with per-sample attention (LF: ``packing``,
-``neat_packing``), and random batches without checkpointing.
+``neat_packing``), and random batches without checkpointing; medtune pads to a multiple of 8 in those
+three, as LLaMA-Factory's SFT collator always does when training.
 
-Real (non-pad) tokens/s is the like-for-like number: for LLaMA-Factory, steps x batch samples x
+Both train on the same text: LLaMA-Factory (its empty template) gets each sample as medtune's chatmed
+template writes it ("问：\n{q}\n答：\n" as the prompt, "{a}\n" as the reply), so the token sequences
+agree to a split point and a BOS. Real (non-pad) tokens/s: for LLaMA-Factory, steps x batch samples x
 the mean tokens of a sample (it draws batches at random); for medtune, the real tokens its loop
 counted (a packed row holds several samples). Each side is timed over its training loop only
 (HF Trainer's train_runtime; medtune's loop_seconds), model loading and tokenization excluded.
@@ -34,6 +37,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -78,13 +82,20 @@ train:
 """
 
 
+def chatmed_prompt(record: dict) -> str:
+    return f"问：\n{record['messages'][0]['content']}\n答：\n"
+
+
+def chatmed_reply(record: dict) -> str:
+    return f"{record['messages'][1]['content']}\n"
+
+
 def run_llamafactory(cli: str, base: Path, records: list[dict], steps: int, tmp: Path, extra: str = "") -> dict:
     """One LLaMA-Factory training run: its loop seconds and, from its log, the number of training rows."""
     data_dir = tmp / "lf_data"
     data_dir.mkdir(exist_ok=True)
-    alpaca = [
-        {"instruction": r["messages"][0]["content"], "input": "", "output": r["messages"][1]["content"]}
-        for r in records
+    alpaca = [  # the text of medtune's chatmed template, so both train on the same tokens (± a split point)
+        {"instruction": chatmed_prompt(r), "input": "", "output": chatmed_reply(r)} for r in records
     ]
     (data_dir / "synthetic.json").write_text(json.dumps(alpaca, ensure_ascii=False), encoding="utf-8")
     (data_dir / "dataset_info.json").write_text(json.dumps({"synthetic": {"file_name": "synthetic.json"}}))
@@ -110,7 +121,7 @@ def run_llamafactory(cli: str, base: Path, records: list[dict], steps: int, tmp:
 def run_medtune(base: Path, data: Path, steps: int, tmp: Path, overrides: list[str]) -> tuple[float, int]:
     recipe = tmp / "medtune.yaml"
     recipe.write_text(MEDTUNE_RECIPE.format(base=base, data=data, steps=steps))
-    out = tmp / ("medtune-" + "-".join(o.replace("=", "_") for o in overrides))
+    out = Path(tempfile.mkdtemp(dir=tmp, prefix="medtune-")) / "run"  # a new run each time
     cmd = [sys.executable, "medtune/train.py", str(recipe), f"output.dir={out}", *overrides]
     proc = subprocess.run(
         cmd,
@@ -143,9 +154,11 @@ def main() -> None:
         data = write_jsonl(records, tmp / "data.jsonl")
         base = build_tiny_llama(tmp / "base", corpus_texts([data]), hidden_size=256, layers=4)
         tokenizer = load_tokenizer(str(base))
-        mean_tokens = sum(
-            len(tokenizer.encode(r["messages"][0]["content"] + r["messages"][1]["content"])) for r in records
-        ) / len(records)
+        encode = partial(tokenizer.encode, add_special_tokens=False)
+        # LLaMA-Factory's sample: its prompt and its reply tokenized apart, then EOS (the empty template)
+        mean_tokens = sum(len(encode(chatmed_prompt(r))) + len(encode(chatmed_reply(r))) + 1 for r in records) / len(
+            records
+        )
         samples = args.steps * 8
         if args.equal:
             total_tokens = mean_tokens * len(records)
@@ -175,11 +188,15 @@ def main() -> None:
 
 
 NO_CHECKPOINTING = "disable_gradient_checkpointing: true\n"
+PAD8 = "data.pad_to_multiple_of=8"  # LLaMA-Factory's SFT collator pads every training batch to a multiple of 8
 EQUAL = {  # name: (LLaMA-Factory's settings, medtune's overrides)
     "each tool's defaults": ("", []),  # LF: random batches, checkpointing on; medtune: length-grouped, off
-    "length-grouped, no checkpointing": (NO_CHECKPOINTING + "train_sampling_strategy: group_by_length\n", []),
-    "packed, per-sample attention": (NO_CHECKPOINTING + "packing: true\nneat_packing: true\n", ["data.packing=true"]),
-    "random batches, no checkpointing": (NO_CHECKPOINTING, ["data.group_by_length=false"]),
+    "length-grouped, no checkpointing": (NO_CHECKPOINTING + "train_sampling_strategy: group_by_length\n", [PAD8]),
+    "packed, per-sample attention": (
+        NO_CHECKPOINTING + "packing: true\nneat_packing: true\n",
+        ["data.packing=true", PAD8],
+    ),
+    "random batches, no checkpointing": (NO_CHECKPOINTING, ["data.group_by_length=false", PAD8]),
 }
 
 
@@ -193,9 +210,7 @@ def equal_settings(args, base: Path, data: Path, records: list[dict], tmp: Path,
         low, high = min(values), max(values)
         return format(low, fmt) if low == high else f"{format(low, fmt)}–{format(high, fmt)}"
 
-    print(
-        f"{'equal settings':34} {'LF loop s':>11} {'medtune loop s':>15} {'LF tokens/s':>13} {'medtune tokens/s':>17}"
-    )
+    print(f"{'':34} {'LF loop s':>11} {'medtune loop s':>15} {'LF tokens/s':>13} {'medtune tokens/s':>17}")
     for name, (lf_extra, overrides) in EQUAL.items():
         runs: dict[str, list[tuple[float, float]]] = {"lf": [], "medtune": []}
         for _ in range(args.repeats):

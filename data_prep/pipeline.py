@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from medtune.records import RecordError, held_out, record_kind, validate_record, write_jsonl_line
+from medtune.temp_files import remove_dead_temps, temp_sibling
 
 
 class Skip(Exception):
@@ -220,7 +221,7 @@ def run(
     _remove_dead_temp_files(paths)
     names = Counter(p.name for p in inputs)
     labels = {str(p): p.name if names[p.name] == 1 else str(p) for p in inputs}
-    tmp = {kind: path.with_name(f".{path.name}.tmp-{os.getpid()}") for kind, path in paths.items()}
+    tmp = {kind: temp_sibling(path) for kind, path in paths.items()}
     handles = {kind: path.open("w", encoding="utf-8") for kind, path in tmp.items()}
     report, seen, per_task = Report(), set(), Counter()
     ticker = _Progress(enabled=progress)
@@ -277,22 +278,8 @@ def run(
 
 
 def _remove_dead_temp_files(paths: dict[str, Path]) -> None:
-    """Temp files of this --out left by a killed run (their pid is gone): medtune's own, so removed."""
     for path in paths.values():
-        for stale in path.parent.glob(f".{path.name}.tmp-*"):
-            pid = stale.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and not _alive(int(pid)):
-                stale.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        remove_dead_temps(path)
 
 
 def _convert_one(convert: Converter, item: Item, options: Options, seen: set, per_task: Counter) -> list[dict]:

@@ -15,7 +15,6 @@ import json
 import multiprocessing
 import os
 import shutil
-import socket
 import tempfile
 from collections import deque
 from collections.abc import Iterator
@@ -29,6 +28,7 @@ import pyarrow as pa
 from medtune.data import Example, TokenizeReport, check_record
 from medtune.packing import Concatenation, as_table, pack_table, padding_efficiency
 from medtune.records import RecordError, held_out, read_records
+from medtune.temp_files import remove_dead_temps, temp_sibling
 from medtune.templates import get_template
 from medtune.tiny_model import cache_root
 
@@ -224,7 +224,7 @@ def mixture(specs: list, counts: list[int], seed: int) -> list[np.ndarray | None
     return chosen
 
 
-def read_rows(path: Path, take: np.ndarray | None, size: int, max_bytes: int = 1 << 26) -> Iterator[pa.Table]:
+def read_rows(path: Path, take: np.ndarray | None, size: int, max_bytes: int = 1 << 25) -> Iterator[pa.Table]:
     """A row file's rows, ``size`` rows or ``max_bytes`` at a time: streamed in order (constant memory), or the
     rows ``take`` names, in that order, from the memory-mapped file."""
     if not path.is_file():
@@ -351,9 +351,12 @@ def load_datasets(data_cfg, seed: int, tokenizer, stage: str = "sft", is_main: b
     if not is_main:
         raise RuntimeError(f"{path}: this machine's first process should have written this tokenized cache")
     # Unique per process: on a filesystem shared by several machines each one's first process may build it.
-    tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    # A build that was killed left its own; those of this machine's dead processes go (they can be GBs).
+    tmp = temp_sibling(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_temps(path)
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp.mkdir()
     build(data_cfg, seed, tokenizer, stage, tmp, log)
     try:
         tmp.rename(path)

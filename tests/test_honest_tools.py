@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -201,12 +202,15 @@ def test_data_prep_loses_nothing_silently(tmp_path):
     )
     out = tmp_path / "out.jsonl"
     (tmp_path / "out.dev.jsonl").write_text("stale\n")  # an earlier run's split of the same --out
-    (tmp_path / ".out.jsonl.tmp-999999999").write_text("left by a killed run")
+    host = socket.gethostname()
+    (tmp_path / f".out.jsonl.tmp-{host}-999999999").write_text("left by a killed run")
+    (tmp_path / ".out.jsonl.tmp-other-machine-999999999").write_text("another machine's, maybe alive")
     assert main(["chatmed-consult", str(mixed), "--out", str(out), "--quiet"]) == 0
     assert len(out.read_text().splitlines()) == 3
     reasons = [json.loads(s)["reason"] for s in (tmp_path / "out.skipped.jsonl").read_text().splitlines()]
     assert sorted(reasons) == ["invalid text", "malformed JSON"]
-    assert not (tmp_path / "out.dev.jsonl").exists() and not (tmp_path / ".out.jsonl.tmp-999999999").exists()
+    assert not (tmp_path / "out.dev.jsonl").exists() and not (tmp_path / f".out.jsonl.tmp-{host}-999999999").exists()
+    assert (tmp_path / ".out.jsonl.tmp-other-machine-999999999").exists()
     # .TXT is text; the same file name in two folders gives distinct ids
     for folder in ("a", "b"):
         (tmp_path / folder).mkdir()

@@ -224,3 +224,21 @@ def test_a_bad_line_is_named_when_processes_tokenize(recipe, tokenizer, monkeypa
     recipe.data.train_files, recipe.data.tokenize_workers = [str(data)], 2
     with pytest.raises(RecordError, match=rf"{data}:31: field 'messages'"):
         token_cache.build_sft_rows(recipe.data, 0, tokenizer)
+
+
+def test_a_killed_build_leaves_no_temporary_cache_behind(recipe, tokenizer, tmp_path, monkeypatch):
+    """A tokenization killed mid-way leaves its temporary directory (GBs on a large corpus): the next build
+    removes this machine's dead ones, never another machine's (on a shared filesystem it may be alive)."""
+    import socket
+
+    from medtune.token_cache import cache_key
+
+    monkeypatch.setenv("MEDTUNE_CACHE", str(tmp_path / "cache"))
+    key = cache_key(recipe.data, 0, tokenizer, recipe.data.train_files)
+    root = tmp_path / "cache" / "tokenized"
+    dead, elsewhere = root / f".{key}.tmp-{socket.gethostname()}-999999999", root / f".{key}.tmp-other-host-1"
+    for leftover in (dead, elsewhere):
+        (leftover / "parts").mkdir(parents=True)
+        (leftover / "parts" / "train-0.arrow").write_bytes(b"half written")
+    load_datasets(recipe.data, 0, tokenizer, log=lambda message: None)
+    assert not dead.exists() and elsewhere.exists() and (root / key / "info.json").is_file()
