@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from data_prep import alpaca, chatmed, cmtmedqa, exams, huatuo, preference, promptcblue, sharegpt, text
+from data_prep import alpaca, chatmed, cmtmedqa, exams, huatuo, medical_o1, preference, promptcblue, sharegpt, text
 from data_prep.pipeline import Options, PrepError, read_items, run
 
 # source name → (converter, reader, one-line description)
@@ -20,6 +20,11 @@ SOURCES = {
     "text": (text.convert, text.read_text_or_jsonl, "raw text: .txt paragraphs or {text} lines"),
     "alpaca": (alpaca.convert, read_items, "{instruction, input, output, history?}"),
     "sharegpt": (sharegpt.convert, read_items, "{conversations: [{from, value}]}"),
+    "medical-o1": (
+        medical_o1.convert,
+        read_items,
+        "HuatuoGPT-o1 medical-o1-reasoning-SFT {Question, Complex_CoT, Response}",
+    ),
     # medical exam benchmarks → exam records for `medtune eval exam`
     "cmb": (exams.convert_cmb, read_items, "CMB-Exam JSON (exam_type, exam_class, question_type, option, answer)"),
     "cmexam": (exams.convert_cmexam, exams.read_csv_items, "CMExam CSV (Question, Options, Answer, Explanation)"),

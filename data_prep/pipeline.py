@@ -324,7 +324,7 @@ def _length(record: dict) -> int:
     if record_kind(record) == "text":
         return len(record["text"])
     return (
-        sum(len(m["content"]) for m in record["messages"])
+        sum(len(m["content"]) + len(m.get("reasoning", "")) for m in record["messages"])
         + len(record.get("chosen", ""))
         + len(record.get("rejected", ""))
     )
@@ -335,7 +335,10 @@ def _content_key(record: dict) -> str:
         return "\x1e".join([record["question"], *record["options"].values()])
     if record_kind(record) == "text":
         return record["text"]
-    parts = [f"{m['role']}\x1f{m['content']}" for m in record["messages"]]
+    parts = [
+        f"{m['role']}\x1f{m['content']}" + (f"\x1f{m['reasoning']}" if "reasoning" in m else "")
+        for m in record["messages"]
+    ]
     return "\x1e".join(parts + [record.get("chosen") or "", record.get("rejected") or ""])
 
 

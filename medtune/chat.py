@@ -29,8 +29,12 @@ def converse(loaded, lines, out, max_new_tokens: int) -> int:
             print("(new conversation)", file=out, flush=True)
             continue
         messages.append({"role": "user", "content": text})
-        reply = generate_batch(loaded, [{"messages": messages}], max_new_tokens, False, 1.0, 1.0)[0]
+        reasoning, reply = loaded.split(
+            generate_batch(loaded, [{"messages": messages}], max_new_tokens, False, 1.0, 1.0)[0]
+        )
         messages.append({"role": "assistant", "content": reply})
+        if reasoning:
+            print(f"(思考) {reasoning}", file=out, flush=True)
         print(f"医生> {reply if reply else '(empty reply: the model ended at once)'}", file=out, flush=True)
         replies += 1
         if out.isatty():

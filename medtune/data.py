@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from medtune.records import RecordError, record_kind
-from medtune.templates import IGNORE_INDEX, ChatTemplate, encode_conversations, get_template
+from medtune.templates import IGNORE_INDEX, Template, encode_conversations, get_template
 from medtune.tokenizer import encode_texts
 
 Example = dict[str, list[int]]
@@ -50,7 +50,7 @@ KIND_HELP = {
 def tokenize_chat(
     records: Sequence[dict],
     tokenizer,
-    template: ChatTemplate,
+    template: Template,
     max_length: int,
     system_prompt: str | None = None,
     train_on: str = "all_turns",
@@ -74,7 +74,7 @@ def tokenize_chat(
 
 
 def tokenize_pairs(
-    records: Sequence[dict], tokenizer, template: ChatTemplate, max_length: int, system_prompt: str | None = None
+    records: Sequence[dict], tokenizer, template: Template, max_length: int, system_prompt: str | None = None
 ) -> tuple[list[Example], TokenizeReport]:
     """Each preference record → the prompt with its chosen reply and with its rejected reply;
     only the reply is labelled."""

@@ -25,7 +25,7 @@ from medtune.console import MedtuneError, quiet_libraries, run_command
 from medtune.model import DTYPES, base_config_summary, check_model_path, load_weights
 from medtune.rundir import MERGE_INFO, ModelSource, describe_source
 from medtune.stages import get_stage
-from medtune.templates import encode_conversation, get_template, jinja_chat_template, stop_token_ids
+from medtune.templates import chat_template_text, encode_conversation, get_template, stop_token_ids
 from medtune.tokenizer import load_tokenizer, tokenizer_kind
 
 PARITY_PROMPTS = ["头痛发烧两天了，需要去医院吗？", "高血压患者饮食要注意什么？", "孩子咳嗽有痰怎么办？"]
@@ -132,10 +132,13 @@ def merge(
             for ids, expected in zip(prompts, reference, strict=True):
                 gap = max(gap, (model(input_ids=torch.tensor([ids])).logits.float() - expected).abs().max().item())
     if info.template:
-        tokenizer.chat_template = jinja_chat_template(get_template(info.template), info.system_prompt)
+        tokenizer.chat_template = chat_template_text(tokenizer, get_template(info.template), info.system_prompt)
     if not reward_model:
+        model_stops = model.generation_config.eos_token_id  # the base's own (Llama 3: <|eot_id|>, <|end_of_text|>)
         model.generation_config.eos_token_id = (
-            stop_token_ids(tokenizer, get_template(info.template)) if info.template else tokenizer.eos_token_id
+            stop_token_ids(tokenizer, get_template(info.template), model_stops)
+            if info.template
+            else model_stops or tokenizer.eos_token_id
         )
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     merged = dataclasses.replace(

@@ -24,11 +24,12 @@ import torch
 
 from medtune.console import MedtuneError, quiet_libraries, run_command
 from medtune.data import padded
+from medtune.jinja_templates import JinjaTemplate, split_reasoning, template_source
 from medtune.model import DTYPES
 from medtune.records import RecordError, iter_json_lines, validate_record, write_jsonl_line
 from medtune.rundir import ModelSource, describe_source
 from medtune.stages import get_stage
-from medtune.templates import ChatTemplate, encode_conversation, get_template, stop_token_ids
+from medtune.templates import Template, encode_conversation, get_template, stop_token_ids
 from medtune.tokenizer import decode, load_tokenizer
 
 
@@ -75,9 +76,12 @@ def _prompt_of(row: Any, where: str, strip_answer_cue: bool) -> dict[str, Any]:
     )
 
 
-def write_prediction(line: dict, text: str) -> dict:
+def write_prediction(line: dict, text: str, reasoning: str | None = None) -> dict:
+    """The output line: the answer where the format wants it, and the reasoning apart when there is one."""
     out = dict(line)
     out["target" if "target" in out else "prediction"] = text
+    if reasoning is not None:
+        out["reasoning"] = reasoning
     return out
 
 
@@ -91,12 +95,33 @@ class InferenceModel:
 
     model: Any
     tokenizer: Any
-    template: ChatTemplate
+    template: Template
     system_prompt: str | None
     source: ModelSource
 
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
         return encode_conversation(self.tokenizer, self.template, messages, self.system_prompt)[0]
+
+    @property
+    def thinks(self) -> bool:
+        """The template has a <think> block: replies are split into reasoning and answer."""
+        return isinstance(self.template, JinjaTemplate) and "<think>" in template_source(self.tokenizer, self.template)
+
+    @property
+    def prompt_opens_think(self) -> bool:
+        """The generation prompt already writes <think> (DeepSeek-R1): replies start inside the block."""
+        if not self.thinks:
+            return False
+        prompt = self.tokenizer.decode(self.prompt_ids([{"role": "user", "content": "?"}])[-3:])
+        return prompt.rstrip().endswith("<think>")
+
+    def split(self, text: str) -> tuple[str | None, str]:
+        """(reasoning, answer) of a generated reply; (None, text) for a template without reasoning."""
+        return split_reasoning(text, self.prompt_opens_think) if self.thinks else (None, text)
+
+    def stop_ids(self) -> list[int]:
+        """EOS, the template's end markers, and the model's own generation_config eos ids."""
+        return stop_token_ids(self.tokenizer, self.template, self.model.generation_config.eos_token_id)
 
 
 def load_model_for_inference(
@@ -135,7 +160,7 @@ def generate_batch(
         max_new_tokens=max_new_tokens,
         do_sample=do_sample,
         pad_token_id=pad,
-        eos_token_id=stop_token_ids(tokenizer, loaded.template),
+        eos_token_id=loaded.stop_ids(),
     )
     if do_sample:
         kwargs.update(temperature=temperature, top_p=top_p)
@@ -236,7 +261,10 @@ def predict(
 
         def answer(batch: list[dict]) -> list[dict]:
             texts = generate_batch(loaded, batch, max_new_tokens, do_sample, temperature, top_p)
-            return [write_prediction(p["line"], text) for p, text in zip(batch, texts, strict=True)]
+            return [
+                write_prediction(p["line"], *reversed(loaded.split(text)))
+                for p, text in zip(batch, texts, strict=True)
+            ]
 
         rows = answer_in_batches(out, todo, len(prompts), batch_size, answer, "sample", progress)
         done.update((prediction_id(row), row) for row in rows)

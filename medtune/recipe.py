@@ -80,7 +80,7 @@ class DataConfig:
     train_files: list[str | TrainFile] = field(default_factory=list)
     eval_files: list[str] = field(default_factory=list)  # held-out JSONL; empty = split eval_ratio off train
     eval_ratio: float = 0.0  # fraction of train records held out when eval_files is empty
-    template: str = "chatmed"  # chat template name: see medtune/templates.py
+    template: str = "chatmed"  # chat template name (medtune template list); model: the base's own chat template
     system_prompt: str | None = None  # replaces the template's default system prompt
     max_length: int = 1024  # tokens per sample; longer samples are cut, and dropped if no answer is left
     train_on: Literal["all_turns", "last_turn"] = "all_turns"  # which assistant turns carry loss
@@ -344,14 +344,15 @@ def check_data_files(recipe: Recipe) -> None:
 def check_recipe(recipe: Recipe, name: str = "recipe") -> None:
     """Cross-field checks: combinations that each look valid alone but cannot work together."""
     from medtune.stages import get_stage  # local imports: neither imports anything from here
-    from medtune.templates import TEMPLATES
+    from medtune.templates import template_names
 
     data, train, lora = recipe.data, recipe.train, recipe.lora
     problems = []
-    if data.template not in TEMPLATES:
-        close = difflib.get_close_matches(data.template, list(TEMPLATES), n=1)
+    if data.template not in template_names():
+        close = difflib.get_close_matches(data.template, template_names(), n=1)
         hint = f"; did you mean {close[0]}?" if close else ""
-        problems.append(f"data.template: unknown template {data.template!r} (known: {', '.join(TEMPLATES)}){hint}")
+        known = ", ".join(template_names())
+        problems.append(f"data.template: unknown template {data.template!r} (known: {known}){hint}")
     if not data.train_files:
         problems.append("data.train_files: at least one instruction JSONL file is needed")
     for spec in (f for f in data.train_files if not isinstance(f, str)):

@@ -2,7 +2,9 @@
 
 One JSON object a line, of one of three kinds:
 
-- chat:       {"id", "source", "messages": [{"role", "content"}, ...], "meta": {...}}
+- chat:       {"id", "source", "messages": [{"role", "content"}, ...], "meta": {...}}; an assistant message
+              may carry its reasoning (chain of thought) in "reasoning", kept apart from the answer in
+              "content": templates with a reasoning block render it as the model's own template does
 - preference: a chat record whose messages are the prompt, plus "chosen" and "rejected" replies
 - text:       {"id", "source", "text"} for continued pre-training
 - exam:       {"id", "source", "question", "options": {"A": ...}, "answer": "AC", "multi", "category": [...],
@@ -72,6 +74,8 @@ def validate_record(record: Any) -> str:
             raise RecordError(f"field 'messages[{i}].role': one of {', '.join(ROLES)} is required")
         if not isinstance(message.get("content"), str):
             raise RecordError(f"field 'messages[{i}].content': a string is required")
+        if "reasoning" in message and (message["role"] != "assistant" or not isinstance(message["reasoning"], str)):
+            raise RecordError(f"field 'messages[{i}].reasoning': a string, on assistant messages only")
         if message["role"] == "system" and i != 0:
             raise RecordError(f"field 'messages[{i}].role': a system message may only come first")
     turns = messages[1:] if messages[0]["role"] == "system" else messages

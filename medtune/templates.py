@@ -26,9 +26,19 @@ from dataclasses import dataclass
 from typing import Literal
 
 from medtune.console import MedtuneError
+from medtune.jinja_templates import (
+    IGNORE_INDEX,
+    MODEL,
+    JinjaTemplate,
+    encode_jinja,
+    first_difference,
+    model_template,
+    named_jinja_templates,
+    saved_chat_template,
+    template_stop_ids,
+)
 from medtune.tokenizer import encode_texts
 
-IGNORE_INDEX = -100
 CALL = "\x1f"  # in a template string: the authors tokenized what follows in a separate call
 Message = dict[str, str]
 
@@ -119,11 +129,22 @@ TEMPLATES: dict[str, ChatTemplate] = {
 }
 
 
-def get_template(name: str) -> ChatTemplate:
-    try:
+Template = ChatTemplate | JinjaTemplate
+
+
+def template_names() -> list[str]:
+    """Every name data.template takes: the 2023 templates, the named Jinja ones, and ``model``."""
+    return [*TEMPLATES, *named_jinja_templates(), MODEL]
+
+
+def get_template(name: str) -> Template:
+    if name in TEMPLATES:
         return TEMPLATES[name]
-    except KeyError:
-        raise MedtuneError(f"unknown chat template {name!r}; known: {', '.join(TEMPLATES)}") from None
+    if name == MODEL:
+        return model_template()
+    if name in named_jinja_templates():
+        return named_jinja_templates()[name]
+    raise MedtuneError(f"unknown chat template {name!r}; known: {', '.join(template_names())}")
 
 
 # A part of a laid-out conversation: (text, trained). BOS and EOS are names, never text; CALL
@@ -219,7 +240,7 @@ def _calls(parts: Sequence[Part]) -> list[tuple[str, Call | str, bool]]:
 
 def encode_conversations(
     tokenizer,
-    template: ChatTemplate,
+    template: Template,
     conversations: Sequence[Sequence[Message]],
     system_prompt: str | None = None,
     train_on: Literal["all_turns", "last_turn"] = "all_turns",
@@ -227,8 +248,17 @@ def encode_conversations(
     """Token ids and labels (-100 where no loss) for many conversations, with one batched tokenizer call.
 
     A call whose start is prompt and whose end is reply (``reply_joins_prompt``) is tokenized whole, and
-    its first len(tokenize(prompt)) labels are masked, as PromptCBLUE's baseline does.
+    its first len(tokenize(prompt)) labels are masked, as PromptCBLUE's baseline does. A Jinja template
+    (a model's own or a named one) is rendered and its labels derived: see medtune.jinja_templates.
     """
+    if isinstance(template, JinjaTemplate):
+        return encode_jinja(tokenizer, template, conversations, system_prompt, train_on)
+    for messages in conversations:
+        if any(m.get("reasoning") for m in messages):
+            raise MedtuneError(
+                f"template {template.name} has no place for reasoning (a record's reply has a 'reasoning' field): "
+                "use a template with a reasoning block (qwen3, glm4, or the model's own), or drop the field"
+            )
     layouts = [_calls(render_parts(template, messages, system_prompt, train_on)) for messages in conversations]
     texts = {text for layout in layouts for kind, item, _ in layout if kind == "call" for text in item if text}
     texts = list(texts)
@@ -257,7 +287,7 @@ def encode_conversations(
 
 def encode_conversation(
     tokenizer,
-    template: ChatTemplate,
+    template: Template,
     messages: Sequence[Message],
     system_prompt: str | None = None,
     train_on: Literal["all_turns", "last_turn"] = "all_turns",
@@ -266,10 +296,14 @@ def encode_conversation(
     return encode_conversations(tokenizer, template, [messages], system_prompt, train_on)[0]
 
 
-def stop_token_ids(tokenizer, template: ChatTemplate) -> list[int]:
-    """The ids that end a reply in generation: EOS, and the template's end marker if it is one token."""
+def stop_token_ids(tokenizer, template: Template, model_stops: Sequence[int] | int | None = ()) -> list[int]:
+    """The ids that end a reply in generation: EOS, the template's end marker(s), and every id of the model's
+    own ``generation_config.eos_token_id`` (Llama 3: <|eot_id|> and <|end_of_text|>), in that order."""
     ids = [tokenizer.eos_token_id]
-    if template.stop:
+    extra = [model_stops] if isinstance(model_stops, int) else list(model_stops or ())
+    if isinstance(template, JinjaTemplate):
+        ids += template_stop_ids(tokenizer, template)
+    elif template.stop:
         marker = tokenizer.convert_tokens_to_ids(template.stop)
         if marker is None or marker == tokenizer.unk_token_id:
             raise MedtuneError(
@@ -277,7 +311,14 @@ def stop_token_ids(tokenizer, template: ChatTemplate) -> list[int]:
                 f"a {template.name} model's vocabulary has it"
             )
         ids.append(marker)
-    return ids
+    return list(dict.fromkeys(i for i in ids + extra if i is not None))
+
+
+def chat_template_text(tokenizer, template: Template, system_prompt: str | None) -> str:
+    """The Jinja chat template saved beside an adapter or merged model: what training rendered."""
+    if isinstance(template, JinjaTemplate):
+        return saved_chat_template(tokenizer, template, system_prompt)
+    return jinja_chat_template(template, system_prompt)
 
 
 def render_text(
@@ -348,3 +389,26 @@ def jinja_chat_template(template: ChatTemplate, system_prompt: str | None = None
         + "{% endif %}{% endfor %}"
     )
     return "".join(parts)
+
+
+def warn_if_not_models_own(tokenizer, template: Template, system_prompt: str | None, warn) -> None:
+    """A model that ships a chat template was trained on its ids: say where a recipe's other template gives
+    other ids, on a sample conversation (first differing token)."""
+    if getattr(template, "name", MODEL) == MODEL or not getattr(tokenizer, "chat_template", None):
+        return
+    sample = [
+        {"role": "user", "content": "我头痛三天了，怎么办？"},
+        {"role": "assistant", "content": "建议先测量血压。"},
+    ]
+    try:
+        ours = encode_conversation(tokenizer, template, sample, system_prompt)[0]
+        theirs = encode_conversation(tokenizer, model_template(), sample, system_prompt)[0]
+    except MedtuneError as exc:
+        warn(f"warning: cannot compare data.template {template.name} with the model's own chat template: {exc}")
+        return
+    if ours != theirs:
+        warn(
+            f"warning: data.template {template.name} gives other ids than the chat template this model ships, "
+            f"on a sample conversation ({first_difference(tokenizer, ours, theirs)}); "
+            "data.template: model trains on the model's own"
+        )

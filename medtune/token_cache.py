@@ -83,6 +83,8 @@ def cache_key(data_cfg, seed: int, tokenizer, files: list[str], stage: str = "sf
     else:
         digest.update(repr(sorted(tokenizer.get_vocab().items())).encode())
     digest.update(repr((tokenizer.bos_token_id, tokenizer.eos_token_id)).encode())
+    if data_cfg.template == "model":  # the rows are the tokenizer's own template rendered
+        digest.update(repr(getattr(tokenizer, "chat_template", None)).encode())
     return digest.hexdigest()[:24]
 
 

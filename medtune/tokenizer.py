@@ -80,6 +80,8 @@ def load_tokenizer(path_or_id: str, kind: TokenizerKind = "auto", trust_remote_c
     from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 
     directory = local_tokenizer_dir(path_or_id)
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES[:2] + ["vocab.json"]):
+        raise TokenizerError(f"{path_or_id}: no tokenizer in it (no tokenizer.model, tokenizer.json or vocab.json)")
     resolved = detect_kind(directory) if kind == "auto" else kind
     if resolved == "sentencepiece":
         if not (directory / "tokenizer.model").is_file():

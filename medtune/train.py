@@ -51,7 +51,7 @@ from medtune.rundir import (
     recipe_changes,
 )
 from medtune.stages import Stage, get_stage
-from medtune.templates import get_template, jinja_chat_template
+from medtune.templates import chat_template_text, get_template, stop_token_ids, warn_if_not_models_own
 from medtune.tiny_model import TINY_NAME
 from medtune.token_cache import load_datasets, row_lengths
 from medtune.tokenizer import load_tokenizer, tokenizer_kind
@@ -395,13 +395,17 @@ def setup(recipe: Recipe, accelerator, run: RunDir, dtype: str) -> Setup:
         base = resolve_base(recipe.model, train_paths(recipe.data))
     check_policy_base(base, recipe, accelerator.print)
     tokenizer = load_tokenizer(base, recipe.model.tokenizer, recipe.model.trust_remote_code)
-    tokenizer.chat_template = jinja_chat_template(get_template(recipe.data.template), recipe.data.system_prompt)
+    template = get_template(recipe.data.template)
+    warn_if_not_models_own(tokenizer, template, recipe.data.system_prompt, accelerator.print)
+    tokenizer.chat_template = chat_template_text(tokenizer, template, recipe.data.system_prompt)
     with accelerator.local_main_process_first():  # each machine's first process tokenizes (or finds the cache)
         train_set, eval_set = load_datasets(
             recipe.data, cfg.seed, tokenizer, cfg.stage, accelerator.is_local_main_process, log=accelerator.print
         )
     set_seed(cfg.seed)  # right before anything random: the adapter's init, then dropout and shuffling
     model = build_model(recipe, base, dtype, tokenizer, accelerator)
+    # Generation stops where the template's replies end and at the model's own stop ids; the adapter carries them.
+    model.generation_config.eos_token_id = stop_token_ids(tokenizer, template, model.generation_config.eos_token_id)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
         lr=cfg.learning_rate,
@@ -456,13 +460,12 @@ def rl_parts(recipe: Recipe, base: str, tokenizer, model, accelerator) -> dict[s
     """What rollouts need beside the model and the prompt rows (which carry their conversations): the reward
     and the stop ids."""
     from medtune.rollout import load_reward
-    from medtune.templates import stop_token_ids
 
     reward = load_reward(recipe, accelerator.unwrap_model(model), base)
     accelerator.print(f"rewards from {reward.name}")
     return {
         "reward": reward,
-        "stop_ids": stop_token_ids(tokenizer, get_template(recipe.data.template)),
+        "stop_ids": accelerator.unwrap_model(model).generation_config.eos_token_id,
     }
 
 
@@ -733,6 +736,7 @@ def save_adapter(run: RunDir, model, tokenizer, accelerator) -> None:
             tmp, state_dict=state_dict, safe_serialization=True, selected_adapters=["default"]
         )  # only the trained adapter (RL may hold the reward model's as a second one)
         tokenizer.save_pretrained(tmp)
+        accelerator.unwrap_model(model).generation_config.save_pretrained(tmp)  # its stop ids
         shutil.rmtree(run.adapter_dir, ignore_errors=True)
         os.replace(tmp, run.adapter_dir)
     accelerator.wait_for_everyone()

@@ -155,7 +155,8 @@ def generate_rows(
     outputs = []
     for start in range(0, len(prompts), batch_size):
         outputs += generate_batch(loaded, prompts[start : start + batch_size], max_new_tokens, False, 1.0, 1.0)
-    return [extracted_row(r, o) for r, o in zip(records, outputs, strict=True)]
+    # the answer is read from the reply after its reasoning (a <think> block), as the benchmark reads a reply
+    return [extracted_row(r, loaded.split(o)[1]) for r, o in zip(records, outputs, strict=True)]
 
 
 def evaluate(

@@ -45,7 +45,6 @@ def build(args: argparse.Namespace):
     from medtune.predict import load_model_for_inference
     from medtune.serving.api import create_app
     from medtune.serving.engine import Engine
-    from medtune.templates import stop_token_ids
 
     api_key = api_key_for(args.host, args.api_key_env)
     if args.max_batch < 1 or args.max_queue < 1 or args.max_new_tokens < 1:
@@ -54,7 +53,7 @@ def build(args: argparse.Namespace):
     engine = Engine(
         loaded.model,
         loaded.tokenizer,
-        stop_token_ids(loaded.tokenizer, loaded.template),
+        loaded.stop_ids(),
         args.max_batch,
         args.max_queue,
     )

@@ -23,6 +23,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from medtune.console import MedtuneError
+from medtune.jinja_templates import streamed_parts
 from medtune.serving.engine import Engine, Job, QueueFull
 
 PAGE = Path(__file__).with_name("chat.html")
@@ -177,13 +178,24 @@ def create_app(
     async def stream(job: Job, events: asyncio.Queue, reply_id: str, created: int):
         import json
 
+        received, sent = "", ("", "")
         try:
             yield chunk(reply_id, created, {"role": "assistant", "content": ""})
             while True:
                 event = await events.get()
-                if event["type"] == "delta":
+                if event["type"] == "delta" and not loaded.thinks:
                     yield chunk(reply_id, created, {"content": event["text"]})
+                elif event["type"] == "delta":
+                    received += event["text"]
+                    now = streamed_parts(received, loaded.prompt_opens_think)
+                    for delta in split_deltas(sent, now):
+                        yield chunk(reply_id, created, delta)
+                    sent = now
                 elif event["type"] == "done":
+                    if loaded.thinks:
+                        reasoning, answer = loaded.split(event["text"])
+                        for delta in split_deltas(sent, (reasoning or "", answer)):
+                            yield chunk(reply_id, created, delta)
                     yield chunk(reply_id, created, {}, event["finish_reason"])
                     break
                 else:
@@ -207,6 +219,10 @@ def create_app(
             if event["type"] == "done":
                 break
         usage = {"prompt_tokens": event["prompt_tokens"], "completion_tokens": event["completion_tokens"]}
+        reasoning, answer = loaded.split(event["text"])
+        message = {"role": "assistant", "content": answer}
+        if reasoning is not None:
+            message["reasoning_content"] = reasoning  # as OpenAI-compatible reasoning servers return it
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         return {
             "id": reply_id,
@@ -216,7 +232,7 @@ def create_app(
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": event["text"]},
+                    "message": message,
                     "finish_reason": event["finish_reason"],
                 }
             ],
@@ -224,3 +240,12 @@ def create_app(
         }
 
     return app
+
+
+def split_deltas(sent: tuple[str, str], now: tuple[str, str]) -> list[dict[str, str]]:
+    """The stream chunks that take what was sent of (reasoning, answer) to ``now``: each part only grows."""
+    deltas = []
+    for key, before, after in zip(("reasoning_content", "content"), sent, now, strict=True):
+        if len(after) > len(before) and after.startswith(before):
+            deltas.append({key: after[len(before) :]})
+    return deltas
