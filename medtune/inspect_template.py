@@ -122,9 +122,11 @@ def show(name: str, tokenizer, messages: list[dict[str, str]], system: str | Non
         f"{len(ids)} tokens, {sum(label != IGNORE_INDEX for label in labels)} trained (*); "
         f"the generation prompt is the first {len(out['prompt_ids'])}:",
     ]
-    for i, (token, label) in enumerate(zip(ids, labels, strict=True)):
-        text = decode(tokenizer, [token], skip_special_tokens=False)  # readable for byte-level pieces too
-        lines.append(f"{i:5d} {'*' if label != IGNORE_INDEX else ' '} {token:7d}  {text!r}")
+    byte_level = tokenizer_kind(tokenizer) == "fast"
+    for i, (token, piece, label) in enumerate(zip(ids, tokenizer.convert_ids_to_tokens(ids), labels, strict=True)):
+        line = f"{i:5d} {'*' if label != IGNORE_INDEX else ' '} {token:7d}  {piece!r}"
+        text = decode(tokenizer, [token], skip_special_tokens=False) if byte_level else piece
+        lines.append(line + (f"  = {text!r}" if text != piece else ""))  # byte-level pieces ('éĹ®') as text
     return "\n".join(lines)
 
 
