@@ -151,6 +151,7 @@ def _extract_models(sdist: Path) -> Path:
             for stale in root.glob(".extract-*"):
                 shutil.rmtree(stale, ignore_errors=True)
             tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=root))
+            os.chmod(tmp, 0o755)  # mkdtemp's 0700 would stay on the renamed cache folder
             try:
                 kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
                 tar.extractall(tmp, members=members, **kwargs)
@@ -350,6 +351,7 @@ def _key(*parts) -> str:
 def _save_atomically(tokenizer, final: Path) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    os.chmod(tmp, 0o755)
     try:
         tokenizer.save_pretrained(str(tmp))
         try:
