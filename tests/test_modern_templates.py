@@ -192,3 +192,33 @@ def test_a_named_template_other_than_the_models_own_is_named_with_its_first_diff
     said.clear()
     warn_if_not_models_own(qwen3, get_template("qwen3"), None, said.append)
     assert said == []
+
+
+@pytest.mark.parametrize(
+    "reply, opens",
+    [
+        ("<think>\n头痛伴发热。\n</think>\n\n建议测体温。", False),
+        ("头痛伴发热。\n</think>\n\n建议测体温。", True),  # DeepSeek-R1: the prompt opened the block
+        ("建议测体温。", False),
+        ("<think>\n只想了一半", False),
+    ],
+)
+def test_streamed_reasoning_and_answer_add_up_to_the_whole_reply(reply, opens):
+    """Serve's stream: the reasoning_content and content deltas, sent as tokens arrive, add up to exactly the
+    non-streamed split (split_reasoning), whatever the cut points."""
+    from medtune.jinja_templates import split_reasoning, streamed_parts
+    from medtune.serving.api import split_deltas
+
+    sent, got = ("", ""), {"reasoning_content": "", "content": ""}
+    for end in range(1, len(reply) + 1):
+        now = streamed_parts(reply[:end], opens)
+        for delta in split_deltas(sent, now):
+            for key, text in delta.items():
+                got[key] += text
+        sent = (got["reasoning_content"], got["content"])
+    reasoning, answer = split_reasoning(reply, opens)
+    for delta in split_deltas(sent, (reasoning or "", answer)):
+        for key, text in delta.items():
+            got[key] += text
+    assert (got["reasoning_content"], got["content"]) == (reasoning or "", answer)
+    assert "<think>" not in got["content"] + got["reasoning_content"]
