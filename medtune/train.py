@@ -405,7 +405,9 @@ def setup(recipe: Recipe, accelerator, run: RunDir, dtype: str) -> Setup:
     set_seed(cfg.seed)  # right before anything random: the adapter's init, then dropout and shuffling
     model = build_model(recipe, base, dtype, tokenizer, accelerator)
     # Generation stops where the template's replies end and at the model's own stop ids; the adapter carries them.
-    model.generation_config.eos_token_id = stop_token_ids(tokenizer, template, model.generation_config.eos_token_id)
+    generation = getattr(model, "generation_config", None)  # a reward model (score head) generates nothing
+    if generation is not None:
+        generation.eos_token_id = stop_token_ids(tokenizer, template, generation.eos_token_id)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
         lr=cfg.learning_rate,
@@ -736,7 +738,9 @@ def save_adapter(run: RunDir, model, tokenizer, accelerator) -> None:
             tmp, state_dict=state_dict, safe_serialization=True, selected_adapters=["default"]
         )  # only the trained adapter (RL may hold the reward model's as a second one)
         tokenizer.save_pretrained(tmp)
-        accelerator.unwrap_model(model).generation_config.save_pretrained(tmp)  # its stop ids
+        generation = getattr(accelerator.unwrap_model(model), "generation_config", None)
+        if generation is not None:  # its stop ids; a reward model has none
+            generation.save_pretrained(tmp)
         shutil.rmtree(run.adapter_dir, ignore_errors=True)
         os.replace(tmp, run.adapter_dir)
     accelerator.wait_for_everyone()
