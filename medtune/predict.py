@@ -17,6 +17,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ import torch
 
 from medtune.console import MedtuneError, quiet_libraries, run_command
 from medtune.data import padded
-from medtune.jinja_templates import JinjaTemplate, split_reasoning, template_source
+from medtune.jinja_templates import JinjaTemplate, render, split_reasoning, template_messages, template_source
 from medtune.model import DTYPES
 from medtune.records import RecordError, iter_json_lines, validate_record, write_jsonl_line
 from medtune.rundir import ModelSource, describe_source
@@ -102,23 +103,25 @@ class InferenceModel:
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
         return encode_conversation(self.tokenizer, self.template, messages, self.system_prompt)[0]
 
-    @property
+    # Facts of the template, worked out once: split() runs for every reply and serve's stream for every delta.
+    @cached_property
     def thinks(self) -> bool:
         """The template has a <think> block: replies are split into reasoning and answer."""
         return isinstance(self.template, JinjaTemplate) and "<think>" in template_source(self.tokenizer, self.template)
 
-    @property
+    @cached_property
     def prompt_opens_think(self) -> bool:
         """The generation prompt already writes <think> (DeepSeek-R1): replies start inside the block."""
         if not self.thinks:
             return False
-        prompt = self.tokenizer.decode(self.prompt_ids([{"role": "user", "content": "?"}])[-3:])
-        return prompt.rstrip().endswith("<think>")
+        probe = template_messages([{"role": "user", "content": "?"}], self.system_prompt)
+        return render(self.tokenizer, self.template, probe, add_generation_prompt=True).rstrip().endswith("<think>")
 
     def split(self, text: str) -> tuple[str | None, str]:
         """(reasoning, answer) of a generated reply; (None, text) for a template without reasoning."""
         return split_reasoning(text, self.prompt_opens_think) if self.thinks else (None, text)
 
+    @cached_property
     def stop_ids(self) -> list[int]:
         """EOS, the template's end markers, and the model's own generation_config eos ids."""
         return stop_token_ids(self.tokenizer, self.template, self.model.generation_config.eos_token_id)
@@ -160,7 +163,7 @@ def generate_batch(
         max_new_tokens=max_new_tokens,
         do_sample=do_sample,
         pad_token_id=pad,
-        eos_token_id=loaded.stop_ids(),
+        eos_token_id=loaded.stop_ids,
     )
     if do_sample:
         kwargs.update(temperature=temperature, top_p=top_p)

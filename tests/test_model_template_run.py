@@ -101,7 +101,7 @@ def test_model_template_trains_merges_predicts_and_serves_on_one_set_of_ids(qwen
         assert row["input_ids"][:first_trained] == prompt["input_ids"]
         assert from_run.prompt_ids(conversation[:1]) == prompt["input_ids"]
         assert from_merged.prompt_ids(conversation[:1]) == prompt["input_ids"]
-    assert im_end in from_run.stop_ids() and im_end in from_merged.stop_ids()
+    assert im_end in from_run.stop_ids and im_end in from_merged.stop_ids
     saved = json.loads((home / "run" / "adapter" / "generation_config.json").read_text())
     assert im_end in saved["eos_token_id"]
     merged_config = json.loads((tmp_path / "merged" / "generation_config.json").read_text())

@@ -53,7 +53,7 @@ def build(args: argparse.Namespace):
     engine = Engine(
         loaded.model,
         loaded.tokenizer,
-        loaded.stop_ids(),
+        loaded.stop_ids,
         args.max_batch,
         args.max_queue,
     )
