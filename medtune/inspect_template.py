@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from medtune.console import MedtuneError, quiet_libraries, run_command
-from medtune.jinja_templates import JinjaTemplate, first_difference, model_template, render, template_messages
+from medtune.jinja_templates import JinjaTemplate, first_difference, render, template_messages
 from medtune.templates import (
     IGNORE_INDEX,
     Template,
@@ -132,9 +132,8 @@ def show(name: str, tokenizer, messages: list[dict[str, str]], system: str | Non
 
 def check(tokenizer, name: str) -> tuple[int, int, list[str]]:
     """(identical, compared, notes): medtune's ids and prompt ids against apply_chat_template's own."""
-    own = model_template()
-    variables = dict(get_template(name).variables) if name != "model" else dict(own.variables)
     template = get_template(name)
+    variables = dict(template.variables)
     identical, compared, notes = 0, 0, []
     for label, messages in CHECKS:
         try:
@@ -142,11 +141,7 @@ def check(tokenizer, name: str) -> tuple[int, int, list[str]]:
         except MedtuneError as exc:
             notes.append(f"{label}: not compared ({exc})")
             continue
-        reference = [
-            {k: v for k, v in m.items() if k != "reasoning"}
-            | ({"reasoning_content": m["reasoning"]} if "reasoning" in m else {})
-            for m in messages
-        ]
+        reference = template_messages(messages, None)
         generation = messages[-1]["role"] != "assistant"
         theirs = _apply(tokenizer, reference, generation, variables)
         prompt_messages = reference if generation else reference[:-1]

@@ -16,7 +16,7 @@ prefixes of the conversation:
 - that rendering must be a prefix of the whole conversation's ids. Where it is not, the template writes
   this reply otherwise once later turns follow (Qwen3 and GLM-4 drop the reasoning of earlier replies):
   such a reply is left untrained, since what the conversation holds is not what the model produces
-  when it writes that turn; :func:`encode_jinja` counts them.
+  when it writes that turn.
 
 Named templates are medtune's own Jinja text (tools left out); the tests prove each gives the ids of the
 published template it names, on that family's real vocabulary.
@@ -24,6 +24,7 @@ published template it names, on that family's real vocabulary.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from medtune.console import MedtuneError
+from medtune.tokenizer import encode_texts
 
 IGNORE_INDEX = -100
 Message = dict[str, str]
@@ -45,7 +47,6 @@ class JinjaTemplate:
     source: str = ""  # the Jinja text; "" = the tokenizer's own chat template (data.template: model)
     variables: tuple[tuple[str, Any], ...] = ()  # template variables medtune sets (enable_thinking, date_string)
     stop: tuple[str, ...] = ()  # tokens that end a reply besides EOS (named templates; a model's are derived)
-    reasoning: bool = False  # the template renders an assistant message's reasoning
     final_stop: str = ""  # appended (trained) after a conversation's last reply whose template writes no end
     reference: str = ""  # whose format this is, and how it was checked
     labels: str = "each reply and its end marker trained; prompts masked"
@@ -72,7 +73,6 @@ def named_jinja_templates() -> dict[str, JinjaTemplate]:
         _named(
             "qwen3",
             stop=("<|im_end|>", "<|endoftext|>"),
-            reasoning=True,
             reference="Qwen3's chat_template (Qwen/Qwen3-0.6B), thinking mode",
             labels=qwen3_labels,
         ),
@@ -81,7 +81,6 @@ def named_jinja_templates() -> dict[str, JinjaTemplate]:
             file="qwen3",
             variables=(("enable_thinking", False),),
             stop=("<|im_end|>", "<|endoftext|>"),
-            reasoning=True,
             reference="Qwen3's chat_template (Qwen/Qwen3-0.6B) with enable_thinking=False: the generation prompt "
             "holds an empty <think> block",
             labels=qwen3_labels,
@@ -101,7 +100,6 @@ def named_jinja_templates() -> dict[str, JinjaTemplate]:
         _named(
             "glm4",
             stop=("<|user|>", "<|observation|>", "<|endoftext|>"),
-            reasoning=True,
             final_stop="<|user|>",
             reference="GLM-4.5/4.6's chat_template (zai-org): [gMASK]<sop>, <|role|>\\ncontent, a <think> block "
             "in every reply; replies end when the model writes <|user|>",
@@ -185,7 +183,7 @@ def encode_jinja(
     turn is a generation prompt (rendered with ``add_generation_prompt``, nothing trained)."""
     plans = [_plan(tokenizer, template, conv, system_prompt) for conv in conversations]
     texts = sorted({text for plan in plans for text in plan.texts()})
-    ids_of = dict(zip(texts, tokenizer(texts, add_special_tokens=False)["input_ids"], strict=True)) if texts else {}
+    ids_of = dict(zip(texts, encode_texts(tokenizer, texts), strict=True))
     stops = set(template_stop_ids(tokenizer, template)) if template.stop else set()
     final_stop = tokenizer.get_vocab().get(template.final_stop) if template.final_stop else None
     return [plan.encode(ids_of, train_on, stops, template, final_stop) for plan in plans]
@@ -291,30 +289,20 @@ def template_stop_ids(tokenizer, template: JinjaTemplate) -> list[int]:
 def saved_chat_template(tokenizer, template: JinjaTemplate, system_prompt: str | None) -> str:
     """The Jinja text saved with an adapter or merged model: the template with medtune's variables and
     system prompt set at its top, so that ``apply_chat_template`` elsewhere renders what training did."""
-    head = []
-    for key, value in template.variables:
-        literal = {True: "true", False: "false"}.get(value, None) if isinstance(value, bool) else None
-        head.append(
-            "{%- if "
-            + key
-            + " is not defined -%}{%- set "
-            + key
-            + " = "
-            + (literal or _jinja_str(str(value)))
-            + " -%}{%- endif -%}"
-        )
+    head = [  # JSON literals are Jinja literals: "text", true, false
+        "{%- if " + key + " is not defined -%}{%- set " + key + " = " + _jinja_literal(value) + " -%}{%- endif -%}"
+        for key, value in template.variables
+    ]
     if system_prompt is not None:
         head.append(
             "{%- if not messages or messages[0]['role'] != 'system' -%}{%- set messages = [{'role': 'system', "
-            "'content': " + _jinja_str(system_prompt) + "}] + messages -%}{%- endif -%}"
+            "'content': " + _jinja_literal(system_prompt) + "}] + messages -%}{%- endif -%}"
         )
     return "".join(head) + template_source(tokenizer, template)
 
 
-def _jinja_str(text: str) -> str:
-    import json
-
-    return json.dumps(text, ensure_ascii=False)
+def _jinja_literal(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
 
 
 def split_reasoning(text: str, prompt_opens_think: bool = False) -> tuple[str | None, str]:

@@ -394,7 +394,7 @@ def jinja_chat_template(template: ChatTemplate, system_prompt: str | None = None
 def warn_if_not_models_own(tokenizer, template: Template, system_prompt: str | None, warn) -> None:
     """A model that ships a chat template was trained on its ids: say where a recipe's other template gives
     other ids, on a sample conversation (first differing token)."""
-    if getattr(template, "name", MODEL) == MODEL or not getattr(tokenizer, "chat_template", None):
+    if template.name == MODEL or not getattr(tokenizer, "chat_template", None):
         return
     sample = [
         {"role": "user", "content": "我头痛三天了，怎么办？"},
