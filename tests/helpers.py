@@ -40,25 +40,23 @@ train:
 """
 
 
-def tiny_llama_with_tokenizer(out, tokenizer_dir) -> None:
-    """A random 2-layer LlamaForCausalLM whose vocabulary is the real tokenizer's, saved with its files."""
-    import sentencepiece
+def random_tiny_llama(vocab_size: int, **config):
+    """A random 2-layer LlamaForCausalLM (seeded) over a real vocabulary of ``vocab_size`` tokens."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    vocab = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer_dir / "tokenizer.model")).get_piece_size()
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-    )
+    settings = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
     torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
+    return LlamaForCausalLM(
+        LlamaConfig(vocab_size=vocab_size, num_key_value_heads=4, tie_word_embeddings=False, **settings, **config)
+    )
+
+
+def tiny_llama_with_tokenizer(out, tokenizer_dir) -> None:
+    """A random 2-layer LlamaForCausalLM whose vocabulary is the real tokenizer's, saved with its files."""
+    import sentencepiece
+
+    vocab = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer_dir / "tokenizer.model")).get_piece_size()
+    random_tiny_llama(vocab, bos_token_id=1, eos_token_id=2).save_pretrained(out, safe_serialization=True)
     for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(tokenizer_dir / name, out / name)

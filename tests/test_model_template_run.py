@@ -10,6 +10,7 @@ import json
 import os
 
 import pytest
+from helpers import random_tiny_llama
 from references import DATA, chatmed_texts
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data is needed")]
@@ -18,21 +19,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(not DATA.is_dir(), reason="..
 def tiny_qwen(out, tokenizer) -> None:
     """A random 2-layer LlamaForCausalLM over the tokenizer's whole vocabulary, saved with the tokenizer and
     Qwen2.5-Instruct's generation_config stops (<|im_end|>, <|endoftext|>)."""
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import GenerationConfig
 
     vocab = tokenizer.get_vocab()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
+    model = random_tiny_llama(len(tokenizer))
     model.generation_config = GenerationConfig(eos_token_id=[vocab["<|im_end|>"], vocab["<|endoftext|>"]])
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
@@ -64,28 +54,35 @@ def recipe_text(template: str, data: str = "train.jsonl") -> str:
     )
 
 
+def train_in(directory):
+    """Train directory/r.yaml from that directory (its relative paths are taken from there); its recipe."""
+    from medtune.recipe import load_recipe
+    from medtune.train import train
+
+    cwd = os.getcwd()
+    try:
+        os.chdir(directory)
+        recipe = load_recipe("r.yaml")
+        train(recipe)
+    finally:
+        os.chdir(cwd)
+    return recipe
+
+
 def test_model_template_trains_merges_predicts_and_serves_on_one_set_of_ids(qwen_home, tmp_path):
     from fastapi.testclient import TestClient
     from transformers import AutoTokenizer
 
     from medtune.merge import merge
     from medtune.predict import load_model_for_inference, predict
-    from medtune.recipe import load_recipe
     from medtune.serving import build, parser
     from medtune.templates import IGNORE_INDEX
     from medtune.token_cache import build_sft_rows
     from medtune.tokenizer import load_tokenizer
-    from medtune.train import train
 
     home, pairs = qwen_home
     (home / "r.yaml").write_text(recipe_text("model"), encoding="utf-8")
-    cwd = os.getcwd()
-    try:
-        os.chdir(home)
-        recipe = load_recipe("r.yaml")
-        train(recipe)
-    finally:
-        os.chdir(cwd)
+    recipe = train_in(home)
     merge(str(home / "run"), tmp_path / "merged", [])
     published = AutoTokenizer.from_pretrained(home / "base")
     data = dataclasses.replace(recipe.data, train_files=[str(home / "train.jsonl")])
@@ -169,11 +166,9 @@ def test_template_show_writes_the_ids_training_uses_and_check_compares(qwen_home
 def test_medical_o1_reasoning_trains_with_qwen3_and_predict_returns_it_apart(qwen_home, tmp_path):
     from data_prep.__main__ import main as prep
     from medtune.predict import load_model_for_inference
-    from medtune.recipe import load_recipe
     from medtune.templates import IGNORE_INDEX
     from medtune.token_cache import build_sft_rows
     from medtune.tokenizer import load_tokenizer
-    from medtune.train import train
 
     home, pairs = qwen_home
     o1 = [{"Question": q, "Complex_CoT": "先考虑常见病因。" + a[:20], "Response": a} for q, a in pairs]
@@ -181,13 +176,7 @@ def test_medical_o1_reasoning_trains_with_qwen3_and_predict_returns_it_apart(qwe
     assert prep(["medical-o1", str(tmp_path / "o1.json"), "--out", str(tmp_path / "o1.jsonl"), "--quiet"]) == 0
     (tmp_path / "base").symlink_to(home / "base")
     (tmp_path / "r.yaml").write_text(recipe_text("qwen3", str(tmp_path / "o1.jsonl")), encoding="utf-8")
-    cwd = os.getcwd()
-    try:
-        os.chdir(tmp_path)
-        recipe = load_recipe("r.yaml")
-        train(recipe)
-    finally:
-        os.chdir(cwd)
+    recipe = train_in(tmp_path)
     tokenizer = load_tokenizer(str(home / "base"))
     rows, _, _ = build_sft_rows(recipe.data, recipe.train.seed, tokenizer)
     for row, item in zip(rows, o1, strict=True):
