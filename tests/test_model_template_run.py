@@ -10,6 +10,7 @@ import json
 import os
 
 import pytest
+import torch
 from helpers import random_tiny_llama
 from references import DATA, chatmed_texts
 
@@ -119,12 +120,32 @@ def test_model_template_trains_merges_predicts_and_serves_on_one_set_of_ids(qwen
         [{"role": "user", "content": pairs[0][0]}]
     )
     assert im_end in engine.stop_ids
+    question = [{"role": "user", "content": pairs[0][0]}]
     with TestClient(app) as client:
-        reply = client.post(
-            "/v1/chat/completions",
-            json={"messages": [{"role": "user", "content": pairs[0][0]}], "max_tokens": 8, "temperature": 0},
-        )
-    assert reply.status_code == 200 and "<|im_end|>" not in reply.json()["choices"][0]["message"]["content"]
+        reply = client.post("/v1/chat/completions", json={"messages": question, "max_tokens": 8, "temperature": 0})
+        assert reply.status_code == 200 and "<|im_end|>" not in reply.json()["choices"][0]["message"]["content"]
+        # Make <|im_end|> the model's first choice after this prompt: generation must stop there, in predict's
+        # generate and in serve's engine, and nowhere else (without it as a stop id the reply runs on).
+        make_first_token(loaded, question, im_end)
+        reply = client.post("/v1/chat/completions", json={"messages": question, "max_tokens": 8, "temperature": 0})
+    choice = reply.json()["choices"][0]
+    assert (choice["message"]["content"], choice["finish_reason"]) == ("", "stop")
+    assert reply.json()["usage"]["completion_tokens"] == 1
+    make_first_token(from_merged, question, im_end)
+    prompt = torch.tensor([from_merged.prompt_ids(question)])
+    stopped = from_merged.model.generate(prompt, max_new_tokens=8, do_sample=False, eos_token_id=from_merged.stop_ids)
+    assert stopped[0, prompt.shape[1] :].tolist() == [im_end]
+    endoftext = published.convert_tokens_to_ids("<|endoftext|>")
+    runs_on = from_merged.model.generate(prompt, max_new_tokens=8, do_sample=False, eos_token_id=[endoftext])
+    assert runs_on.shape[1] > prompt.shape[1] + 1
+
+
+def make_first_token(loaded, messages, token: int) -> None:
+    """Point the LM head's row of ``token`` along the prompt's last hidden state: a logit of 50, the rest ~0."""
+    model = loaded.model
+    with torch.no_grad():
+        hidden = model.model(torch.tensor([loaded.prompt_ids(messages)])).last_hidden_state[0, -1]
+        model.lm_head.weight[token] = hidden * (50 / hidden.norm() ** 2)
 
 
 def test_template_show_writes_the_ids_training_uses_and_check_compares(qwen_home, tmp_path, capsys):
