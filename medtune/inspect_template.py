@@ -24,6 +24,7 @@ from typing import Any
 
 from medtune.console import MedtuneError, quiet_libraries, run_command
 from medtune.jinja_templates import JinjaTemplate, first_difference, render, template_messages
+from medtune.records import RecordError, validate_record
 from medtune.templates import (
     IGNORE_INDEX,
     Template,
@@ -68,6 +69,8 @@ CHECKS: list[tuple[str, list[dict[str, str]]]] = [
 
 def read_conversations(path: Path) -> list[list[dict[str, str]]]:
     """A JSON record or message list, or JSONL of them (blank lines skipped); errors name file and line."""
+    if not path.is_file():
+        raise MedtuneError(f"--messages {path}: file not found")
     text = path.read_text(encoding="utf-8").strip()
     try:
         values = [(1, json.loads(text))]
@@ -82,8 +85,10 @@ def read_conversations(path: Path) -> list[list[dict[str, str]]]:
     conversations = []
     for lineno, value in values:
         messages = value.get("messages") if isinstance(value, dict) else value
-        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
-            raise MedtuneError(f'{path}:{lineno}: expected a list of messages or a record with "messages"')
+        try:  # the record contract training reads: roles, alternation, string contents, reasoning
+            validate_record({"id": "-", "source": "-", "messages": messages})
+        except RecordError as exc:
+            raise MedtuneError(f'{path}:{lineno}: {exc} (a list of messages or a record with "messages")') from None
         conversations.append(messages)
     if not conversations:
         raise MedtuneError(f"{path}: no conversation in it")
