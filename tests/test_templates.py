@@ -85,3 +85,29 @@ def test_saved_chat_template_renders_the_training_format(tokenizer, name, messag
 def test_turns_must_alternate(tokenizer):
     with pytest.raises(ValueError, match="alternate"):
         encode_conversation(tokenizer, get_template("chatmed"), [ONE_TURN[1], ONE_TURN[0]])
+
+
+def test_template_show_refuses_bad_messages_files_in_one_line(tiny_base, tmp_path, capsys):
+    """Hostile --messages: a torn JSON line, a wrong role, a missing file: exit 2, one error line naming the
+    file (and line), no --json output written."""
+    from medtune.inspect_template import main
+
+    cases = {
+        "torn.jsonl": (
+            '{"messages": [{"role": "user", "content": "头痛"}]}\n{"messages": [{"ro',
+            "torn.jsonl:2: not JSON",
+        ),
+        "role.jsonl": ('[{"role": "doctor", "content": "x"}]', "role.jsonl:1: field 'messages[0].role'"),
+        "reasoning.jsonl": (
+            '[{"role": "user", "content": "x", "reasoning": "y"}]',
+            "reasoning.jsonl:1: field 'messages[0].reasoning'",
+        ),
+    }
+    for name, (text, _) in cases.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    for name, (_, expected) in [*cases.items(), ("missing.jsonl", ("", "--messages"))]:
+        argv = ["show", "chatmed", "--tokenizer", str(tiny_base), "--messages", str(tmp_path / name)]
+        assert main([*argv, "--json", str(tmp_path / "out.jsonl")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and expected in err and "\n" not in err, err
+        assert not (tmp_path / "out.jsonl").exists()
