@@ -170,9 +170,23 @@ def _apply(tokenizer, messages: list[dict[str, Any]], generation: bool, variable
 
 
 def write_json(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Write atomically; replace only a file this command wrote (its lines hold ids, labels, prompt_ids)."""
+    if path.is_dir() or (path.exists() and not _written_by_show(path)):
+        raise MedtuneError(
+            f"--json {path}: exists and is not ids written by medtune template show; choose another path"
+        )
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     tmp.replace(path)
+
+
+def _written_by_show(path: Path) -> bool:
+    try:
+        with path.open(encoding="utf-8") as handle:
+            first = json.loads(handle.readline() or "null")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(first, dict) and set(first) == {"ids", "labels", "prompt_ids"}
 
 
 def main(argv: list[str] | None = None) -> int:

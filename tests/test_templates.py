@@ -111,3 +111,21 @@ def test_template_show_refuses_bad_messages_files_in_one_line(tiny_base, tmp_pat
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and expected in err and "\n" not in err, err
         assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_template_show_json_replaces_only_its_own_file(tiny_base, tmp_path, capsys):
+    import hashlib
+    import json
+
+    from medtune.inspect_template import main
+
+    out, foreign = tmp_path / "ids.jsonl", tmp_path / "data.jsonl"
+    argv = ["show", "chatmed", "--tokenizer", str(tiny_base), "--json"]
+    assert main([*argv, str(out)]) == 0 and main([*argv, str(out)]) == 0  # twice: its own file is replaced
+    assert set(json.loads(out.read_text().splitlines()[0])) == {"ids", "labels", "prompt_ids"}
+    foreign.write_text('{"id": "a", "source": "s", "text": "病历"}\n', encoding="utf-8")
+    before = hashlib.sha256(foreign.read_bytes()).hexdigest()
+    capsys.readouterr()
+    assert main([*argv, str(foreign)]) == 2
+    assert "is not ids written by medtune template show" in capsys.readouterr().err
+    assert hashlib.sha256(foreign.read_bytes()).hexdigest() == before
