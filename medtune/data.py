@@ -29,14 +29,22 @@ class TokenizeReport:
     kept: int = 0
     truncated: int = 0
     dropped: Counter = field(default_factory=Counter)
+    untrained_replies: int = 0  # replies the template rewrites once a later turn follows (Qwen3, GLM-4)
 
     def add(self, other: TokenizeReport) -> None:
         self.kept, self.truncated = self.kept + other.kept, self.truncated + other.truncated
         self.dropped.update(other.dropped)
+        self.untrained_replies += other.untrained_replies
 
     def summary(self) -> str:
         dropped = ", ".join(f"{n} {why}" for why, n in self.dropped.items()) or "none"
-        return f"{self.kept} examples ({self.truncated} cut to max_length); dropped: {dropped}"
+        untrained = (
+            f"; {self.untrained_replies} earlier replies untrained (the template writes them otherwise once a "
+            "later turn follows, so they are not what the model writes)"
+            if self.untrained_replies
+            else ""
+        )
+        return f"{self.kept} examples ({self.truncated} cut to max_length); dropped: {dropped}{untrained}"
 
 
 KIND_HELP = {
@@ -61,7 +69,11 @@ def tokenize_chat(
     examples: list[Example] = []
     for start in range(0, len(records), chunk):
         conversations = [r["messages"] for r in records[start : start + chunk]]
-        for ids, labels in encode_conversations(tokenizer, template, conversations, system_prompt, train_on):
+        encoded = encode_conversations(tokenizer, template, conversations, system_prompt, train_on)
+        for messages, (ids, labels) in zip(conversations, encoded, strict=True):
+            if train_on == "all_turns":
+                replies = sum(m["role"] == "assistant" for m in messages)
+                report.untrained_replies += max(0, replies - trained_runs(labels))
             if len(ids) > max_length:
                 ids, labels = ids[:max_length], labels[:max_length]
                 report.truncated += 1
@@ -71,6 +83,13 @@ def tokenize_chat(
             examples.append({"input_ids": ids, "labels": labels})
             report.kept += 1
     return examples, report
+
+
+def trained_runs(labels: Sequence[int]) -> int:
+    """How many separate stretches of trained tokens: one per trained reply."""
+    return sum(
+        1 for i, label in enumerate(labels) if label != IGNORE_INDEX and (i == 0 or labels[i - 1] == IGNORE_INDEX)
+    )
 
 
 def tokenize_pairs(

@@ -245,7 +245,8 @@ def _plan(tokenizer, template: JinjaTemplate, conversation: Sequence[Message], s
             upto = full if i == len(messages) - 1 else render(tokenizer, template, messages[: i + 1], False)
             replies.append((prompt, upto, bool(message.get("reasoning_content"))))
     last = messages[-1]
-    if last.get("reasoning_content") and last["reasoning_content"].strip() not in full:
+    plain = {k: v for k, v in last.items() if k != "reasoning_content"}
+    if last.get("reasoning_content") and render(tokenizer, template, [*messages[:-1], plain], False) == full:
         raise MedtuneError(
             f"template {template.name} renders no reasoning (the record's last reply has one): train with a "
             "template that has a reasoning block (qwen3, glm4, or the model's own if it has one), or drop the "

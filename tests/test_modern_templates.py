@@ -222,3 +222,31 @@ def test_streamed_reasoning_and_answer_add_up_to_the_whole_reply(reply, opens):
             got[key] += text
     assert (got["reasoning_content"], got["content"]) == (reasoning or "", answer)
     assert "<think>" not in got["content"] + got["reasoning_content"]
+
+
+def test_a_template_without_reasoning_refuses_even_a_one_letter_reasoning():
+    """Found by rendering with and without it, not by searching the text (a letter is in any rendering)."""
+    from medtune.console import MedtuneError
+    from medtune.templates import encode_conversation, get_template
+
+    qwen = tokenizer_for("qwen2", "Qwen-Qwen2.5-7B-Instruct")
+    short = [{"role": "user", "content": "头痛"}, {"role": "assistant", "content": "休息", "reasoning": "r"}]
+    with pytest.raises(MedtuneError, match="qwen2_5 renders no reasoning"):
+        encode_conversation(qwen, get_template("qwen2_5"), short)
+
+
+def test_the_tokenize_report_counts_the_replies_a_template_leaves_untrained():
+    from medtune.data import tokenize_chat
+    from medtune.templates import get_template
+
+    qwen3 = tokenizer_for("qwen2", "Qwen-Qwen3-0.6B", THINK)
+    records = [{"messages": m} for m in conversations(reasoning=True)]
+    replies = sum(m["role"] == "assistant" for r in records for m in r["messages"])
+    _, report = tokenize_chat(records, qwen3, get_template("qwen3"), 4096)
+    assert report.untrained_replies == replies - 40  # all but each conversation's last reply
+    assert f"{replies - 40} earlier replies untrained" in report.summary()
+    _, report = tokenize_chat(records, qwen3, get_template("qwen3"), 4096, train_on="last_turn")
+    assert report.untrained_replies == 0  # asked for: not reported
+    qwen25 = tokenizer_for("qwen2", "Qwen-Qwen2.5-7B-Instruct")
+    _, report = tokenize_chat([{"messages": m} for m in conversations(False)], qwen25, get_template("qwen2_5"), 4096)
+    assert report.untrained_replies == 0
