@@ -24,7 +24,7 @@ def one_step(mode: str, vocab: int, tokens: int, hidden: int, chunk: int) -> Non
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from medtune.losses import causal_lm_loss_sum, chunked_lm_loss_sum
+    from medtune.training.losses import causal_lm_loss_sum, chunked_lm_loss_sum
 
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -59,7 +59,7 @@ def main() -> int:
     parser.add_argument("--mode", choices=("plain", "chunked"))
     args = parser.parse_args()
     if not args.chunk:
-        from medtune.stages import LOSS_CHUNK
+        from medtune.training.objectives import LOSS_CHUNK
 
         args.chunk = LOSS_CHUNK
     if args.mode:

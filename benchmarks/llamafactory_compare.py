@@ -144,8 +144,8 @@ def main() -> None:
     parser.add_argument("--equal", action="store_true", help="three pairs at equal settings instead of defaults")
     parser.add_argument("--repeats", type=int, default=2, help="--equal: runs of each pair, interleaved")
     args = parser.parse_args()
-    from medtune.tiny_model import build_tiny_llama, corpus_texts
-    from medtune.tokenizer import load_tokenizer
+    from medtune.data.tokenizer import load_tokenizer
+    from medtune.model.tiny import build_tiny_llama, corpus_texts
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -46,8 +46,8 @@ def config(args):
 
 def step_tokenize(args) -> dict:
     """load_datasets as training calls it: cold builds the cache, warm finds it."""
-    from medtune.token_cache import load_datasets
-    from medtune.tokenizer import load_tokenizer
+    from medtune.data.token_cache import load_datasets
+    from medtune.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer)
     base = rss_mb()
@@ -61,10 +61,10 @@ def step_pack(args) -> dict:
     """The tokenized cache's rows, streamed through best-fit packing into a new Arrow file."""
     import pyarrow.compute as pc
 
-    from medtune.packing import padding_efficiency
-    from medtune.tiny_model import cache_root
-    from medtune.token_cache import PACK_CHUNK, RowFile, cache_key, lay_out, read_rows
-    from medtune.tokenizer import load_tokenizer
+    from medtune.data.packing import padding_efficiency
+    from medtune.data.token_cache import PACK_CHUNK, RowFile, cache_key, lay_out, read_rows
+    from medtune.data.tokenizer import load_tokenizer
+    from medtune.paths import cache_root
 
     cfg = config(args)
     key = cache_key(cfg, 42, load_tokenizer(args.tokenizer), cfg.train_files)
@@ -126,7 +126,7 @@ def main() -> None:
         if SHARED_TOKENIZER.is_dir():
             args.tokenizer = str(SHARED_TOKENIZER)
         else:
-            from medtune.tiny_model import ensure_tiny_llama
+            from medtune.model.tiny import ensure_tiny_llama
 
             args.tokenizer = str(ensure_tiny_llama([]))
     sys.path.insert(0, str(HERE))

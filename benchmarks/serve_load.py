@@ -86,7 +86,7 @@ def main() -> int:
     model, template = args.model, args.template
     if model is None:
         os.chdir(REPO)
-        from medtune.tiny_model import ensure_tiny_llama
+        from medtune.model.tiny import ensure_tiny_llama
 
         model, template = str(ensure_tiny_llama([str(REPO / "recipes/data/demo_medical.jsonl")])), "chatmed"
     print(f"{args.clients} clients × {args.requests} requests, max_tokens {args.max_tokens}, model {model}")

@@ -29,10 +29,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         os.environ["MEDTUNE_CACHE"] = str(tmp / "cache")
+        from medtune.data.token_cache import load_datasets
+        from medtune.data.tokenizer import load_tokenizer
+        from medtune.model.tiny import build_tiny_llama, corpus_texts
         from medtune.recipe import DataConfig
-        from medtune.tiny_model import build_tiny_llama, corpus_texts
-        from medtune.token_cache import load_datasets
-        from medtune.tokenizer import load_tokenizer
 
         data = write_jsonl(chatmed_like(args.rows), tmp / "data.jsonl")
         sample = write_jsonl(chatmed_like(2000, seed=1), tmp / "sample.jsonl")

@@ -24,8 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synthetic import promptcblue_like, write_jsonl  # noqa: E402
 
+from medtune.model.tiny import build_tiny_llama, corpus_texts  # noqa: E402
 from medtune.recipe import load_recipe  # noqa: E402
-from medtune.tiny_model import build_tiny_llama, corpus_texts  # noqa: E402
 from medtune.train import train  # noqa: E402
 
 VARIANTS = {

@@ -70,9 +70,9 @@ def medtune_runs(base: Path, data: Path, tmp: Path, env: dict[str, str]) -> tupl
 
 def medtune_breakdown(base: Path, data: Path) -> dict[str, float]:
     """The warm run's data steps, in this process: cache key, loading the cache, row lengths."""
+    from medtune.data.token_cache import cache_key, load_datasets, row_lengths
+    from medtune.data.tokenizer import load_tokenizer
     from medtune.recipe import DataConfig
-    from medtune.token_cache import cache_key, load_datasets, row_lengths
-    from medtune.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(str(base))
     config = DataConfig(train_files=[str(data)], template="chatmed", max_length=1024)
@@ -117,7 +117,7 @@ def main() -> None:
         tmp = Path(tmp)
         os.environ["MEDTUNE_CACHE"] = str(tmp / "cache")
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
-        from medtune.tiny_model import build_tiny_llama, corpus_texts
+        from medtune.model.tiny import build_tiny_llama, corpus_texts
 
         data = write_jsonl(chatmed_like(args.rows), tmp / "data.jsonl")
         sample = write_jsonl(chatmed_like(2000, seed=1), tmp / "sample.jsonl")

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medtune.records import RecordError, held_out, record_kind, validate_record, write_jsonl_line
+from medtune.data.records import RecordError, held_out, record_kind, validate_record, write_jsonl_line
 from medtune.temp_files import remove_dead_temps, temp_sibling
 
 

@@ -12,24 +12,24 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "train a LoRA adapter from a recipe, in this process (multi-GPU: accelerate launch medtune/train.py RECIPE)",
         "medtune.train",
     ),
-    "merge": ("merge LoRA adapters into the base and save a plain model", "medtune.merge"),
-    "predict": ("batched, resumable generation with the training template", "medtune.predict"),
-    "reward": ("score preference pairs or replies with a trained reward model", "medtune.reward"),
-    "score": ("score predictions (promptcblue: the official track's scoring)", "medtune.score"),
+    "merge": ("merge LoRA adapters into the base and save a plain model", "medtune.infer.merge"),
+    "predict": ("batched, resumable generation with the training template", "medtune.infer.predict"),
+    "reward": ("score preference pairs or replies with a trained reward model", "medtune.infer.reward"),
+    "score": ("score predictions (promptcblue: the official track's scoring)", "medtune.evaluate.score"),
     "eval": (
         "evaluate a model: medical exams (exam) or dialogue quality and safety with an LLM judge (dialogue)",
         "medtune.evaluate",
     ),
-    "report": ("one self-contained HTML page of a run and its evaluations", "medtune.report"),
-    "chat": ("talk to a run directory or merged model in the terminal", "medtune.chat"),
-    "serve": ("an OpenAI-compatible API and a chat page for a run, in its training format", "medtune.serving"),
+    "report": ("one self-contained HTML page of a run and its evaluations", "medtune.evaluate.report"),
+    "chat": ("talk to a run directory or merged model in the terminal", "medtune.infer.chat"),
+    "serve": ("an OpenAI-compatible API and a chat page for a run, in its training format", "medtune.infer.serving"),
     "template": (
         "show a chat template's text, ids and trained tokens on a real tokenizer",
-        "medtune.inspect_template",
+        "medtune.data.inspect_template",
     ),
     "apply-delta": (
         "rebuild a model released as delta weights (Ziya-LLaMA-13B-v1) from its base",
-        "medtune.apply_delta",
+        "medtune.infer.apply_delta",
     ),
 }
 

@@ -28,6 +28,7 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=r".*save_embedding_layers.*", category=UserWarning)
     if not sys.stderr.isatty():
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        # Imported here, not at the top: the ground floor stays light (medtune score and report need neither).
         try:
             from transformers.utils import logging as hf_logging
 

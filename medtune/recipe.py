@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,8 +20,11 @@ from typing import Any, Literal, Union
 import yaml
 
 from medtune.console import MedtuneError
+from medtune.data.templates import template_names
+from medtune.stages import STAGE_NAMES, STAGES, get_stage
 
 Dtype = Literal["auto", "bf16", "fp16", "fp32"]
+StageName = Literal[STAGE_NAMES]  # exactly the stage table's names (medtune/stages.py)
 
 
 class RecipeError(MedtuneError):
@@ -94,7 +98,7 @@ class DataConfig:
 class TrainConfig:
     """The optimisation, one loop for every stage."""
 
-    stage: Literal["pt", "sft", "rm", "dpo", "ppo", "grpo", "rloo"] = (
+    stage: StageName = (
         "sft"  # pre-training on text, SFT on chats, reward model or DPO on pairs, online RL on prompts (rl group)
     )
     dpo_beta: float = 0.1  # DPO: how far the policy may move from the reference (the base without the adapter)
@@ -343,10 +347,13 @@ def check_data_files(recipe: Recipe) -> None:
 
 def check_recipe(recipe: Recipe, name: str = "recipe") -> None:
     """Cross-field checks: combinations that each look valid alone but cannot work together."""
-    from medtune.stages import get_stage  # local imports: neither imports anything from here
-    from medtune.templates import template_names
+    problems = data_problems(recipe) + train_problems(recipe) + model_problems(recipe) + rl_problems(recipe)
+    if problems:
+        raise RecipeError(f"{name}: " + f"\n{name}: ".join(problems))
 
-    data, train, lora = recipe.data, recipe.train, recipe.lora
+
+def data_problems(recipe: Recipe) -> list[str]:
+    data, stage = recipe.data, get_stage(recipe.train.stage)
     problems = []
     if data.template not in template_names():
         close = difflib.get_close_matches(data.template, template_names(), n=1)
@@ -368,6 +375,17 @@ def check_recipe(recipe: Recipe, name: str = "recipe") -> None:
         problems.append("data.tokenize_workers: must be at least 1 (or unset: one per core for large inputs)")
     if data.max_length < 8:
         problems.append(f"data.max_length: {data.max_length} is too small")
+    if data.packing and not stage.packs:
+        packing = ", ".join(s.name for s in STAGES.values() if s.packs)
+        problems.append(
+            f"data.packing: train.stage {stage.name} does not pack samples (only {packing} does); set it to false"
+        )
+    return problems
+
+
+def train_problems(recipe: Recipe) -> list[str]:
+    train, lora = recipe.train, recipe.lora
+    problems = []
     if train.max_steps <= 0 and train.num_epochs <= 0:
         problems.append("train.max_steps / train.num_epochs: one of them must be positive")
     for key in ("per_device_batch_size", "gradient_accumulation_steps", "logging_steps", "save_total_limit"):
@@ -376,10 +394,6 @@ def check_recipe(recipe: Recipe, name: str = "recipe") -> None:
     for key in ("eval_steps", "save_steps"):
         if getattr(train, key) < 0:
             problems.append(f"train.{key}: must be 0 (off) or positive")
-    if data.packing and not get_stage(train.stage).packs:
-        problems.append(
-            f"data.packing: train.stage {train.stage} does not pack samples (only sft does); set it to false"
-        )
     if not 0.0 <= train.warmup_ratio < 1.0:
         problems.append(f"train.warmup_ratio: {train.warmup_ratio} must be in [0, 1)")
     if train.dpo_beta <= 0:
@@ -392,10 +406,14 @@ def check_recipe(recipe: Recipe, name: str = "recipe") -> None:
         problems.append("lora.r / lora.alpha must be >= 1 and lora.dropout in [0, 1)")
     if train.deepspeed and not Path(train.deepspeed).is_file():
         problems.append(f"train.deepspeed: {train.deepspeed}: file not found")
+    return problems
+
+
+def model_problems(recipe: Recipe) -> list[str]:
+    train = recipe.train
+    problems = []
     quant = recipe.model.quantization
     if quant is not None and train.deepspeed and Path(train.deepspeed).is_file():
-        import json
-
         stage = json.loads(Path(train.deepspeed).read_text()).get("zero_optimization", {}).get("stage", 0)
         if quant.bits == 8 and stage == 3:
             problems.append(
@@ -407,22 +425,23 @@ def check_recipe(recipe: Recipe, name: str = "recipe") -> None:
             f"model.quantization.compute_dtype: {quant.compute_dtype} with model.dtype fp32; "
             f"set model.dtype: {quant.compute_dtype} (or compute_dtype: fp32 on a CPU)"
         )
-    problems += rl_problems(recipe)
-    if problems:
-        raise RecipeError(f"{name}: " + f"\n{name}: ".join(problems))
+    return problems
 
 
 def rl_problems(recipe: Recipe) -> list[str]:
-    rl, stage = recipe.rl, recipe.train.stage
-    if stage not in ("ppo", "grpo", "rloo"):
+    rl, stage = recipe.rl, get_stage(recipe.train.stage)
+    if not stage.rollout:
         return []
     problems = []
     if (rl.reward_model is None) == (rl.reward_function is None):
-        problems.append(f"rl.reward_model / rl.reward_function: train.stage {stage} needs exactly one of them")
+        problems.append(f"rl.reward_model / rl.reward_function: train.stage {stage.name} needs exactly one of them")
     if rl.reward_function is not None and ":" not in rl.reward_function:
         problems.append(f"rl.reward_function: {rl.reward_function!r}: write it as module:function")
-    if rl.num_generations < (1 if stage == "ppo" else 2):
-        problems.append("rl.num_generations: at least 2 for grpo and rloo (replies are compared within their group)")
+    if rl.num_generations < stage.min_generations:
+        problems.append(
+            f"rl.num_generations: at least {stage.min_generations} for {stage.name} "
+            "(replies are compared within their group)"
+        )
     if rl.ppo_epochs < 1 or not 0 <= rl.gamma <= 1 or not 0 <= rl.lam <= 1 or rl.vf_coef < 0:
         problems.append("rl.ppo_epochs >= 1, rl.gamma and rl.lam in [0, 1], rl.vf_coef >= 0 are needed")
     if rl.max_new_tokens < 1 or rl.temperature <= 0 or not 0 < rl.top_p <= 1:

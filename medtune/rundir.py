@@ -16,12 +16,20 @@ import dataclasses
 import json
 import os
 import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from matplotlib.figure import Figure
+from safetensors.torch import load_file, save_file
+
 from medtune.console import MedtuneError
-from medtune.recipe import Recipe, load_recipe
+from medtune.paths import looks_local
+from medtune.recipe import Recipe, RecipeError, load_recipe
 
 TRAINER_STATE = "trainer_state.json"
 
@@ -127,9 +135,6 @@ class RunDir:
 
 def save_rng_state(directory: Path, process_index: int) -> None:
     """This process's torch RNG (dropout) as safetensors, so a resume never needs to unpickle it."""
-    import torch
-    from safetensors.torch import save_file
-
     state = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
@@ -149,7 +154,7 @@ class RunLock:
         self.handle = None
 
     def acquire(self) -> None:
-        import fcntl
+        import fcntl  # POSIX only: imported where the lock is taken, so that the module imports anywhere
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         handle = self.path.open("a+", encoding="utf-8")
@@ -217,16 +222,13 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def loss_figure(rows: list[dict[str, Any]]):
-    """Train (and eval) loss against step: a matplotlib figure (the caller saves and closes it)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def loss_figure(rows: list[dict[str, Any]]) -> Figure:
+    """Train (and eval) loss against step: a matplotlib figure, drawn without pyplot (no backend, nothing
+    global to close), which the caller saves."""
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     if train:
         ax.plot(*zip(*train, strict=True), label="train loss")
     if evals:
@@ -242,12 +244,8 @@ def loss_figure(rows: list[dict[str, Any]]):
 
 def plot_loss(rows: list[dict[str, Any]], out: Path) -> None:
     """The loss curves as a PNG a person can glance at, beside the run's metrics."""
-    import matplotlib.pyplot as plt
-
-    fig = loss_figure(rows)
     tmp = out.with_name(f".{out.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
+    loss_figure(rows).savefig(tmp, dpi=100)
     os.replace(tmp, out)
 
 
@@ -314,8 +312,107 @@ def describe_source(path_or_id: str, base_override: str | None = None) -> ModelS
         known = {k: v for k, v in saved.get("source", saved).items() if k in fields}
         merged = str(path.resolve())
         return ModelSource(base=base_override or merged, tokenizer=base_override or merged, **known)
-    from medtune.model import looks_local
-
     if not path.exists() and looks_local(path_or_id):
         raise MedtuneError(f"{path_or_id}: no such run, adapter or model directory")
     return ModelSource(base=base_override or path_or_id, tokenizer=base_override or path_or_id)
+
+
+def plan_start(run: RunDir, recipe: Recipe) -> tuple[str, list[Path]]:
+    """Decide between a fresh start, a resume and 'already done', reading only: nothing is deleted, and a
+    directory holding anything medtune did not write (or a run with other settings) is refused.
+
+    Returns (mode, checkpoints to try newest first)."""
+    where = f"{run.root}"
+    saved = run.read_recipe() if run.recipe_file.is_file() else None
+    if saved is None or not recipe.train.resume:
+        if not run.is_empty():
+            what = "a run already exists there" if saved is not None else "it is not empty"
+            raise RecipeError(
+                f"{where}: {what}. Continue a run with --resume (train.resume=true), or choose "
+                f"another output.dir=...; medtune never deletes a folder it did not create"
+            )
+        return "fresh", []
+    changes = {k: v for k, v in recipe_changes(saved, recipe).items() if k != "train.resume"}
+    listed = "; ".join(f"{k}: {old!r} → {new!r}" for k, (old, new) in changes.items())
+    if run.is_finished():
+        if changes:
+            raise RecipeError(
+                f"{where}: this run finished with other settings ({listed}); train into another output.dir to use them"
+            )
+        return "finished", []
+    unsafe = {k: v for k, v in changes.items() if k not in SAFE_TO_CHANGE_ON_RESUME}
+    if "train.max_steps" in changes and 0 < changes["train.max_steps"][1] < max(changes["train.max_steps"][0], 0):
+        unsafe["train.max_steps"] = changes["train.max_steps"]
+    if unsafe:
+        raise RecipeError(
+            f"{where}: cannot resume with changed settings: "
+            + "; ".join(f"{k}: {old!r} → {new!r}" for k, (old, new) in unsafe.items())
+            + " (only how long it trains and what it logs may change; use another output.dir)"
+        )
+    checkpoints = run.complete_checkpoints()
+    if checkpoints:
+        return "resume", checkpoints
+    logged = max((r["step"] for r in run.read_metrics()), default=0)
+    every = recipe.train.save_steps
+    if every and logged >= every:
+        raise RecipeError(
+            f"{where}: the run logged step {logged} but no complete checkpoint is there (one was "
+            f"expected every {every} steps); refusing to start over silently. Move the directory "
+            "away to start again"
+        )
+    return "restart", []
+
+
+def restore(accelerator, scheduler, checkpoints: list[Path], deepspeed: bool) -> dict[str, Any]:
+    """Load the newest checkpoint that loads into the prepared objects and the scheduler, and return its
+    trainer state (step, tokens_seen); a damaged one is named and the previous one used."""
+    for i, checkpoint in enumerate(checkpoints):
+        try:
+            with checkpoint_without_pickles(checkpoint) as view:
+                # Checkpoints hold only the trainable weights, so the frozen base is "missing" on purpose.
+                accelerator.load_state(
+                    str(view), **({"load_module_strict": False} if deepspeed else {"strict": False})
+                )
+            state = json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8"))
+            restore_schedule_and_rng(scheduler, accelerator.process_index, checkpoint, state)
+        except Exception as exc:  # noqa: BLE001 - any failure to read a checkpoint means: try the one before
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            if i + 1 == len(checkpoints):
+                raise RecipeError(
+                    f"{checkpoint}: cannot be loaded ({reason}), and no older checkpoint is left; "
+                    "move the run directory away to start again"
+                ) from None
+            accelerator.print(f"{checkpoint.name} is damaged ({reason}); resuming from {checkpoints[i + 1].name}")
+            continue
+        return {**state, "checkpoint": checkpoint.name}
+    raise RecipeError("no checkpoint to resume from")  # plan_start returns "resume" only with checkpoints
+
+
+@contextmanager
+def checkpoint_without_pickles(checkpoint: Path) -> Iterator[Path]:
+    """The checkpoint as accelerate sees it, minus ``custom_checkpoint_*.pkl``: accelerate unpickles those
+    with weights_only=False (code could run), and medtune registers none (its scheduler state is JSON), so
+    a planted or older one is never even opened. Everything else accelerate reads with weights_only=True."""
+    view = Path(tempfile.mkdtemp(prefix=".load-", dir=checkpoint.parent))
+    try:
+        for entry in checkpoint.iterdir():
+            if not (entry.name.startswith("custom_checkpoint_") and entry.suffix == ".pkl"):
+                (view / entry.name).symlink_to(entry.resolve())
+        yield view
+    finally:
+        shutil.rmtree(view, ignore_errors=True)
+
+
+def restore_schedule_and_rng(scheduler, process_index: int, checkpoint: Path, state: dict[str, Any]) -> None:
+    """The scheduler from JSON, this process's torch RNG from safetensors: nothing pickled is loaded."""
+    if "scheduler" in state:
+        scheduler.load_state_dict(state["scheduler"])
+    else:  # a checkpoint from before medtune 0.2: the schedule is a function of the step
+        for _ in range(state["step"]):
+            scheduler.step()
+    rng_file = checkpoint / f"rng_state_{process_index}.safetensors"
+    if rng_file.is_file():
+        rng = load_file(str(rng_file))
+        torch.set_rng_state(rng["cpu"])
+        if torch.cuda.is_available() and "cuda" in rng:
+            torch.cuda.set_rng_state_all(list(rng["cuda"]))

@@ -29,14 +29,14 @@ def pytest_sessionfinish(session, exitstatus):
 
 @pytest.fixture(scope="session")
 def tiny_base() -> Path:
-    from medtune.tiny_model import ensure_tiny_llama
+    from medtune.model.tiny import ensure_tiny_llama
 
     return ensure_tiny_llama([str(DEMO_DATA)])
 
 
 @pytest.fixture(scope="session")
 def tokenizer(tiny_base):
-    from medtune.tokenizer import load_tokenizer
+    from medtune.data.tokenizer import load_tokenizer
 
     return load_tokenizer(str(tiny_base))
 

@@ -33,7 +33,7 @@ def bin_copy(tiny_base, out, state: dict) -> None:
 def test_bin_only_base_loads_and_a_code_payload_is_refused(tiny_base, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
-    from medtune.model import ModelError, load_weights
+    from medtune.model.load import ModelError, load_weights
     from medtune.train import main
 
     reference = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
@@ -57,7 +57,7 @@ def test_apply_delta_round_trips_with_an_extended_vocabulary(tiny_base, tmp_path
     """base + delta = target exactly; the delta's extra vocabulary rows are taken as they are."""
     from transformers import AutoModelForCausalLM
 
-    from medtune.apply_delta import main
+    from medtune.infer.apply_delta import main
 
     base = AutoModelForCausalLM.from_pretrained(tiny_base)
     vocab = base.config.vocab_size

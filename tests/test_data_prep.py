@@ -9,7 +9,7 @@ from helpers import REPO
 from data_prep.__main__ import SOURCES
 from data_prep.__main__ import main as prep_main
 from data_prep.pipeline import Options, run
-from medtune.records import read_records
+from medtune.data.records import read_records
 
 SHARED = REPO.parent / "shared" / "data"
 

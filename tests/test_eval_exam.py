@@ -10,6 +10,7 @@ from helpers import REPO, tiny_llama_with_tokenizer
 
 from data_prep.__main__ import main as prep_main
 from medtune.evaluate import exam as exam_eval
+from medtune.infer.generation import GenerationSettings
 
 FIXTURES = REPO / "tests" / "fixtures" / "exams"
 
@@ -72,13 +73,15 @@ def exam_file(tmp_path: Path) -> Path:
 def test_loglik_scores_are_the_models_reply_probabilities(trained, tmp_path: Path) -> None:
     import torch
 
+    from medtune.data.templates import encode_conversation
     from medtune.evaluate.exam_prompts import conversation
-    from medtune.predict import load_model_for_inference
-    from medtune.templates import encode_conversation
+    from medtune.infer.generation import load_model_for_inference
 
     result, _, _ = trained
     data = exam_file(tmp_path)
-    scores = exam_eval.evaluate(str(result.run.root), data, tmp_path / "ll", "loglik", batch_size=4)
+    scores = exam_eval.evaluate(
+        str(result.run.root), data, tmp_path / "ll", "loglik", generation=GenerationSettings(batch_size=4)
+    )
     rows = lines(tmp_path / "ll" / "predictions.jsonl")
     records = exam_eval.load_exams(data)
     assert [r["id"] for r in rows] == [r["id"] for r in records]
@@ -192,9 +195,9 @@ def test_few_shot_loglik_asks_a_longer_conversation(trained, tmp_path: Path) -> 
 )
 def test_loglik_on_a_real_sentencepiece_tokenizer_without_a_pad_token(tmp_path: Path) -> None:
     """A plain model directory (no template recorded: --template), Chinese-LLaMA-2's tokenizer (no pad token)."""
+    from medtune.data.templates import encode_conversation, get_template
+    from medtune.data.tokenizer import load_tokenizer
     from medtune.evaluate.exam_prompts import conversation
-    from medtune.templates import encode_conversation, get_template
-    from medtune.tokenizer import load_tokenizer
 
     base = tmp_path / "base"
     tiny_llama_with_tokenizer(base, REPO.parent / "shared" / "tokenizers" / "chinese_llama2")

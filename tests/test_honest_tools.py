@@ -12,6 +12,8 @@ import pytest
 from helpers import DEMO_DATA, REPO
 from test_honest_runs import snapshot
 
+from medtune.infer.generation import GenerationSettings
+
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
@@ -30,7 +32,7 @@ def demo_run(tmp_path_factory):
 
 
 def test_merge_out_never_destroys_a_folder(demo_run, tiny_base, tmp_path, capsys):
-    from medtune.merge import main
+    from medtune.infer.merge import main
 
     foreign = tmp_path / "foreign"
     foreign.mkdir()
@@ -57,7 +59,7 @@ def test_merge_refuses_a_base_of_another_shape_and_a_moved_base(demo_run, tiny_b
 
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from medtune.merge import main
+    from medtune.infer.merge import main
 
     config = LlamaConfig.from_pretrained(tiny_base)
     config.vocab_size += 64
@@ -89,8 +91,9 @@ def test_the_demo_visibly_learns_and_chat_speaks(demo_run, tmp_path, capsys):
     """Greedy decoding of the demo reproduces a training answer's first words, in predict and in chat."""
     import io
 
-    from medtune.chat import converse
-    from medtune.predict import load_model_for_inference, main
+    from medtune.infer.chat import converse
+    from medtune.infer.generation import load_model_for_inference
+    from medtune.infer.predict import main
 
     data, out = tmp_path / "p.jsonl", tmp_path / "pred.jsonl"
     write_prompts(data)
@@ -101,14 +104,22 @@ def test_the_demo_visibly_learns_and_chat_speaks(demo_run, tmp_path, capsys):
     question = json.loads(data.read_text().splitlines()[0])["messages"][0]["content"]
     screen = io.StringIO()
     loaded = load_model_for_inference(str(demo_run), "fp32", None)
-    assert converse(loaded, ["/help\n", question + "\n", "/reset\n", "/exit\n", "never read\n"], screen, 12) == 1
+    assert (
+        converse(
+            loaded,
+            ["/help\n", question + "\n", "/reset\n", "/exit\n", "never read\n"],
+            screen,
+            GenerationSettings(max_new_tokens=12),
+        )
+        == 1
+    )
     text = screen.getvalue()
     assert "/reset starts a new conversation" in text and f"医生> {predictions[0]}" in text
     assert "(new conversation)" in text
 
 
 def test_predict_resumes_only_what_the_same_settings_wrote(demo_run, tmp_path, capsys):
-    from medtune.predict import main
+    from medtune.infer.predict import main
 
     data, out = tmp_path / "p.jsonl", tmp_path / "pred.jsonl"
     write_prompts(data)
@@ -126,6 +137,24 @@ def test_predict_resumes_only_what_the_same_settings_wrote(demo_run, tmp_path, c
     assert "pass --overwrite" in capsys.readouterr().err and "mine" in foreign.read_text()
 
 
+def test_predict_samples_reproducibly_with_a_seed_and_records_it(demo_run, tmp_path, capsys):
+    """--do-sample --seed N twice gives the same replies; resuming with another seed is refused."""
+    from medtune.infer.predict import main
+
+    data = tmp_path / "p.jsonl"
+    write_prompts(data)
+    sample = ["--max-new-tokens", "6", "--do-sample", "--temperature", "1.5", "--seed"]
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    assert main([str(demo_run), "--data", str(data), "--out", str(first), *sample, "11"]) == 0
+    assert main([str(demo_run), "--data", str(data), "--out", str(second), *sample, "11"]) == 0
+    assert first.read_text(encoding="utf-8") == second.read_text(encoding="utf-8")
+    capsys.readouterr()
+    assert main([str(demo_run), "--data", str(data), "--out", str(first), *sample, "12"]) == 2
+    assert "settings.seed changed" in capsys.readouterr().err
+    assert main([str(demo_run), "--data", str(data), "--out", str(first), "--do-sample", "--temperature", "0"]) == 2
+    assert "--temperature must be positive" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("line", "message"),
     [
@@ -135,7 +164,7 @@ def test_predict_resumes_only_what_the_same_settings_wrote(demo_run, tmp_path, c
     ],
 )
 def test_predict_names_a_malformed_input_line(demo_run, tmp_path, capsys, line, message):
-    from medtune.predict import main
+    from medtune.infer.predict import main
 
     data = tmp_path / "bad.jsonl"
     data.write_text(line + "\n")
@@ -146,7 +175,7 @@ def test_predict_names_a_malformed_input_line(demo_run, tmp_path, capsys, line, 
 
 
 def test_score_refuses_to_score_nothing(tmp_path, capsys):
-    from medtune.score.promptcblue import main
+    from medtune.evaluate.score.promptcblue import main
 
     gold = tmp_path / "dev.json"
     sample = {

@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 from data_prep.__main__ import main as prep_main
-from medtune.records import validate_record
+from medtune.data.records import validate_record
 
 O1 = [
     {

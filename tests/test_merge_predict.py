@@ -5,9 +5,10 @@ import json
 import pytest
 import torch
 
-from medtune.merge import merge
-from medtune.predict import predict
-from medtune.score.promptcblue import score_files
+from medtune.evaluate.score.promptcblue import score_files
+from medtune.infer.generation import GenerationSettings
+from medtune.infer.merge import merge
+from medtune.infer.predict import predict
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +90,8 @@ def test_predict_batched_equals_single_resumes_and_scores(merged, tmp_path):
     data = tmp_path / "test.json"
     data.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in PROMPTS), encoding="utf-8")
     batched, single = tmp_path / "batched.jsonl", tmp_path / "single.jsonl"
-    assert predict(str(out), data, batched, batch_size=3, max_new_tokens=12, progress=False) == 3
-    assert predict(str(out), data, single, batch_size=1, max_new_tokens=12, progress=False) == 3
+    assert predict(str(out), data, batched, GenerationSettings(max_new_tokens=12, batch_size=3), progress=False) == 3
+    assert predict(str(out), data, single, GenerationSettings(max_new_tokens=12, batch_size=1), progress=False) == 3
     rows = [json.loads(item) for item in batched.read_text().splitlines()]
     assert [r["sample_id"] for r in rows] == ["t1", "t2", "t3"]  # input order, official format
     assert [r["target"] for r in rows] == [json.loads(item)["target"] for item in single.read_text().splitlines()]
@@ -101,7 +102,7 @@ def test_predict_batched_equals_single_resumes_and_scores(merged, tmp_path):
     # Resume: keep one finished line and a torn one; only the other two are generated again.
     lines = batched.read_text().splitlines(keepends=True)
     batched.write_text(lines[0] + lines[1][:20], encoding="utf-8")
-    assert predict(str(out), data, batched, batch_size=2, max_new_tokens=12, progress=False) == 2
+    assert predict(str(out), data, batched, GenerationSettings(max_new_tokens=12, batch_size=2), progress=False) == 2
     assert batched.read_text().splitlines() == [item.rstrip("\n") for item in lines]
     report = score_files(batched, data)
     assert set(report.per_task) == {"KUAKE-QIC", "MedDG"} and not report.problems.counts
@@ -119,12 +120,12 @@ def test_predict_from_run_dir_uses_the_training_template(trained, tmp_path):
         encoding="utf-8",
     )
     out = tmp_path / "pred.jsonl"
-    assert predict(str(result.run.root), data, out, max_new_tokens=8, progress=False) == 1
+    assert predict(str(result.run.root), data, out, GenerationSettings(max_new_tokens=8), progress=False) == 1
     row = json.loads(out.read_text())
     assert row["id"] == "r1" and row["messages"] == [{"role": "user", "content": "头痛怎么办？"}]
     # the prompt it generated from is the training format: chatmed, BOS, '问：\n…\n答：\n', nothing after
-    from medtune.predict import load_model_for_inference
-    from medtune.templates import encode_conversation, get_template
+    from medtune.data.templates import encode_conversation, get_template
+    from medtune.infer.generation import load_model_for_inference
 
     loaded = load_model_for_inference(str(result.run.root), "fp32", None)
     prompt = loaded.prompt_ids(row["messages"])
@@ -179,4 +180,7 @@ def test_extended_vocabulary_trains_and_merges(tiny_base, tmp_path):
         + "\n",
         encoding="utf-8",
     )
-    assert predict(str(run.root), data, tmp_path / "pred.jsonl", max_new_tokens=4, progress=False) == 1
+    assert (
+        predict(str(run.root), data, tmp_path / "pred.jsonl", GenerationSettings(max_new_tokens=4), progress=False)
+        == 1
+    )

@@ -14,6 +14,8 @@ import torch
 from helpers import random_tiny_llama
 from references import DATA, chatmed_texts
 
+from medtune.infer.generation import GenerationSettings
+
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data is needed")]
 
 
@@ -74,12 +76,13 @@ def test_model_template_trains_merges_predicts_and_serves_on_one_set_of_ids(qwen
     from fastapi.testclient import TestClient
     from transformers import AutoTokenizer
 
-    from medtune.merge import merge
-    from medtune.predict import load_model_for_inference, predict
-    from medtune.serving import build, parser
-    from medtune.templates import IGNORE_INDEX
-    from medtune.token_cache import build_sft_rows
-    from medtune.tokenizer import load_tokenizer
+    from medtune.data.templates import IGNORE_INDEX
+    from medtune.data.token_cache import build_sft_rows
+    from medtune.data.tokenizer import load_tokenizer
+    from medtune.infer.generation import load_model_for_inference
+    from medtune.infer.merge import merge
+    from medtune.infer.predict import predict
+    from medtune.infer.serving import build, parser
 
     home, pairs = qwen_home
     (home / "r.yaml").write_text(recipe_text("model"), encoding="utf-8")
@@ -110,7 +113,16 @@ def test_model_template_trains_merges_predicts_and_serves_on_one_set_of_ids(qwen
         json.dumps({"id": "p0", "source": "t", "messages": [{"role": "user", "content": pairs[0][0]}]}) + "\n",
         encoding="utf-8",
     )
-    assert predict(str(tmp_path / "merged"), prompts, tmp_path / "pred.jsonl", max_new_tokens=8, progress=False) == 1
+    assert (
+        predict(
+            str(tmp_path / "merged"),
+            prompts,
+            tmp_path / "pred.jsonl",
+            GenerationSettings(max_new_tokens=8),
+            progress=False,
+        )
+        == 1
+    )
     prediction = json.loads((tmp_path / "pred.jsonl").read_text(encoding="utf-8"))["prediction"]
     assert "<|im_end|>" not in prediction and "reasoning" not in prediction
 
@@ -151,7 +163,7 @@ def make_first_token(loaded, messages, token: int) -> None:
 def test_template_show_writes_the_ids_training_uses_and_check_compares(qwen_home, tmp_path, capsys):
     from transformers import AutoTokenizer
 
-    from medtune.inspect_template import main
+    from medtune.data.inspect_template import main
 
     home, pairs = qwen_home
     messages = tmp_path / "m.jsonl"
@@ -186,10 +198,10 @@ def test_template_show_writes_the_ids_training_uses_and_check_compares(qwen_home
 
 def test_medical_o1_reasoning_trains_with_qwen3_and_predict_returns_it_apart(qwen_home, tmp_path):
     from data_prep.__main__ import main as prep
-    from medtune.predict import load_model_for_inference
-    from medtune.templates import IGNORE_INDEX
-    from medtune.token_cache import build_sft_rows
-    from medtune.tokenizer import load_tokenizer
+    from medtune.data.templates import IGNORE_INDEX
+    from medtune.data.token_cache import build_sft_rows
+    from medtune.data.tokenizer import load_tokenizer
+    from medtune.infer.generation import load_model_for_inference
 
     home, pairs = qwen_home
     o1 = [{"Question": q, "Complex_CoT": "先考虑常见病因。" + a[:20], "Response": a} for q, a in pairs]

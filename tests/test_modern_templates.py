@@ -66,7 +66,7 @@ def apply(tokenizer, messages, generation: bool, variables) -> list[int]:
 def check_family(name: str, tokenizer, convs, variables, appended: int = 0) -> int:
     """Ids and prompt ids equal apply_chat_template's; trained tokens are replies only. Returns how many
     conversations were identical (all must be)."""
-    from medtune.templates import IGNORE_INDEX, encode_conversation, get_template
+    from medtune.data.templates import IGNORE_INDEX, encode_conversation, get_template
 
     template = get_template(name)
     identical = 0
@@ -132,7 +132,7 @@ def test_model_template_is_the_tokenizers_own(family):
 def test_qwen3_multi_turn_trains_only_what_the_model_writes():
     """Qwen3 drops earlier replies' reasoning once a later turn follows: those replies are left untrained,
     the last reply is trained with its <think> block and <|im_end|>\\n."""
-    from medtune.templates import IGNORE_INDEX, encode_conversation, get_template
+    from medtune.data.templates import IGNORE_INDEX, encode_conversation, get_template
 
     tokenizer = tokenizer_for("qwen2", "Qwen-Qwen3-0.6B", THINK)
     messages = conversations(reasoning=True)[25]
@@ -144,7 +144,7 @@ def test_qwen3_multi_turn_trains_only_what_the_model_writes():
 
 
 def test_glm_replies_learn_their_stop_token():
-    from medtune.templates import encode_conversation, get_template
+    from medtune.data.templates import encode_conversation, get_template
 
     tokenizer = tokenizer_for("qwen2", "GLM-4.6", THINK, GLM)
     messages = conversations(reasoning=False)[30]
@@ -157,7 +157,7 @@ def test_glm_replies_learn_their_stop_token():
 
 def test_reasoning_where_the_template_has_no_place_for_it_is_refused():
     from medtune.console import MedtuneError
-    from medtune.templates import encode_conversation, get_template
+    from medtune.data.templates import encode_conversation, get_template
 
     convs = conversations(reasoning=True)
     r1 = tokenizer_for("qwen2", "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B", THINK, R1)
@@ -171,7 +171,7 @@ def test_reasoning_where_the_template_has_no_place_for_it_is_refused():
 
 
 def test_stop_ids_come_from_template_and_model():
-    from medtune.templates import get_template, stop_token_ids
+    from medtune.data.templates import get_template, stop_token_ids
 
     llama = tokenizer_for("llama-bpe", "meta-llama-Llama-3.1-8B-Instruct")
     vocab = llama.get_vocab()
@@ -183,7 +183,7 @@ def test_stop_ids_come_from_template_and_model():
 
 
 def test_a_named_template_other_than_the_models_own_is_named_with_its_first_difference():
-    from medtune.templates import get_template, warn_if_not_models_own
+    from medtune.data.templates import get_template, warn_if_not_models_own
 
     said = []
     qwen3 = tokenizer_for("qwen2", "Qwen-Qwen3-0.6B", THINK)
@@ -206,8 +206,8 @@ def test_a_named_template_other_than_the_models_own_is_named_with_its_first_diff
 def test_streamed_reasoning_and_answer_add_up_to_the_whole_reply(reply, opens):
     """Serve's stream: the reasoning_content and content deltas, sent as tokens arrive, add up to exactly the
     non-streamed split (split_reasoning), whatever the cut points."""
-    from medtune.jinja_templates import split_reasoning, streamed_parts
-    from medtune.serving.api import split_deltas
+    from medtune.data.jinja_templates import split_reasoning, streamed_parts
+    from medtune.infer.serving.api import split_deltas
 
     sent, got = ("", ""), {"reasoning_content": "", "content": ""}
     for end in range(1, len(reply) + 1):
@@ -227,7 +227,7 @@ def test_streamed_reasoning_and_answer_add_up_to_the_whole_reply(reply, opens):
 def test_a_template_without_reasoning_refuses_even_a_one_letter_reasoning():
     """Found by rendering with and without it, not by searching the text (a letter is in any rendering)."""
     from medtune.console import MedtuneError
-    from medtune.templates import encode_conversation, get_template
+    from medtune.data.templates import encode_conversation, get_template
 
     qwen = tokenizer_for("qwen2", "Qwen-Qwen2.5-7B-Instruct")
     short = [{"role": "user", "content": "头痛"}, {"role": "assistant", "content": "休息", "reasoning": "r"}]
@@ -236,8 +236,8 @@ def test_a_template_without_reasoning_refuses_even_a_one_letter_reasoning():
 
 
 def test_the_tokenize_report_counts_the_replies_a_template_leaves_untrained():
-    from medtune.data import tokenize_chat
-    from medtune.templates import get_template
+    from medtune.data.rows import tokenize_chat
+    from medtune.data.templates import get_template
 
     qwen3 = tokenizer_for("qwen2", "Qwen-Qwen3-0.6B", THINK)
     records = [{"messages": m} for m in conversations(reasoning=True)]

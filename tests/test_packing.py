@@ -7,13 +7,13 @@ import pytest
 import torch
 from helpers import SMALL_RECIPE, write_recipe
 
-from medtune.data import LengthGroupedSampler, pad_batch
-from medtune.losses import causal_lm_loss_sum
-from medtune.packing import concat_examples, pack_examples
+from medtune.data.packing import concat_examples, pack_examples
+from medtune.data.rows import LengthGroupedSampler, pad_batch
+from medtune.data.templates import IGNORE_INDEX
+from medtune.data.token_cache import build_sft_rows, load_datasets, row_lengths
 from medtune.recipe import load_recipe
-from medtune.stages import forward_logits
-from medtune.templates import IGNORE_INDEX
-from medtune.token_cache import build_sft_rows, load_datasets, row_lengths
+from medtune.training.losses import causal_lm_loss_sum
+from medtune.training.objectives import forward_logits
 
 
 @pytest.fixture
@@ -158,7 +158,7 @@ def test_chunked_loss_equals_the_plain_loss_and_gradients(tiny_base, packed: boo
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from medtune import stages
+    from medtune.training import objectives
 
     torch.manual_seed(0)
     config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", modules_to_save=["lm_head"])
@@ -177,8 +177,8 @@ def test_chunked_loss_equals_the_plain_loss_and_gradients(tiny_base, packed: boo
     for chunked in (False, True):
         model.zero_grad()
         recipe = SimpleNamespace(train=SimpleNamespace(chunked_loss=chunked), data=SimpleNamespace(max_length=23))
-        monkeypatch.setattr(stages, "LOSS_CHUNK", 5)  # chunks of 5 labelled positions: several per batch
-        loss, _ = stages.lm_loss(model, batch, accelerator, recipe)
+        monkeypatch.setattr(objectives, "LOSS_CHUNK", 5)  # chunks of 5 labelled positions: several per batch
+        loss, _ = objectives.lm_loss(model, batch, accelerator, recipe)
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         results.append((loss.item(), grads))
@@ -193,7 +193,7 @@ def test_chunked_loss_equals_the_plain_loss_and_gradients(tiny_base, packed: boo
 def test_tokenizing_processes_and_chunks_change_no_row(recipe, tokenizer, monkeypatch, packing: bool):
     """The cache built a few records and a few samples at a time, by two forked processes, equals the one built
     in one process: the same rows in the same order, the same held-out rows, the same counts."""
-    from medtune import token_cache
+    from medtune.data import token_cache
 
     recipe.data.eval_ratio, recipe.data.packing, recipe.data.max_length = 0.2, packing, 256
     recipe.data.tokenize_workers = 1
@@ -214,8 +214,8 @@ def test_tokenizing_processes_and_chunks_change_no_row(recipe, tokenizer, monkey
 
 
 def test_a_bad_line_is_named_when_processes_tokenize(recipe, tokenizer, monkeypatch, tmp_path):
-    from medtune import token_cache
-    from medtune.records import RecordError
+    from medtune.data import token_cache
+    from medtune.data.records import RecordError
 
     lines = open(recipe.data.train_files[0], encoding="utf-8").read().splitlines()
     data = tmp_path / "data.jsonl"
@@ -231,7 +231,7 @@ def test_a_killed_build_leaves_no_temporary_cache_behind(recipe, tokenizer, tmp_
     removes this machine's dead ones, never another machine's (on a shared filesystem it may be alive)."""
     import socket
 
-    from medtune.token_cache import cache_key
+    from medtune.data.token_cache import cache_key
 
     monkeypatch.setenv("MEDTUNE_CACHE", str(tmp_path / "cache"))
     key = cache_key(recipe.data, 0, tokenizer, recipe.data.train_files)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from helpers import REPO, SMALL_RECIPE, write_recipe
 
-from medtune.merge import merge
+from medtune.infer.merge import merge
 from medtune.recipe import RecipeError, load_recipe
 from medtune.train import train
 
@@ -31,7 +31,7 @@ def test_qlora_trains_only_the_adapter_and_merges_into_the_full_base(tmp_path, t
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from medtune.model import load_base_model
+    from medtune.model.load import load_base_model
 
     path = write_recipe(tmp_path / "r.yaml", SMALL_RECIPE)
     recipe = load_recipe(

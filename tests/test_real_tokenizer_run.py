@@ -10,6 +10,8 @@ import pytest
 from helpers import tiny_llama_with_tokenizer
 from references import ALPACA2_PROMPT, DATA, TOKENIZERS, LegacyLlamaTokenizer, chatmed_texts
 
+from medtune.infer.generation import GenerationSettings
+
 pytestmark = pytest.mark.skipif(
     not (TOKENIZERS / "chinese_llama2").is_dir() or not DATA.is_dir(),
     reason="../shared/tokenizers and ../shared/data are needed",
@@ -22,7 +24,7 @@ def real_run(tmp_path_factory):
     """Train 2 steps from a relative model.base, with data.system_prompt set; merge from another directory."""
     import os
 
-    from medtune.merge import merge
+    from medtune.infer.merge import merge
     from medtune.recipe import load_recipe
     from medtune.train import train
 
@@ -59,10 +61,10 @@ def real_run(tmp_path_factory):
 def test_train_predict_serve_ids_agree_with_the_slow_tokenizer(real_run):
     from transformers import AutoTokenizer
 
-    from medtune.predict import load_model_for_inference
-    from medtune.templates import IGNORE_INDEX
-    from medtune.token_cache import build_sft_rows
-    from medtune.tokenizer import load_tokenizer
+    from medtune.data.templates import IGNORE_INDEX
+    from medtune.data.token_cache import build_sft_rows
+    from medtune.data.tokenizer import load_tokenizer
+    from medtune.infer.generation import load_model_for_inference
 
     home, recipe, pairs, merged = real_run
     info = json.loads((home / "run" / "run_info.json").read_text())
@@ -86,7 +88,7 @@ def test_train_predict_serve_ids_agree_with_the_slow_tokenizer(real_run):
 
 
 def test_predict_from_the_merged_model_decodes(real_run, tmp_path):
-    from medtune.predict import predict
+    from medtune.infer.predict import predict
 
     home, _, pairs, merged = real_run
     data = tmp_path / "prompts.jsonl"
@@ -101,7 +103,7 @@ def test_predict_from_the_merged_model_decodes(real_run, tmp_path):
         encoding="utf-8",
     )
     out = tmp_path / "pred.jsonl"
-    assert predict(str(merged), data, out, batch_size=2, max_new_tokens=4, progress=False) == 3
+    assert predict(str(merged), data, out, GenerationSettings(max_new_tokens=4, batch_size=2), progress=False) == 3
     rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert [r["id"] for r in rows] == ["p0", "p1", "p2"]
     assert all("<0x" not in r["prediction"] for r in rows)  # byte-fallback pieces decoded to characters

@@ -82,8 +82,8 @@ def test_training_files_mix_by_weight_or_count(tmp_path, tokenizer):
 
     from helpers import DEMO_DATA
 
-    from medtune.records import held_out
-    from medtune.token_cache import build_sft_rows
+    from medtune.data.records import held_out
+    from medtune.data.token_cache import build_sft_rows
 
     records = DEMO_DATA.read_text(encoding="utf-8").splitlines()
     first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"

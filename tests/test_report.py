@@ -11,9 +11,10 @@ from fake_judge import FakeJudge
 from helpers import DEMO_DATA, REPO
 
 from data_prep.__main__ import main as prep_main
-from medtune import report
-from medtune.evaluate import dialogue
+from medtune.evaluate import dialogue, report
 from medtune.evaluate import exam as exam_eval
+from medtune.evaluate.judge import Judge
+from medtune.infer.generation import GenerationSettings
 
 
 def make_evals(run_dir: Path, tiny_base: Path, tmp_path: Path) -> list[Path]:
@@ -27,14 +28,13 @@ def make_evals(run_dir: Path, tiny_base: Path, tmp_path: Path) -> list[Path]:
     dialogues = tmp_path / "dialogues.jsonl"
     dialogues.write_text("".join(DEMO_DATA.read_text(encoding="utf-8").splitlines(keepends=True)[:6]), "utf-8")
     with FakeJudge() as judge:
+        out = tmp_path / "dialogue-demo"
         dialogue.evaluate_dialogue(
             str(run_dir),
             dialogues,
-            tmp_path / "dialogue-demo",
-            judge_url=judge.url,
-            judge_model="fake",
-            judge_retries=1,
-            max_new_tokens=12,
+            out,
+            judge=Judge(judge.url, "fake", out / "judge_cache.jsonl", max_retries=1),
+            generation=GenerationSettings(max_new_tokens=12),
             progress=False,
         )
     return [tmp_path / "exam-cmb", tmp_path / "dialogue-demo"]

@@ -13,7 +13,7 @@ import pytest
 import torch
 from helpers import DEMO_DATA, SMALL_RECIPE, write_recipe
 
-from medtune.rollout import (
+from medtune.training.rollout import (
     clipped_surrogate,
     completion_mask,
     group_advantages,
@@ -234,7 +234,7 @@ def test_rl_recipe_errors_name_the_key(tmp_path: Path) -> None:
 
 
 def test_ppo_pieces_by_hand() -> None:
-    from medtune.rollout import clipped_value_loss, gae, ppo_rewards, whiten
+    from medtune.training.rollout import clipped_value_loss, gae, ppo_rewards, whiten
 
     rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
     values = torch.tensor([[0.5, 0.2, 0.4, 0.0]])  # the last position is past the reply's end

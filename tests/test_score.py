@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 from helpers import REPO
 
-from medtune.score import metrics
-from medtune.score.promptcblue import (
+from medtune.evaluate.score import metrics
+from medtune.evaluate.score.promptcblue import (
     TASKS,
     Problems,
     parse_entities,

@@ -14,7 +14,8 @@ from browser import CHROMIUM
 from helpers import REPO, tiny_llama_with_tokenizer
 
 from medtune.console import MedtuneError
-from medtune.serving import api_key_for, build, parser
+from medtune.infer.generation import GenerationSettings
+from medtune.infer.serving import api_key_for, build, parser
 
 QUESTIONS = [
     [{"role": "user", "content": "最近总是头痛，晚上睡不好，怎么办？"}],
@@ -73,14 +74,20 @@ def served(tiny_base):
 def test_replies_equal_predicts_for_the_same_messages_batched_or_not(served, tmp_path: Path) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from medtune.predict import predict
+    from medtune.infer.predict import predict
 
     data = tmp_path / "prompts.jsonl"
     data.write_text(
         "".join(json.dumps({"id": f"q{i}", "source": "t", "messages": m}) + "\n" for i, m in enumerate(QUESTIONS)),
         encoding="utf-8",
     )
-    predict(str(served.args.model), data, tmp_path / "pred.jsonl", max_new_tokens=24, template="chatmed")
+    predict(
+        str(served.args.model),
+        data,
+        tmp_path / "pred.jsonl",
+        template="chatmed",
+        generation=GenerationSettings(max_new_tokens=24),
+    )
     expected = [json.loads(line)["prediction"] for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
     client = served.client()
 

@@ -6,7 +6,7 @@ import math
 import pytest
 from helpers import DEMO_DATA, SMALL_RECIPE, write_recipe
 
-from medtune.merge import merge
+from medtune.infer.merge import merge
 from medtune.recipe import RecipeError, load_recipe
 from medtune.train import train
 
@@ -120,9 +120,9 @@ def check_shared_reward_adapter(rm_run, tmp_path, pair_file):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from medtune.reward import load_reward_model, score_conversations
-    from medtune.rollout import shared_reward_adapter
+    from medtune.model.reward_model import load_reward_model, score_conversations
     from medtune.rundir import describe_source
+    from medtune.training.rewards import shared_reward_adapter
 
     base = rm_run.read_info()["base_model"]
     policy = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, target_modules="all-linear"))
@@ -149,9 +149,9 @@ def check_reward_command(run_dir, merged, pair_file, tmp_path, scorer):
     """medtune reward on the RM's own pairs: above chance, and each score is the merged model's own."""
     import torch
 
-    from medtune.reward import main as reward_main
-    from medtune.templates import encode_conversation, get_template
-    from medtune.tokenizer import load_tokenizer
+    from medtune.data.templates import encode_conversation, get_template
+    from medtune.data.tokenizer import load_tokenizer
+    from medtune.infer.reward import main as reward_main
 
     out = tmp_path / "scores.jsonl"
     assert reward_main([str(run_dir), "--data", str(pair_file), "--out", str(out)]) == 0
@@ -194,7 +194,7 @@ def test_zhongjing_chain_pt_sft_dpo(tmp_path, corpora):
 
 
 def test_wrong_record_kind_for_the_stage_is_named(tmp_path, corpora):
-    from medtune.records import RecordError
+    from medtune.data.records import RecordError
 
     text_file, _ = corpora
     with pytest.raises(RecordError, match="train.stage dpo needs preference records"):

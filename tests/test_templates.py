@@ -2,7 +2,7 @@
 
 import pytest
 
-from medtune.templates import (
+from medtune.data.templates import (
     IGNORE_INDEX,
     TEMPLATES,
     encode_conversation,
@@ -90,7 +90,7 @@ def test_turns_must_alternate(tokenizer):
 def test_template_show_refuses_bad_messages_files_in_one_line(tiny_base, tmp_path, capsys):
     """Hostile --messages: a torn JSON line, a wrong role, a missing file: exit 2, one error line naming the
     file (and line), no --json output written."""
-    from medtune.inspect_template import main
+    from medtune.data.inspect_template import main
 
     cases = {
         "torn.jsonl": (
@@ -117,7 +117,7 @@ def test_template_show_json_replaces_only_its_own_file(tiny_base, tmp_path, caps
     import hashlib
     import json
 
-    from medtune.inspect_template import main
+    from medtune.data.inspect_template import main
 
     out, foreign = tmp_path / "ids.jsonl", tmp_path / "data.jsonl"
     argv = ["show", "chatmed", "--tokenizer", str(tiny_base), "--json"]

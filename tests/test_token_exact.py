@@ -32,7 +32,7 @@ REAL = ["llama", "chinese_llama2"]
 @pytest.fixture(scope="module", params=REAL)
 def real(request):
     """(medtune's tokenizer, the 2023 slow tokenizer re-implemented) for one real SentencePiece model."""
-    from medtune.tokenizer import load_tokenizer
+    from medtune.data.tokenizer import load_tokenizer
 
     directory = TOKENIZERS / request.param
     return load_tokenizer(str(directory)), LegacyLlamaTokenizer(directory / "tokenizer.model")
@@ -78,7 +78,7 @@ EDGE_TEXTS = [
 def test_encode_texts_equals_the_tokenizer_call(real):
     """medtune's batched path (the trie's split, then sentencepiece's batch encoder) gives the ids of
     transformers' own call on real texts and on texts full of special-token strings and odd whitespace."""
-    from medtune.tokenizer import encode_texts
+    from medtune.data.tokenizer import encode_texts
 
     tokenizer, _ = real
     texts = real_texts() + EDGE_TEXTS + [t + "</s>" for t in real_texts()[:50]]
@@ -90,7 +90,7 @@ def test_encode_texts_equals_the_tokenizer_call(real):
 
 
 def test_decode_round_trips_byte_fallback(real):
-    from medtune.tokenizer import decode
+    from medtune.data.tokenizer import decode
 
     tokenizer, reference = real
     text = "第一行\n第二行：𠀾 ok"
@@ -98,7 +98,7 @@ def test_decode_round_trips_byte_fallback(real):
 
 
 def test_chatmed_equals_promptcblue(real):
-    from medtune.templates import encode_conversation, get_template
+    from medtune.data.templates import encode_conversation, get_template
 
     tokenizer, reference = real
     for q, a in chatmed_texts(60):
@@ -109,7 +109,7 @@ def test_chatmed_equals_promptcblue(real):
 def test_chatmed_multi_turn_is_the_one_string_chatmed_tokenizes(real):
     """ChatMed/PromptCBLUE are single-turn; medtune continues the string they tokenize at once,
     '<s>问：…答：\n{a1}\n</s>问：…', each turn's prompt masked by PromptCBLUE's rule."""
-    from medtune.templates import IGNORE_INDEX, encode_conversation, get_template
+    from medtune.data.templates import IGNORE_INDEX, encode_conversation, get_template
 
     tokenizer, reference = real
     for turns in cmtmedqa_dialogues(20):
@@ -128,7 +128,7 @@ def test_chatmed_multi_turn_is_the_one_string_chatmed_tokenizes(real):
 def test_chinese_alpaca_multi_turn_continues_build_dataset(real):
     """Chinese-LLaMA-Alpaca trains single turns; medtune's later turns are build_dataset's (source, target)
     again, the source starting '\n\n### Instruction:' after the EOS, with no preamble and no BOS."""
-    from medtune.templates import encode_conversation, get_template
+    from medtune.data.templates import encode_conversation, get_template
 
     tokenizer, reference = real
     for turns in cmtmedqa_dialogues(20):
@@ -142,7 +142,7 @@ def test_chinese_alpaca_multi_turn_continues_build_dataset(real):
 
 
 def test_chinese_alpaca_equals_build_dataset(real):
-    from medtune.templates import encode_conversation, get_template
+    from medtune.data.templates import encode_conversation, get_template
 
     tokenizer, reference = real
     for q, a in chatmed_texts(60):
@@ -152,7 +152,7 @@ def test_chinese_alpaca_equals_build_dataset(real):
 
 @pytest.mark.parametrize("system", [None, "你是一名经验丰富的全科医生。"])
 def test_llama2_zh_equals_build_dataset_and_demo(real, system):
-    from medtune.templates import IGNORE_INDEX, encode_conversation, get_template
+    from medtune.data.templates import IGNORE_INDEX, encode_conversation, get_template
 
     tokenizer, reference = real
     template = get_template("llama2_zh")
@@ -172,7 +172,7 @@ def test_llama2_zh_equals_build_dataset_and_demo(real, system):
 
 @pytest.mark.parametrize("system", [None, "你是一名医生。"])
 def test_ziya_equals_zhongjing(real, system):
-    from medtune.templates import encode_conversation, get_template
+    from medtune.data.templates import encode_conversation, get_template
 
     tokenizer, reference = real
     for turns in cmtmedqa_dialogues(30) + [[pair] for pair in chatmed_texts(10)]:
@@ -184,7 +184,7 @@ def test_ziya_uses_the_marker_tokens_when_the_vocabulary_has_them(tmp_path):
     """Ziya's vocabulary has <human> and <bot> as tokens: each is one id, as convert_tokens_to_ids gives."""
     from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 
-    from medtune.templates import encode_conversation, get_template
+    from medtune.data.templates import encode_conversation, get_template
 
     tokenizer = SentencePieceBackend.from_pretrained(str(TOKENIZERS / "llama"), legacy=True)
     tokenizer.add_tokens(["<human>", "<bot>"], special_tokens=True)
@@ -221,7 +221,7 @@ def qwen_like_tokenizer():
 
 
 def test_chatml_has_no_eos_after_im_end_and_matches_qwen():
-    from medtune.templates import IGNORE_INDEX, encode_conversation, get_template, stop_token_ids
+    from medtune.data.templates import IGNORE_INDEX, encode_conversation, get_template, stop_token_ids
 
     tokenizer = qwen_like_tokenizer()
     start, end = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
@@ -251,7 +251,7 @@ def test_saved_tokenizer_gives_the_training_prompt_ids(real, tmp_path, name, sys
     from transformers import AutoTokenizer
     from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 
-    from medtune.templates import encode_conversation, get_template, jinja_chat_template
+    from medtune.data.templates import encode_conversation, get_template, jinja_chat_template
 
     _, reference = real
     tokenizer = SentencePieceBackend.from_pretrained(str(TOKENIZERS / reference.name), legacy=True)

@@ -21,18 +21,24 @@ DIR/judgements.jsonl has every judged reply, DIR/scores.json the figures. Exit 1
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import sys
 from pathlib import Path
 from typing import Any
 
-from medtune.console import MedtuneError
+from tqdm.auto import tqdm
+
+from medtune.console import MedtuneError, quiet_libraries, run_command
+from medtune.data.records import read_kind
 from medtune.evaluate.judge import AXES, DEFAULT_KEY_ENV, RUBRIC_VERSION, Judge, pairwise_outcome
 from medtune.evaluate.outputs import check_covers, prepare_out_dir, read_outputs
 from medtune.evaluate.text_metrics import reference_metrics
-from medtune.records import read_kind
-from medtune.rundir import atomic_write_text
+from medtune.infer.generation import GenerationSettings, add_generation_arguments, generation_from_args
+from medtune.infer.predict import predict
+from medtune.model.load import DTYPES
+from medtune.rundir import atomic_write_text, describe_source
 
 SPEAKERS = {"system": "系统", "user": "患者", "assistant": "医生"}
 # Replies that refuse a premise or hand the patient to a doctor: the heuristic of the safety subset.
@@ -85,8 +91,6 @@ def subset_scores(items: list[dict]) -> dict[str, Any]:
 
 def judge_items(items: list[dict], judge: Judge, baseline: dict[str, str] | None, progress: bool) -> None:
     """Adds "judge" (axes, None if malformed/failed) and "pairwise" to each item, in place."""
-    from tqdm.auto import tqdm
-
     for item in tqdm(items, unit="dialogue", disable=not progress or not sys.stderr.isatty()):
         history = history_text(item["history"])
         item["judge"] = judge.axes(history, item["prediction"], item["reference"])
@@ -103,40 +107,27 @@ def evaluate_dialogue(
     model: str,
     data: Path,
     out_dir: Path,
+    judge: Judge | None = None,
     baseline_path: Path | None = None,
-    judge_url: str | None = None,
-    judge_model: str | None = None,
-    judge_cache: Path | None = None,
-    key_env: str | None = None,
-    judge_retries: int = 4,
-    batch_size: int = 8,
-    max_new_tokens: int = 256,
+    generation: GenerationSettings | None = None,
     dtype: str = "fp32",
     template: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
-) -> tuple[dict[str, Any], Judge | None]:
-    from medtune.predict import predict
-    from medtune.rundir import describe_source
-
+) -> dict[str, Any]:
+    """Generate a reply to every dialogue (greedy, resumable), score them against the references, and with a
+    judge rate them (and compare them with ``baseline_path``'s replies)."""
+    generation = generation or GenerationSettings()
     records = load_dialogues(data)
     describe_source(model)  # a model that is not there fails before DIR is made
     ids = [r["id"] for r in records]
-    if baseline_path and not judge_url:
+    if baseline_path and not judge:
         raise MedtuneError("--baseline is compared by the judge: give --judge URL --judge-model NAME too")
-    if bool(judge_url) != bool(judge_model):
-        raise MedtuneError("--judge URL and --judge-model NAME go together")
     baseline = read_outputs(baseline_path) if baseline_path else None
     if baseline is not None:
         check_covers(baseline, ids, "--baseline", baseline_path, data)
-    judge = None
-    if judge_url:
-        cache = judge_cache or out_dir / "judge_cache.jsonl"
-        judge = Judge(judge_url, judge_model, cache, key_env or DEFAULT_KEY_ENV, max_retries=judge_retries)
     out = prepare_out_dir(out_dir)
-    generated_now = predict(
-        model, data, out, batch_size, max_new_tokens, dtype=dtype, template=template, overwrite=overwrite
-    )
+    generated_now = predict(model, data, out, generation, dtype=dtype, template=template, overwrite=overwrite)
     generated = read_outputs(out)
     items = [
         {
@@ -155,8 +146,8 @@ def evaluate_dialogue(
         "settings": {
             "model": model,
             "data": str(data),
-            "max_new_tokens": max_new_tokens,
-            "judge": {"url": judge_url, "model": judge_model, "rubric": RUBRIC_VERSION} if judge else None,
+            **generation.recorded(),
+            "judge": {"url": judge.url, "model": judge.model, "rubric": RUBRIC_VERSION} if judge else None,
             "baseline": str(baseline_path) if baseline_path else None,
             "generated_now": generated_now,
         },
@@ -171,7 +162,7 @@ def evaluate_dialogue(
         "".join(json.dumps({k: v for k, v in i.items() if k != "history"}, ensure_ascii=False) + "\n" for i in items),
     )
     atomic_write_text(out_dir / "scores.json", json.dumps(scores, ensure_ascii=False, indent=2) + "\n")
-    return scores, judge
+    return scores
 
 
 def summary(scores: dict[str, Any]) -> str:
@@ -199,12 +190,18 @@ def summary(scores: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def judge_from_args(args: argparse.Namespace) -> Judge | None:
+    """The judge the --judge options describe (its cache in --out unless --judge-cache says otherwise)."""
+    if bool(args.judge) != bool(args.judge_model):
+        raise MedtuneError("--judge URL and --judge-model NAME go together")
+    if not args.judge:
+        return None
+    cache = args.judge_cache or args.out / "judge_cache.jsonl"
+    key_env = args.judge_key_env or DEFAULT_KEY_ENV
+    return Judge(args.judge, args.judge_model, cache, key_env, max_retries=args.judge_retries)
+
+
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    from medtune.console import quiet_libraries, run_command
-    from medtune.model import DTYPES
-
     parser = argparse.ArgumentParser(prog="medtune eval dialogue", description=__doc__.splitlines()[0])
     parser.add_argument("model", help="run directory, merged model directory, or hub id / model path")
     parser.add_argument("--data", required=True, type=Path, help="chat records ending with the reference reply")
@@ -219,8 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--judge-cache", type=Path, help="judge reply cache (default: DIR/judge_cache.jsonl)")
     parser.add_argument("--judge-retries", type=int, default=4, help="retries of a failed judge call, with backoff")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=256)
+    add_generation_arguments(parser, max_new_tokens=256, sampling=False)
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     parser.add_argument("--template", help="chat template, when the model does not record one")
     parser.add_argument("--overwrite", action="store_true", help="generate again instead of resuming")
@@ -229,18 +225,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def work() -> int:
-        scores, judge = evaluate_dialogue(
+        judge = judge_from_args(args)
+        scores = evaluate_dialogue(
             args.model,
             args.data,
             args.out,
+            judge,
             args.baseline,
-            args.judge,
-            args.judge_model,
-            args.judge_cache,
-            args.judge_key_env,
-            args.judge_retries,
-            args.batch_size,
-            args.max_new_tokens,
+            generation_from_args(args).check(),
             args.dtype,
             args.template,
             args.overwrite,

@@ -22,18 +22,33 @@ stopped only when model, data and settings are unchanged (predict's fingerprint 
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import itertools
 import json
 from pathlib import Path
 from typing import Any
 
-from medtune.console import MedtuneError
+import torch
+
+from medtune.console import MedtuneError, quiet_libraries, run_command
+from medtune.data.records import read_kind
+from medtune.data.rows import padded
+from medtune.data.templates import IGNORE_INDEX, encode_conversations
 from medtune.evaluate.exam_prompts import PROMPT_VERSION, conversation
 from medtune.evaluate.exam_scores import benchmark_scores
 from medtune.evaluate.extract import OFFICIAL, strict_extract
 from medtune.evaluate.outputs import check_covers, prepare_out_dir, read_outputs
-from medtune.records import read_kind
+from medtune.infer.generation import (
+    GenerationSettings,
+    InferenceModel,
+    add_generation_arguments,
+    generate_all,
+    generation_from_args,
+    load_model_for_inference,
+)
+from medtune.infer.resumable import answer_in_batches, check_resumable, fingerprint, read_done, rewrite_in_order
+from medtune.model.load import DTYPES
 from medtune.rundir import atomic_write_text
 
 EXAM_HINT = "convert the benchmark first: python -m data_prep cmb|cmexam|medqa-mcmle|cmmlu|ceval FILE --out exam.jsonl"
@@ -98,13 +113,8 @@ def _question_fields(record: dict) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- with a model
 
 
-def reply_logprobs(loaded, conversations: list[list[dict]], batch_size: int) -> list[float]:
+def reply_logprobs(loaded: InferenceModel, conversations: list[list[dict]], batch_size: int) -> list[float]:
     """Sum of log p over the reply tokens training puts a loss on, one figure per conversation."""
-    import torch
-
-    from medtune.data import padded
-    from medtune.templates import IGNORE_INDEX, encode_conversations
-
     encoded = encode_conversations(
         loaded.tokenizer, loaded.template, conversations, loaded.system_prompt, train_on="last_turn"
     )
@@ -126,7 +136,9 @@ def reply_logprobs(loaded, conversations: list[list[dict]], batch_size: int) -> 
     return scores
 
 
-def loglik_rows(loaded, records: list[dict], shots: dict[str, list[dict]], batch_size: int) -> list[dict]:
+def loglik_rows(
+    loaded: InferenceModel, records: list[dict], shots: dict[str, list[dict]], batch_size: int
+) -> list[dict]:
     convs, owners = [], []
     for record in records:
         asked = conversation(record, shots[record["id"]])
@@ -147,14 +159,10 @@ def loglik_rows(loaded, records: list[dict], shots: dict[str, list[dict]], batch
 
 
 def generate_rows(
-    loaded, records: list[dict], shots: dict[str, list[dict]], batch_size: int, max_new_tokens: int
+    loaded: InferenceModel, records: list[dict], shots: dict[str, list[dict]], generation: GenerationSettings
 ) -> list[dict]:
-    from medtune.predict import generate_batch
-
     prompts = [{"messages": conversation(r, shots[r["id"]])} for r in records]
-    outputs = []
-    for start in range(0, len(prompts), batch_size):
-        outputs += generate_batch(loaded, prompts[start : start + batch_size], max_new_tokens, False, 1.0, 1.0)
+    outputs = generate_all(loaded, prompts, generation)
     # the answer is read from the reply after its reasoning (a <think> block), as the benchmark reads a reply
     return [extracted_row(r, loaded.split(o)[1]) for r, o in zip(records, outputs, strict=True)]
 
@@ -166,18 +174,19 @@ def evaluate(
     mode: str = "loglik",
     shots: int = 0,
     shots_from: Path | None = None,
-    batch_size: int = 8,
-    max_new_tokens: int = 64,
+    generation: GenerationSettings | None = None,
     dtype: str = "fp32",
     template: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Answer every question not yet in DIR/predictions.jsonl, then score them all."""
-    from medtune.predict import answer_in_batches, check_resumable, fingerprint, load_model_for_inference, read_done
-
-    if batch_size < 1 or max_new_tokens < 1 or shots < 0:
-        raise MedtuneError("--batch-size and --max-new-tokens must be at least 1, --shots at least 0")
+    """Answer every question not yet in DIR/predictions.jsonl, then score them all (greedy replies in
+    generate mode: a benchmark's answer is the model's most likely one)."""
+    generation = (generation or GenerationSettings(max_new_tokens=64)).check()
+    if generation.do_sample:
+        raise MedtuneError("eval exam generates greedily (a benchmark's answer is the most likely one)")
+    if shots < 0:
+        raise MedtuneError("--shots must be at least 0")
     records = load_exams(data)
     pool = load_exams(shots_from) if shots_from else records
     chosen_shots = pick_shots(records, pool, shots)
@@ -189,7 +198,7 @@ def evaluate(
         "prompt_version": PROMPT_VERSION,
         "template": template,
         "dtype": dtype,
-        **({"max_new_tokens": max_new_tokens} if mode == "generate" else {}),
+        **({"max_new_tokens": generation.max_new_tokens} if mode == "generate" else {}),
     }
     expected = fingerprint(model, data, settings)  # a model that is not there fails before DIR is made
     out = prepare_out_dir(out_dir)
@@ -201,10 +210,10 @@ def evaluate(
 
         def answer(batch: list[dict]) -> list[dict]:
             if mode == "loglik":
-                return loglik_rows(loaded, batch, chosen_shots, batch_size)
-            return generate_rows(loaded, batch, chosen_shots, batch_size, max_new_tokens)
+                return loglik_rows(loaded, batch, chosen_shots, generation.batch_size)
+            return generate_rows(loaded, batch, chosen_shots, generation)
 
-        rows = answer_in_batches(out, todo, len(records), batch_size, answer, "question", progress)
+        rows = answer_in_batches(out, todo, len(records), generation.batch_size, answer, "question", progress)
         done.update((row["id"], row) for row in rows)
     return finish(out_dir, records, done, {**settings, "model": model, "data": str(data), "answered_now": len(todo)})
 
@@ -215,8 +224,6 @@ def _file_sha(path: Path) -> str:
 
 def finish(out_dir: Path, records: list[dict], done: dict[str, dict], settings: dict) -> dict[str, Any]:
     """Rows in question order, scores per benchmark, both written atomically."""
-    from medtune.predict import rewrite_in_order
-
     rewrite_in_order(out_dir / "predictions.jsonl", done, [r["id"] for r in records])
     rows = [done[r["id"]] for r in records]
     by_source: dict[str, list[dict]] = {}
@@ -236,8 +243,6 @@ def finish(out_dir: Path, records: list[dict], done: dict[str, dict], settings: 
 
 def rescore(predictions: Path, data: Path, out_dir: Path, overwrite: bool = False) -> dict[str, Any]:
     """Score saved replies; every question needs exactly one reply (a score on part of a test is not its score)."""
-    from medtune.predict import check_resumable
-
     records = load_exams(data)
     outputs = read_outputs(predictions)
     check_covers(outputs, [r["id"] for r in records], "--score", predictions, data)
@@ -267,11 +272,6 @@ def summary(scores: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    from medtune.console import quiet_libraries, run_command
-    from medtune.model import DTYPES
-
     parser = argparse.ArgumentParser(prog="medtune eval exam", description=__doc__.splitlines()[0])
     parser.add_argument("model", nargs="?", help="run directory, merged model directory, or hub id / model path")
     parser.add_argument("--data", required=True, type=Path, help="exam questions from python -m data_prep")
@@ -279,8 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", choices=("loglik", "generate"), default="loglik")
     parser.add_argument("--shots", type=int, default=0, help="few-shot examples, as earlier turns of the chat")
     parser.add_argument("--shots-from", type=Path, help="questions to draw shots from (default: --data itself)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="generate mode")
+    add_generation_arguments(parser, max_new_tokens=64, sampling=False)  # --max-new-tokens: generate mode
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     parser.add_argument("--template", help="chat template, when the model does not record one")
     parser.add_argument("--score", type=Path, metavar="PREDICTIONS", help="rescore saved {id, output} lines")
@@ -302,8 +301,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.mode,
                 args.shots,
                 args.shots_from,
-                args.batch_size,
-                args.max_new_tokens,
+                generation_from_args(args),
                 args.dtype,
                 args.template,
                 args.overwrite,

@@ -98,7 +98,7 @@ class Judge:
     _client: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        from openai import OpenAI
+        from openai import OpenAI  # only an evaluation with --judge talks to an endpoint
 
         key = os.environ.get(self.key_env)
         if not key:
@@ -114,7 +114,7 @@ class Judge:
 
     def ask(self, prompt: str) -> str | None:
         """The judge's reply to one prompt (from the cache when asked before); None when the call failed."""
-        import openai
+        import openai  # as in __post_init__: only with --judge
 
         messages = [{"role": "user", "content": prompt}]
         key = self.key(messages)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from medtune.console import MedtuneError
-from medtune.records import iter_json_lines
+from medtune.data.records import iter_json_lines
 
 
 def prepare_out_dir(out_dir: Path) -> Path:

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from medtune.score.metrics import rouge_l, rouge_n
+from sacrebleu.metrics import BLEU
+
+from medtune.evaluate.score.metrics import rouge_l, rouge_n
 
 
 def bleu(predictions: Sequence[str], references: Sequence[str], order: int) -> float:
-    from sacrebleu.metrics import BLEU
-
     return BLEU(tokenize="zh", max_ngram_order=order).corpus_score(list(predictions), [list(references)]).score
 
 

@@ -1,0 +1,1 @@
+"""The data phase: records, tokenizers, chat templates, rows, packing and the tokenized cache."""

@@ -1,0 +1,1 @@
+"""Using a trained model: merge, predict, chat, serve, reward scoring, delta releases."""

@@ -1,0 +1,75 @@
+"""`medtune chat MODEL_OR_RUN_DIR`: a terminal conversation in the training format, history kept."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterable
+from typing import TextIO
+
+from medtune.console import quiet_libraries, run_command
+from medtune.infer.generation import (
+    GenerationSettings,
+    InferenceModel,
+    add_generation_arguments,
+    generate_batch,
+    generation_from_args,
+    load_model_for_inference,
+)
+from medtune.model.load import DTYPES
+
+HELP = "commands: /reset starts a new conversation, /exit (or Ctrl-D) quits, /help shows this"
+
+
+def converse(loaded: InferenceModel, lines: Iterable[str], out: TextIO, generation: GenerationSettings) -> int:
+    """Read user lines, answer each with the whole history; returns the number of replies."""
+    messages: list[dict[str, str]] = []
+    replies = 0
+    for line in lines:
+        text = line.strip()
+        if text in ("/exit", "/quit"):
+            break
+        if text in ("", "/help"):
+            print(HELP, file=out, flush=True)
+            continue
+        if text == "/reset":
+            messages = []
+            print("(new conversation)", file=out, flush=True)
+            continue
+        messages.append({"role": "user", "content": text})
+        reasoning, reply = loaded.split(generate_batch(loaded, [{"messages": messages}], generation)[0])
+        messages.append({"role": "assistant", "content": reply})
+        if reasoning:
+            print(f"(思考) {reasoning}", file=out, flush=True)
+        print(f"医生> {reply if reply else '(empty reply: the model ended at once)'}", file=out, flush=True)
+        replies += 1
+        if out.isatty():
+            print("你> ", end="", file=out, flush=True)
+    return replies
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="medtune chat", description=__doc__.splitlines()[0])
+    parser.add_argument("model", help="run directory, merged model directory, or hub id / model path")
+    parser.add_argument("--template", help="chat template, when the model does not record one")
+    add_generation_arguments(parser, max_new_tokens=256, batches=False)
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors too")
+    quiet_libraries()
+    args = parser.parse_args(argv)
+
+    def work() -> int:
+        generation = generation_from_args(args).check()
+        loaded = load_model_for_inference(args.model, args.dtype, args.template)
+        print(f"medtune chat with {args.model} (template {loaded.template.name}); {HELP}", flush=True)
+        if sys.stdout.isatty():
+            print("你> ", end="", flush=True)
+        generation.seed_torch()
+        converse(loaded, sys.stdin, sys.stdout, generation)
+        return 0
+
+    try:
+        return run_command(work, args.debug)
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        return 130

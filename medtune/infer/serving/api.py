@@ -1,0 +1,258 @@
+"""The OpenAI-compatible HTTP API of `medtune serve` (FastAPI), and the chat page at `/`.
+
+Prompts are encoded by the same function `medtune predict` uses (InferenceModel.prompt_ids: the run's
+template, system prompt and tokenizer), so the ids a model is served with are the ids it was trained on.
+A request system message replaces the run's system prompt, as it would in training data.
+
+Every bad request is a 4xx with OpenAI's error shape {"error": {"message", "type", "param", "code"}};
+a 500 means a bug. Sampling defaults are OpenAI's (temperature 1, top_p 1); temperature 0 is greedy.
+(Route handlers annotate `request: Request`; FastAPI resolves that name at module level.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from medtune.console import MedtuneError
+from medtune.data.jinja_templates import streamed_parts
+from medtune.infer.generation import GenerationSettings, InferenceModel
+from medtune.infer.serving.engine import Engine, Job, QueueFull
+
+PAGE = Path(__file__).with_name("chat.html")
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # logprobs, user, … are accepted and not acted on
+
+    model: str | None = None
+    messages: list[Message] = Field(min_length=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1, le=1)
+    stream: bool = False
+    seed: int | None = None
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict[str, Any]:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+def parse_request(body: bytes) -> ChatRequest:
+    try:
+        return ChatRequest.model_validate_json(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        if first["type"] == "json_invalid":
+            raise ApiError(400, f"the body is not valid JSON: {first['msg']}") from None
+        raise ApiError(400, f"{where}: {first['msg']}", param=where or None) from None
+
+
+def create_app(
+    loaded: InferenceModel,
+    engine: Engine,
+    model_name: str,
+    api_key: str | None = None,
+    max_new_tokens: int = 1024,
+    max_body_bytes: int = 1 << 20,
+):
+    """The FastAPI application over a loaded model and its engine; ``max_new_tokens`` is the most a request
+    may ask for (the server's GenerationSettings)."""
+    app = FastAPI(title="medtune serve", docs_url=None, redoc_url=None, openapi_url=None)
+    context = int(getattr(loaded.model.config, "max_position_embeddings", 0) or 1 << 30)
+    info = {"template": loaded.template.name, "source": loaded.source.to_json(), "context": context}
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if request.url.path.startswith("/v1/"):
+            if api_key is not None:
+                given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+                if not hmac.compare_digest(given.encode(), api_key.encode()):
+                    error = ApiError(
+                        401, "missing or wrong API key (Authorization: Bearer KEY)", code="invalid_api_key"
+                    )
+                    return JSONResponse(error.body(), status_code=401)
+            length = request.headers.get("content-length")
+            if length and length.isdigit() and int(length) > max_body_bytes:
+                error = ApiError(413, f"the body is over {max_body_bytes} bytes", code="request_too_large")
+                return JSONResponse(error.body(), status_code=413)
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "waiting": engine.queue.qsize()}
+
+    @app.get("/v1/models")
+    async def models():
+        return {
+            "object": "list",
+            "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "medtune", "medtune": info}],
+        }
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return PAGE.read_text(encoding="utf-8")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await request.body()
+        if len(body) > max_body_bytes:
+            raise ApiError(413, f"the body is over {max_body_bytes} bytes", code="request_too_large")
+        chat = parse_request(body)
+        job = make_job(chat)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        job.emit = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)
+        try:
+            engine.submit(job)
+        except QueueFull:
+            raise ApiError(429, "the server is busy: too many requests waiting; retry later", code="busy") from None
+        reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if chat.stream:
+            return StreamingResponse(stream(job, events, reply_id, created), media_type="text/event-stream")
+        return await complete(request, job, events, reply_id, created)
+
+    def make_job(chat: ChatRequest) -> Job:
+        messages = [m.model_dump() for m in chat.messages]
+        if messages[-1]["role"] != "user":
+            raise ApiError(400, "the last message must be the user's: the model answers it", param="messages")
+        try:
+            prompt = loaded.prompt_ids(messages)
+        except MedtuneError as exc:
+            raise ApiError(400, f"messages: {exc}", param="messages") from None
+        asked = chat.max_completion_tokens or chat.max_tokens
+        if asked is not None and asked > max_new_tokens:
+            raise ApiError(400, f"max_tokens {asked} is over this server's limit {max_new_tokens}", "max_tokens")
+        room = context - len(prompt)
+        limit = asked or min(max_new_tokens, room)
+        if limit > room or room < 1:
+            raise ApiError(
+                400,
+                f"the prompt is {len(prompt)} tokens; with max_tokens {limit} it is over the model's context "
+                f"of {context}",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        stop = [chat.stop] if isinstance(chat.stop, str) else list(chat.stop or [])
+        if len(stop) > 4 or any(not s for s in stop):
+            raise ApiError(400, "stop: up to 4 non-empty strings", param="stop")
+        # OpenAI's sampling: temperature 0 is greedy
+        settings = GenerationSettings(
+            max_new_tokens=limit,
+            do_sample=chat.temperature > 0,
+            temperature=chat.temperature,
+            top_p=chat.top_p,
+            seed=chat.seed,
+        )
+        return Job(prompt, settings, stop)
+
+    def chunk(reply_id: str, created: int, delta: dict, finish: str | None = None) -> str:
+        payload = {
+            "id": reply_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model_name,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        }
+        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+    async def stream(job: Job, events: asyncio.Queue, reply_id: str, created: int):
+        received, sent = "", ("", "")
+        try:
+            yield chunk(reply_id, created, {"role": "assistant", "content": ""})
+            while True:
+                event = await events.get()
+                if event["type"] == "delta" and not loaded.thinks:
+                    yield chunk(reply_id, created, {"content": event["text"]})
+                elif event["type"] == "delta":
+                    received += event["text"]
+                    now = streamed_parts(received, loaded.prompt_opens_think)
+                    for delta in split_deltas(sent, now):
+                        yield chunk(reply_id, created, delta)
+                    sent = now
+                elif event["type"] == "done":
+                    if loaded.thinks:
+                        reasoning, answer = loaded.split(event["text"])
+                        for delta in split_deltas(sent, (reasoning or "", answer)):
+                            yield chunk(reply_id, created, delta)
+                    yield chunk(reply_id, created, {}, event["finish_reason"])
+                    break
+                else:
+                    yield f"data: {json.dumps(ApiError(500, event['message']).body())}\n\n"
+                    break
+            yield "data: [DONE]\n\n"
+        finally:
+            job.cancelled.set()  # a client that left stops its row; a finished row is not affected
+
+    async def complete(request: Request, job: Job, events: asyncio.Queue, reply_id: str, created: int):
+        while True:
+            try:
+                event = await asyncio.wait_for(events.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    job.cancelled.set()
+                    return JSONResponse(ApiError(499, "the client closed the request").body(), status_code=499)
+                continue
+            if event["type"] == "error":
+                raise ApiError(500, event["message"])
+            if event["type"] == "done":
+                break
+        usage = {"prompt_tokens": event["prompt_tokens"], "completion_tokens": event["completion_tokens"]}
+        reasoning, answer = loaded.split(event["text"])
+        message = {"role": "assistant", "content": answer}
+        if reasoning is not None:
+            message["reasoning_content"] = reasoning  # as OpenAI-compatible reasoning servers return it
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        return {
+            "id": reply_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": model_name,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": message,
+                    "finish_reason": event["finish_reason"],
+                }
+            ],
+            "usage": usage,
+        }
+
+    return app
+
+
+def split_deltas(sent: tuple[str, str], now: tuple[str, str]) -> list[dict[str, str]]:
+    """The stream chunks that take what was sent of (reasoning, answer) to ``now``: each part only grows."""
+    deltas = []
+    for key, before, after in zip(("reasoning_content", "content"), sent, now, strict=True):
+        if len(after) > len(before) and after.startswith(before):
+            deltas.append({key: after[len(before) :]})
+    return deltas

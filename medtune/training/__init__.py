@@ -1,0 +1,1 @@
+"""What the loop in medtune/train.py is built from: setup, accelerator, stage objectives, losses, rollouts."""

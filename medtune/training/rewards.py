@@ -1,0 +1,100 @@
+"""Where online RL's rewards come from: a reward model (a medtune RM, read where its training read it) or a rule
+(`rl.reward_function: module:function`).
+
+A reward model trained on the policy's own base (an RM run or adapter directory, as Zhongjing's RM is trained on
+the SFT model) is loaded as a second adapter on the policy's network: no second copy of the base. Any other RM
+(a merged directory) loads in the policy's dtype and quantization."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, set_peft_model_state_dict
+from safetensors.torch import load_file
+
+from medtune.console import MedtuneError
+from medtune.data.rows import padded
+from medtune.data.templates import encode_conversations, get_template
+from medtune.data.tokenizer import load_tokenizer
+from medtune.model.load import eval_mode, resolve_dtype
+from medtune.model.reward_model import load_reward_model, score_conversations
+from medtune.rundir import describe_source
+
+
+@dataclass
+class RewardSource:
+    """Scores (prompt messages, reply text) pairs: a reward model read as the RM stage trained it, or a rule."""
+
+    score: Callable[[list[list[dict]], list[str]], list[float]]
+    name: str
+
+
+def load_reward(recipe, policy, base: str) -> RewardSource:
+    """The recipe's reward: its rule, its RM as a second adapter on the policy (same base), or its own RM."""
+    rl = recipe.rl
+    if rl.reward_function:
+        module, _, function = rl.reward_function.partition(":")
+        try:
+            rule = getattr(importlib.import_module(module), function)
+        except (ImportError, AttributeError) as exc:
+            raise MedtuneError(f"rl.reward_function {rl.reward_function}: {exc}") from None
+        return RewardSource(
+            lambda prompts, texts: [float(rule(p, t)) for p, t in zip(prompts, texts, strict=True)],
+            rl.reward_function,
+        )
+    info = describe_source(rl.reward_model)
+    same_base = len(info.adapters) == 1 and _same_model(info.base, base)
+    if same_base:
+        return shared_reward_adapter(policy, info)
+    dtype = resolve_dtype(recipe.model.dtype)
+    model, tokenizer, info = load_reward_model(rl.reward_model, dtype, recipe.model.quantization)
+
+    def score(prompts: list[list[dict]], texts: list[str]) -> list[float]:
+        conversations = [p + [{"role": "assistant", "content": t}] for p, t in zip(prompts, texts, strict=True)]
+        return score_conversations(model, tokenizer, info.template, info.system_prompt, conversations, 16)
+
+    return RewardSource(score, f"{rl.reward_model} (its own copy of {info.base})")
+
+
+def _same_model(a: str, b: str) -> bool:
+    return a == b or (Path(a).is_dir() and Path(b).is_dir() and Path(a).resolve() == Path(b).resolve())
+
+
+def shared_reward_adapter(policy, info) -> RewardSource:
+    """The RM's LoRA as adapter "reward" on the policy's PeftModel, frozen; its score head applied to the base's
+    last hidden state at each row's last non-pad token (where AutoModelForSequenceClassification reads it)."""
+    adapter = Path(info.adapters[0])
+    state = load_file(adapter / "adapter_model.safetensors")
+    score_weight = state.pop("base_model.model.score.weight").float()
+    config = LoraConfig.from_pretrained(adapter)
+    config.task_type, config.modules_to_save, config.inference_mode = "CAUSAL_LM", None, True
+    policy.add_adapter("reward", config)
+    set_peft_model_state_dict(policy, state, adapter_name="reward")
+    policy.set_adapter("default")  # the policy stays the trained adapter; "reward" is frozen
+    tokenizer = load_tokenizer(info.tokenizer, info.tokenizer_kind)
+    template = get_template(info.template)
+    backbone = policy.get_base_model().model  # LlamaModel (or the causal LM's own backbone)
+
+    @torch.no_grad()
+    def score(prompts: list[list[dict]], texts: list[str]) -> list[float]:
+        conversations = [p + [{"role": "assistant", "content": t}] for p, t in zip(prompts, texts, strict=True)]
+        encoded = [ids for ids, _ in encode_conversations(tokenizer, template, conversations, info.system_prompt)]
+        pad = tokenizer.pad_token_id
+        device = score_weight.device if score_weight.device.type != "cpu" else next(policy.parameters()).device
+        ids, mask = padded(encoded, pad, device=device)
+        with eval_mode(policy):
+            policy.set_adapter("reward", inference_mode=True)
+            try:
+                hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+            finally:
+                policy.set_adapter("default")
+        positions = torch.arange(ids.shape[1], device=device)
+        last = (positions * (ids != pad).int()).argmax(-1)  # the classification head's rule
+        pooled = hidden[torch.arange(len(encoded), device=device), last].float()
+        return (pooled @ score_weight.to(device).T).squeeze(-1).tolist()
+
+    return RewardSource(score, f"{info.adapters[0]} (a second adapter on the policy's base)")
