@@ -16,6 +16,7 @@ import hmac
 import json
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -72,6 +73,22 @@ def parse_request(body: bytes) -> ChatRequest:
         raise ApiError(400, f"{where}: {first['msg']}", param=where or None) from None
 
 
+@dataclass(frozen=True)
+class Served:
+    """What every route reads: the model in its training format, its engine and this server's limits."""
+
+    loaded: InferenceModel
+    engine: Engine
+    model_name: str  # the id clients see
+    max_new_tokens: int  # the most a request may ask for
+    context: int  # the model's positions: prompt + reply must fit
+
+    @classmethod
+    def of(cls, loaded: InferenceModel, engine: Engine, model_name: str, max_new_tokens: int) -> Served:
+        context = int(getattr(loaded.model.config, "max_position_embeddings", 0) or 1 << 30)
+        return cls(loaded, engine, model_name, max_new_tokens, context)
+
+
 def create_app(
     loaded: InferenceModel,
     engine: Engine,
@@ -79,12 +96,12 @@ def create_app(
     api_key: str | None = None,
     max_new_tokens: int = 1024,
     max_body_bytes: int = 1 << 20,
-):
+) -> FastAPI:
     """The FastAPI application over a loaded model and its engine; ``max_new_tokens`` is the most a request
     may ask for (the server's GenerationSettings)."""
+    served = Served.of(loaded, engine, model_name, max_new_tokens)
     app = FastAPI(title="medtune serve", docs_url=None, redoc_url=None, openapi_url=None)
-    context = int(getattr(loaded.model.config, "max_position_embeddings", 0) or 1 << 30)
-    info = {"template": loaded.template.name, "source": loaded.source.to_json(), "context": context}
+    info = {"template": loaded.template.name, "source": loaded.source.to_json(), "context": served.context}
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
@@ -127,7 +144,7 @@ def create_app(
         if len(body) > max_body_bytes:
             raise ApiError(413, f"the body is over {max_body_bytes} bytes", code="request_too_large")
         chat = parse_request(body)
-        job = make_job(chat)
+        job = make_job(served, chat)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         job.emit = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)
@@ -135,118 +152,137 @@ def create_app(
             engine.submit(job)
         except QueueFull:
             raise ApiError(429, "the server is busy: too many requests waiting; retry later", code="busy") from None
-        reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        reply = Reply(served, job, events, f"chatcmpl-{uuid.uuid4().hex}", int(time.time()))
         if chat.stream:
-            return StreamingResponse(stream(job, events, reply_id, created), media_type="text/event-stream")
-        return await complete(request, job, events, reply_id, created)
+            return StreamingResponse(stream(reply), media_type="text/event-stream")
+        return await complete(request, reply)
 
-    def make_job(chat: ChatRequest) -> Job:
-        messages = [m.model_dump() for m in chat.messages]
-        if messages[-1]["role"] != "user":
-            raise ApiError(400, "the last message must be the user's: the model answers it", param="messages")
-        try:
-            prompt = loaded.prompt_ids(messages)
-        except MedtuneError as exc:
-            raise ApiError(400, f"messages: {exc}", param="messages") from None
-        asked = chat.max_completion_tokens or chat.max_tokens
-        if asked is not None and asked > max_new_tokens:
-            raise ApiError(400, f"max_tokens {asked} is over this server's limit {max_new_tokens}", "max_tokens")
-        room = context - len(prompt)
-        limit = asked or min(max_new_tokens, room)
-        if limit > room or room < 1:
-            raise ApiError(
-                400,
-                f"the prompt is {len(prompt)} tokens; with max_tokens {limit} it is over the model's context "
-                f"of {context}",
-                param="messages",
-                code="context_length_exceeded",
-            )
-        stop = [chat.stop] if isinstance(chat.stop, str) else list(chat.stop or [])
-        if len(stop) > 4 or any(not s for s in stop):
-            raise ApiError(400, "stop: up to 4 non-empty strings", param="stop")
-        # OpenAI's sampling: temperature 0 is greedy
-        settings = GenerationSettings(
-            max_new_tokens=limit,
-            do_sample=chat.temperature > 0,
-            temperature=chat.temperature,
-            top_p=chat.top_p,
-            seed=chat.seed,
+    return app
+
+
+def make_job(served: Served, chat: ChatRequest) -> Job:
+    """The engine's job for a request, or the 400 that says what is wrong with it."""
+    messages = [m.model_dump() for m in chat.messages]
+    if messages[-1]["role"] != "user":
+        raise ApiError(400, "the last message must be the user's: the model answers it", param="messages")
+    try:
+        prompt = served.loaded.prompt_ids(messages)
+    except MedtuneError as exc:
+        raise ApiError(400, f"messages: {exc}", param="messages") from None
+    asked = chat.max_completion_tokens or chat.max_tokens
+    if asked is not None and asked > served.max_new_tokens:
+        raise ApiError(400, f"max_tokens {asked} is over this server's limit {served.max_new_tokens}", "max_tokens")
+    room = served.context - len(prompt)
+    limit = asked or min(served.max_new_tokens, room)
+    if limit > room or room < 1:
+        raise ApiError(
+            400,
+            f"the prompt is {len(prompt)} tokens; with max_tokens {limit} it is over the model's context "
+            f"of {served.context}",
+            param="messages",
+            code="context_length_exceeded",
         )
-        return Job(prompt, settings, stop)
+    stop = [chat.stop] if isinstance(chat.stop, str) else list(chat.stop or [])
+    if len(stop) > 4 or any(not s for s in stop):
+        raise ApiError(400, "stop: up to 4 non-empty strings", param="stop")
+    # OpenAI's sampling: temperature 0 is greedy
+    settings = GenerationSettings(
+        max_new_tokens=limit,
+        do_sample=chat.temperature > 0,
+        temperature=chat.temperature,
+        top_p=chat.top_p,
+        seed=chat.seed,
+    )
+    return Job(prompt, settings, stop)
 
-    def chunk(reply_id: str, created: int, delta: dict, finish: str | None = None) -> str:
+
+@dataclass
+class Reply:
+    """One request's reply as it is sent: its job, the engine's events for it, its OpenAI id and time."""
+
+    served: Served
+    job: Job
+    events: asyncio.Queue
+    id: str
+    created: int
+
+    def chunk(self, delta: dict, finish: str | None = None) -> str:
         payload = {
-            "id": reply_id,
+            "id": self.id,
             "object": "chat.completion.chunk",
-            "created": created,
-            "model": model_name,
+            "created": self.created,
+            "model": self.served.model_name,
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
         }
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
-    async def stream(job: Job, events: asyncio.Queue, reply_id: str, created: int):
-        received, sent = "", ("", "")
-        try:
-            yield chunk(reply_id, created, {"role": "assistant", "content": ""})
-            while True:
-                event = await events.get()
-                if event["type"] == "delta" and not loaded.thinks:
-                    yield chunk(reply_id, created, {"content": event["text"]})
-                elif event["type"] == "delta":
-                    received += event["text"]
-                    now = streamed_parts(received, loaded.prompt_opens_think)
-                    for delta in split_deltas(sent, now):
-                        yield chunk(reply_id, created, delta)
-                    sent = now
-                elif event["type"] == "done":
-                    if loaded.thinks:
-                        reasoning, answer = loaded.split(event["text"])
-                        for delta in split_deltas(sent, (reasoning or "", answer)):
-                            yield chunk(reply_id, created, delta)
-                    yield chunk(reply_id, created, {}, event["finish_reason"])
-                    break
-                else:
-                    yield f"data: {json.dumps(ApiError(500, event['message']).body())}\n\n"
-                    break
-            yield "data: [DONE]\n\n"
-        finally:
-            job.cancelled.set()  # a client that left stops its row; a finished row is not affected
 
-    async def complete(request: Request, job: Job, events: asyncio.Queue, reply_id: str, created: int):
+async def stream(reply: Reply):
+    """Server-sent events: the role, the text as it is decoded (reasoning apart), the finish, [DONE]."""
+    job, events, loaded = reply.job, reply.events, reply.served.loaded
+    received, sent = "", ("", "")
+    try:
+        yield reply.chunk({"role": "assistant", "content": ""})
         while True:
-            try:
-                event = await asyncio.wait_for(events.get(), timeout=0.5)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    job.cancelled.set()
-                    return JSONResponse(ApiError(499, "the client closed the request").body(), status_code=499)
-                continue
-            if event["type"] == "error":
-                raise ApiError(500, event["message"])
-            if event["type"] == "done":
+            event = await events.get()
+            if event["type"] == "delta" and not loaded.thinks:
+                yield reply.chunk({"content": event["text"]})
+            elif event["type"] == "delta":
+                received += event["text"]
+                now = streamed_parts(received, loaded.prompt_opens_think)
+                for delta in split_deltas(sent, now):
+                    yield reply.chunk(delta)
+                sent = now
+            elif event["type"] == "done":
+                if loaded.thinks:
+                    reasoning, answer = loaded.split(event["text"])
+                    for delta in split_deltas(sent, (reasoning or "", answer)):
+                        yield reply.chunk(delta)
+                yield reply.chunk({}, event["finish_reason"])
                 break
-        usage = {"prompt_tokens": event["prompt_tokens"], "completion_tokens": event["completion_tokens"]}
-        reasoning, answer = loaded.split(event["text"])
-        message = {"role": "assistant", "content": answer}
-        if reasoning is not None:
-            message["reasoning_content"] = reasoning  # as OpenAI-compatible reasoning servers return it
-        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-        return {
-            "id": reply_id,
-            "object": "chat.completion",
-            "created": created,
-            "model": model_name,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": message,
-                    "finish_reason": event["finish_reason"],
-                }
-            ],
-            "usage": usage,
-        }
+            else:
+                yield f"data: {json.dumps(ApiError(500, event['message']).body())}\n\n"
+                break
+        yield "data: [DONE]\n\n"
+    finally:
+        job.cancelled.set()  # a client that left stops its row; a finished row is not affected
 
-    return app
+
+async def complete(request: Request, reply: Reply):
+    """The whole reply as one chat.completion, once the engine is done (a client that leaves cancels it)."""
+    job, events = reply.job, reply.events
+    while True:
+        try:
+            event = await asyncio.wait_for(events.get(), timeout=0.5)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                job.cancelled.set()
+                return JSONResponse(ApiError(499, "the client closed the request").body(), status_code=499)
+            continue
+        if event["type"] == "error":
+            raise ApiError(500, event["message"])
+        if event["type"] == "done":
+            break
+    usage = {"prompt_tokens": event["prompt_tokens"], "completion_tokens": event["completion_tokens"]}
+    reasoning, answer = reply.served.loaded.split(event["text"])
+    message = {"role": "assistant", "content": answer}
+    if reasoning is not None:
+        message["reasoning_content"] = reasoning  # as OpenAI-compatible reasoning servers return it
+    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+    return {
+        "id": reply.id,
+        "object": "chat.completion",
+        "created": reply.created,
+        "model": reply.served.model_name,
+        "choices": [
+            {
+                "index": 0,
+                "message": message,
+                "finish_reason": event["finish_reason"],
+            }
+        ],
+        "usage": usage,
+    }
 
 
 def split_deltas(sent: tuple[str, str], now: tuple[str, str]) -> list[dict[str, str]]:
