@@ -1,4 +1,8 @@
-"""python -m data_prep SOURCE INPUT... --out OUT.jsonl [--dev-ratio R --seed S] [--max-length N] [--dedup]"""
+"""python -m data_prep SOURCE INPUT... --out OUT.jsonl [--dev-ratio R --seed S] [--max-length N] [--dedup]
+
+A mistake the user can fix (a missing input, an --out that cannot be written, a full disk) is one line
+``error: …`` with exit 2, through medtune's run_command like every medtune command.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,8 @@ import sys
 from pathlib import Path
 
 from data_prep import alpaca, chatmed, cmtmedqa, exams, huatuo, medical_o1, preference, promptcblue, sharegpt, text
-from data_prep.pipeline import Options, PrepError, read_items, run
+from data_prep.pipeline import Options, output_paths, read_items, run
+from medtune.console import run_command
 
 # source name → (converter, reader, one-line description)
 SOURCES = {
@@ -34,6 +39,17 @@ SOURCES = {
 }
 
 
+def positive_int(text: str) -> int:
+    """A limit of 1 or more: 0 or a negative number would read as "no limit" or "keep nothing", both surprises."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of 1 or more, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more (got {value}); leave the option out for no limit")
+    return value
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m data_prep",
@@ -45,9 +61,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, type=Path, help="output JSONL (dev and skip report go beside it)")
     parser.add_argument("--dev-ratio", type=float, default=0.0, help="fraction of records written to OUT.dev.jsonl")
     parser.add_argument("--seed", type=int, default=42, help="seed of the train/dev split")
-    parser.add_argument("--max-length", type=int, help="skip records longer than this many characters")
+    parser.add_argument("--max-length", type=positive_int, help="skip records longer than this many characters")
     parser.add_argument("--dedup", action="store_true", help="skip records whose content repeats an earlier one")
-    parser.add_argument("--max-per-task", type=int, help="promptcblue: keep at most N records per task")
+    parser.add_argument("--max-per-task", type=positive_int, help="promptcblue: keep at most N records per task")
     parser.add_argument(
         "--strip-answer-cue",
         action="store_true",
@@ -58,6 +74,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="cmmlu/ceval: comma-separated subject file names to keep, or 'all' (default: the medical subjects)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress line")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors too")
     args = parser.parse_args(argv)
     if not 0.0 <= args.dev_ratio < 1.0:
         parser.error("--dev-ratio must be in [0, 1)")
@@ -66,6 +83,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    return run_command(lambda: convert_corpus(args), args.debug)
+
+
+def convert_corpus(args: argparse.Namespace) -> int:
+    """Run the conversion and print its report; 1 when nothing at all was written (likely the wrong source)."""
     convert, reader, _ = SOURCES[args.source]
     options = Options(
         dev_ratio=args.dev_ratio,
@@ -76,16 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         strip_answer_cue=args.strip_answer_cue,
         subjects=tuple(s.strip() for s in args.subjects.split(",") if s.strip()) if args.subjects else None,
     )
-    try:
-        report = run(convert, args.inputs, args.out, options, reader=reader, progress=not args.quiet)
-    except PrepError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    report = run(convert, args.inputs, args.out, options, reader=reader, progress=not args.quiet)
     print(report.summary())
     if sum(report.skipped.values()):
-        print(
-            f"skipped records are listed in {args.out.with_name(args.out.name.removesuffix('.jsonl') + '.skipped.jsonl')}"  # noqa: E501
-        )
+        print(f"skipped records are listed in {output_paths(args.out)['skipped']}")
     if not report.written:
         print(
             f"error: no record was written from {', '.join(map(str, args.inputs))} "

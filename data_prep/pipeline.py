@@ -1,23 +1,32 @@
 """The one streaming reader/writer every source shares, with the skip report.
 
 Every input record is either written or reported: read = written + skipped, by
-reason. Outputs go to temp files renamed only on success, so a failed run
-leaves no half file, and no output may overwrite an input.
+reason. A record is written only when it follows the record contract, is strict
+JSON (no NaN), shows its answer (not only zero-width characters) and has an id
+no earlier record of the run had. Outputs go to temp files renamed only on
+success, so a failed run (bad input, read-only folder, full disk) leaves no half
+file and keeps an earlier run's files; no output may overwrite an input, and no
+input may be given twice.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
+import math
 import os
 import sys
 import time
+import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
+from medtune.console import MedtuneError
 from medtune.data.records import RecordError, held_out, record_kind, validate_record, write_jsonl_line
 from medtune.temp_files import remove_dead_temps, temp_sibling
 
@@ -30,8 +39,9 @@ class Skip(Exception):
         self.reason, self.detail = reason, detail
 
 
-class PrepError(RuntimeError):
-    """The whole run cannot go on (missing file, non-UTF-8 input, output over an input)."""
+class PrepError(MedtuneError):
+    """The whole run cannot go on (missing file, non-UTF-8 input, output over an input, a folder that cannot be
+    written): one line, printed by medtune.console.run_command."""
 
 
 @dataclass
@@ -191,13 +201,30 @@ def output_paths(out: Path) -> dict[str, Path]:
 
 
 def check_paths(inputs: list[Path], out: Path) -> None:
+    """Refuse, before anything is written, a run whose inputs or outputs cannot be right."""
+    first_given: dict[tuple[int, int], Path] = {}
     for path in inputs:
         if not path.is_file():
             raise PrepError(f"{path}: input file not found")
+        stat = path.stat()
+        identity = (stat.st_dev, stat.st_ino)  # the same file under another spelling, or through a link, too
+        if identity in first_given:
+            also = f" (also as {first_given[identity]})" if str(first_given[identity]) != str(path) else ""
+            raise PrepError(
+                f"{path}: the same input file is given twice{also}; give each file once "
+                "(its records would be written twice, under colliding ids)"
+            )
+        first_given[identity] = path
+    if out.parent.exists() and not out.parent.is_dir():
+        raise PrepError(f"{out.parent}: a file where --out needs a folder; choose another --out")
     resolved = {p.resolve() for p in inputs}
     for kind, path in output_paths(out).items():
         if path.resolve() in resolved:
             raise PrepError(f"{path}: the {kind} output would overwrite an input; choose another --out")
+        if path.is_dir() and kind == "train":
+            raise PrepError(f"{path}: --out is a directory; give a file name, e.g. --out {path / 'train.jsonl'}")
+        if path.exists() and not path.is_file():
+            raise PrepError(f"{path}: the {kind} output would replace a directory or device; choose another --out")
 
 
 def is_dev(record_id: str, options: Options) -> bool:
@@ -216,73 +243,144 @@ def run(
 ) -> Report:
     """Convert every input record, write train/dev/skipped atomically, return the counts."""
     check_paths(inputs, out)
-    paths = output_paths(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_dead_temp_files(paths)
     names = Counter(p.name for p in inputs)
     labels = {str(p): p.name if names[p.name] == 1 else str(p) for p in inputs}
-    tmp = {kind: temp_sibling(path) for kind, path in paths.items()}
-    handles = {kind: path.open("w", encoding="utf-8") for kind, path in tmp.items()}
-    report, seen, per_task = Report(), set(), Counter()
-    ticker = _Progress(enabled=progress)
+    report, seen, ticker = Report(), Seen(), _Progress(enabled=progress)
     try:
-        for path in inputs:
-            try:
-                for item in reader(path):
+        with Outputs(out, keep_dev=options.dev_ratio > 0) as outputs:
+            for path in inputs:
+                for item in _read(reader, path):
                     item.label = labels[str(path)]
                     report.read += 1
                     ticker.tick(report.read)
-                    try:
-                        records = _convert_one(convert, item, options, seen, per_task)
-                    except Skip as skip:
-                        report.skipped[skip.reason] += 1
-                        handles["skipped"].write(
-                            write_jsonl_line(
-                                {
-                                    "file": item.file,
-                                    "line": item.line,
-                                    "index": item.index,
-                                    "reason": skip.reason,
-                                    "detail": skip.detail,
-                                }
-                            )
-                        )
-                        continue
-                    for record in records:
-                        dev = is_dev(record["id"], options)
-                        handles["dev" if dev else "train"].write(write_jsonl_line(record))
-                        report.written += 1
-                        report.dev += dev
-            except UnicodeDecodeError as exc:
-                raise PrepError(
-                    f"{path}: not UTF-8 (byte offset {exc.start}: {exc.reason}); "
-                    "convert the file to UTF-8 first (e.g. iconv -f GB18030 -t UTF-8)"
-                ) from None
-        for handle in handles.values():
-            handle.close()
-        for kind, path in tmp.items():
-            if kind == "dev" and options.dev_ratio <= 0:
-                path.unlink()
-                if paths["dev"].is_file():  # an earlier run's split of this --out would read as this run's
-                    paths["dev"].unlink()
-                    print(f"removed {paths['dev']} of an earlier run (this run has no dev split)", file=sys.stderr)
-                continue
-            os.replace(path, paths[kind])
+                    _write_item(convert, item, options, seen, outputs, report)
+            outputs.commit()
     finally:
         ticker.close(report.read)
-        for handle in handles.values():
-            handle.close()
-        for path in tmp.values():
-            path.unlink(missing_ok=True)
     return report
 
 
-def _remove_dead_temp_files(paths: dict[str, Path]) -> None:
-    for path in paths.values():
-        remove_dead_temps(path)
+def _read(reader: Callable[[Path], Iterator[Item]], path: Path) -> Iterator[Item]:
+    """The reader's items; a file that cannot be decoded or read ends the run in one line naming it."""
+    try:
+        yield from reader(path)
+    except UnicodeDecodeError as exc:
+        raise PrepError(
+            f"{path}: not UTF-8 (byte offset {exc.start}: {exc.reason}); "
+            "convert the file to UTF-8 first (e.g. iconv -f GB18030 -t UTF-8)"
+        ) from None
+    except OSError as exc:
+        raise PrepError(f"{path}: cannot read the input ({exc.strerror or exc}); check its permissions") from None
 
 
-def _convert_one(convert: Converter, item: Item, options: Options, seen: set, per_task: Counter) -> list[dict]:
+def _write_item(
+    convert: Converter, item: Item, options: Options, seen: Seen, outputs: Outputs, report: Report
+) -> None:
+    """Write the item's records, or report it in the skip file: every item read is one or the other."""
+    try:
+        records = _convert_one(convert, item, options, seen)
+    except Skip as skip:
+        report.skipped[skip.reason] += 1
+        outputs.write(
+            "skipped",
+            {"file": item.file, "line": item.line, "index": item.index, "reason": skip.reason, "detail": skip.detail},
+        )
+        return
+    for record in records:
+        dev = is_dev(record["id"], options)
+        outputs.write("dev" if dev else "train", record)
+        report.written += 1
+        report.dev += dev
+
+
+def open_output(path: Path) -> TextIO:
+    """A temp file to write records into (its own function: the one place the run opens a file for writing)."""
+    return path.open("w", encoding="utf-8")
+
+
+class Outputs:
+    """The run's train, dev and skipped files, written to temp siblings renamed over the real names only when
+    the run completes: a failed run (bad input, read-only folder, full disk) leaves no half file and keeps the
+    files of an earlier run as they were."""
+
+    def __init__(self, out: Path, keep_dev: bool):
+        self.paths, self.keep_dev = output_paths(out), keep_dev
+        self.temps = {kind: temp_sibling(path) for kind, path in self.paths.items()}
+        self.handles: dict[str, TextIO] = {}
+
+    def __enter__(self) -> Outputs:
+        folder = self.paths["train"].parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise output_error(exc, folder) from exc
+        for path in self.paths.values():
+            remove_dead_temps(path)
+        for kind, temp in self.temps.items():
+            try:
+                self.handles[kind] = open_output(temp)
+            except OSError as exc:
+                self.__exit__()  # the files opened before this one, and their temps, go
+                raise output_error(exc, self.paths[kind]) from exc
+        return self
+
+    def write(self, kind: str, record: dict) -> None:
+        try:
+            self.handles[kind].write(write_jsonl_line(record))
+        except OSError as exc:
+            raise output_error(exc, self.paths[kind]) from exc
+
+    def commit(self) -> None:
+        """Close every file (a full disk may show only now, at the last flush), then rename them into place."""
+        for kind, handle in self.handles.items():
+            try:
+                handle.close()
+            except OSError as exc:
+                raise output_error(exc, self.paths[kind]) from exc
+        for kind, temp in self.temps.items():
+            try:
+                if kind == "dev" and not self.keep_dev:
+                    self._drop_old_dev(temp)
+                else:
+                    os.replace(temp, self.paths[kind])
+            except OSError as exc:
+                raise output_error(exc, self.paths[kind]) from exc
+
+    def _drop_old_dev(self, temp: Path) -> None:
+        """No dev split this run: an earlier run's split of this --out would read as this run's."""
+        temp.unlink()
+        if self.paths["dev"].is_file():
+            self.paths["dev"].unlink()
+            print(f"removed {self.paths['dev']} of an earlier run (this run has no dev split)", file=sys.stderr)
+
+    def __exit__(self, *exc_info: object) -> None:
+        for handle in self.handles.values():
+            with contextlib.suppress(OSError):  # a full disk fails the flush again: the temp file goes anyway
+                handle.close()
+        for temp in self.temps.values():
+            temp.unlink(missing_ok=True)
+
+
+def output_error(exc: OSError, path: Path) -> Exception:
+    """An OS error writing an output as one line naming the file we were writing: a full disk keeps its errno,
+    for medtune's own full-disk line (medtune.console.run_command), anything else is a PrepError."""
+    if exc.errno == errno.ENOSPC:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return PrepError(f"{path}: cannot write ({exc.strerror or exc}); choose an --out in a folder you can write")
+
+
+@dataclass
+class Seen:
+    """What a run remembers of the records it wrote: fixed-size digests, not records, so that memory stays
+    small over a corpus of tens of millions."""
+
+    ids: set[bytes] = field(default_factory=set)  # 8-byte digests of the written ids
+    contents: set[bytes] = field(default_factory=set)  # 16-byte digests of the written contents (--dedup)
+    per_task: Counter = field(default_factory=Counter)  # records written per PromptCBLUE task
+
+
+def _convert_one(convert: Converter, item: Item, options: Options, seen: Seen) -> list[dict]:
+    """The item's records, checked one by one and against what the run wrote before; a Skip otherwise."""
     if item.error:
         raise Skip("malformed JSON", item.error)
     if not isinstance(item.value, dict):
@@ -292,30 +390,117 @@ def _convert_one(convert: Converter, item: Item, options: Options, seen: set, pe
     except RecursionError:
         raise Skip("nested too deeply") from None
     for record in records:
-        try:
-            validate_record(record)
-            write_jsonl_line(record).encode("utf-8")
-        except RecordError as exc:
-            raise Skip("invalid record", str(exc)) from None
-        except UnicodeEncodeError as exc:
-            raise Skip("invalid text", f"not encodable as UTF-8 ({exc.reason}, e.g. a lone surrogate)") from None
-        if options.max_length:
-            length = _length(record)
-            if length > options.max_length:
-                raise Skip("too long", f"{length} characters > --max-length {options.max_length}")
-    if options.dedup:
-        keys = [hashlib.blake2b(_content_key(r).encode(), digest_size=16).digest() for r in records]
-        if any(k in seen for k in keys):
-            raise Skip("duplicate", "same content as an earlier record")
-        seen.update(keys)
-    if options.max_per_task:
-        for record in records:
-            task = record.get("meta", {}).get("task_dataset")
-            if task is not None and per_task[task] >= options.max_per_task:
-                raise Skip("over per-task cap", f"{task} already has {options.max_per_task} records")
-        for record in records:
-            per_task[record.get("meta", {}).get("task_dataset")] += 1
+        _check_record(record, options)
+    ids = _new_ids(records, seen)
+    contents = _new_contents(records, seen) if options.dedup else []
+    if options.max_per_task is not None:
+        _check_task_cap(records, options.max_per_task, seen)
+        seen.per_task.update(r.get("meta", {}).get("task_dataset") for r in records)
+    seen.ids.update(ids)
+    seen.contents.update(contents)
     return records
+
+
+def _check_record(record: dict, options: Options) -> None:
+    """A record that breaks the contract, cannot be written as strict JSON, shows no text, or is too long."""
+    try:
+        validate_record(record)
+        json.dumps(record, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except RecordError as exc:
+        raise Skip("invalid record", str(exc)) from None
+    except UnicodeEncodeError as exc:
+        raise Skip("invalid text", f"not encodable as UTF-8 ({exc.reason}, e.g. a lone surrogate)") from None
+    except ValueError:  # NaN or ±Infinity: Python's json reads them, but no JSON reader after us does
+        where, value = _non_finite(record)
+        if where is None:
+            raise
+        raise Skip(
+            "non-finite number",
+            f"{where} is {json.dumps(value)}; JSON has no NaN or Infinity: write null or a string in the input",
+        ) from None
+    for where, reason, text in _shown_texts(record):
+        if is_invisible(text):
+            raise Skip(reason, f"{where} holds only invisible characters ({_code_points(text)})")
+    if options.max_length is not None and (length := _length(record)) > options.max_length:
+        raise Skip("too long", f"{length} characters > --max-length {options.max_length}")
+
+
+def _new_ids(records: list[dict], seen: Seen) -> list[bytes]:
+    """Digests of the records' ids; a Skip when one was written before in this run (any input file)."""
+    keys = []
+    for record in records:
+        key = hashlib.blake2b(record["id"].encode("utf-8"), digest_size=8).digest()
+        if key in seen.ids or key in keys:
+            raise Skip("duplicate id", f"{record['id']!r} is the id of an earlier record of this run")
+        keys.append(key)
+    return keys
+
+
+def _new_contents(records: list[dict], seen: Seen) -> list[bytes]:
+    keys = [hashlib.blake2b(_content_key(r).encode(), digest_size=16).digest() for r in records]
+    if any(k in seen.contents for k in keys):
+        raise Skip("duplicate", "same content as an earlier record")
+    return keys
+
+
+def _check_task_cap(records: list[dict], cap: int, seen: Seen) -> None:
+    for record in records:
+        task = record.get("meta", {}).get("task_dataset")
+        if task is not None and seen.per_task[task] >= cap:
+            raise Skip("over per-task cap", f"{task} already has {cap} records")
+
+
+def is_invisible(text: str) -> bool:
+    """Whether text shows nothing: white space, zero-width and other format characters (U+200B, U+2060, a BOM,
+    a soft hyphen) and control characters. Such a reply passes a strip() and a length check, then trains the
+    model to answer with nothing."""
+    for char in text:  # a loop, not all(): the first character is nearly always visible, and that is the answer
+        if not (char.isspace() or unicodedata.category(char) in ("Cf", "Cc")):
+            return False
+    return True
+
+
+def _code_points(text: str, most: int = 4) -> str:
+    points = list(dict.fromkeys(f"U+{ord(c):04X}" for c in text))
+    return " ".join(points[:most]) + (" …" if len(points) > most else "")
+
+
+def _shown_texts(record: dict) -> Iterator[tuple[str, str, str]]:
+    """(field, skip reason, text) of every text a reader of the record expects to see."""
+    kind = record_kind(record)
+    if kind == "text":
+        yield "text", "empty text", record["text"]
+        return
+    if kind == "exam":
+        yield "question", "empty question", record["question"]
+        yield from ((f"options.{k}", "empty option", v) for k, v in record["options"].items())
+        return
+    for i, message in enumerate(record["messages"]):
+        if message["role"] != "system":
+            reason = "empty question" if message["role"] == "user" else "empty answer"
+            yield f"messages[{i}].content", reason, message["content"]
+        if "reasoning" in message:
+            yield f"messages[{i}].reasoning", "no reasoning", message["reasoning"]
+    for key in ("chosen", "rejected"):
+        if key in record:
+            yield key, "empty answer", record[key]
+
+
+def _non_finite(value: Any, where: str = "the record") -> tuple[str, float] | tuple[None, None]:
+    """Where the first NaN or ±Infinity of a record is, and which it is."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return where, value
+    if isinstance(value, dict):
+        children = ((k if where == "the record" else f"{where}.{k}", v) for k, v in value.items())
+    elif isinstance(value, list):
+        children = ((f"{where}[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None, None
+    for child_where, child in children:
+        found = _non_finite(child, child_where)
+        if found[0] is not None:
+            return found
+    return None, None
 
 
 def _length(record: dict) -> int:

@@ -124,7 +124,9 @@ def test_promptcblue_keeps_scoring_fields_and_test_prompts(tmp_path):
     )
     assert [m["role"] for m in records[1]["messages"]] == ["user"]  # a test prompt, for prediction
     assert report.skipped == {"missing field": 1}
-    capped, _, report = convert(tmp_path, "promptcblue", lines[:2] * 3, max_per_task=2)
+    # three copies of each task's record, each with its own id (copies with one id are "duplicate id" skips)
+    copies = [{**row, "sample_id": f"{row['sample_id']}-{n}"} for n in range(3) for row in lines[:2]]
+    capped, _, report = convert(tmp_path, "promptcblue", copies, max_per_task=2)
     assert len(capped) == 4 and report.skipped == {"over per-task cap": 2}
 
 
