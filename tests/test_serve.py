@@ -19,7 +19,7 @@ from medtune.infer.serving import api_key_for, build, parser
 
 QUESTIONS = [
     [{"role": "user", "content": "最近总是头痛，晚上睡不好，怎么办？"}],
-    [{"role": "system", "content": "你是一名儿科医生。"}, {"role": "user", "content": "孩子发烧38度5"}],
+    [{"role": "user", "content": "孩子发烧38度5"}],  # chatmed has no system slot: serve refuses a system message
     [
         {"role": "user", "content": "我血压有点高"},
         {"role": "assistant", "content": "请问具体多少？"},

@@ -37,6 +37,7 @@ from medtune.evaluate.outputs import check_covers, prepare_out_dir, read_outputs
 from medtune.evaluate.text_metrics import reference_metrics
 from medtune.infer.generation import GenerationSettings, add_generation_arguments, generation_from_args
 from medtune.infer.predict import predict
+from medtune.infer.resumable import read_done
 from medtune.model.load import DTYPES
 from medtune.rundir import atomic_write_text, describe_source
 
@@ -128,7 +129,7 @@ def evaluate_dialogue(
         check_covers(baseline, ids, "--baseline", baseline_path, data)
     out = prepare_out_dir(out_dir)
     generated_now = predict(model, data, out, generation, dtype=dtype, template=template, overwrite=overwrite)
-    generated = read_outputs(out)
+    generated = own_predictions(out)
     items = [
         {
             "id": r["id"],
@@ -165,6 +166,12 @@ def evaluate_dialogue(
     return scores
 
 
+def own_predictions(out: Path) -> dict[str, str]:
+    """The replies medtune predict wrote to DIR/predictions.jsonl, by record id. A converted PromptCBLUE
+    record's row is the benchmark's official format ({sample_id, target, ...}: no "id", no "prediction")."""
+    return {rid: row["target"] if "target" in row else row["prediction"] for rid, row in read_done(out).items()}
+
+
 def summary(scores: dict[str, Any]) -> str:
     lines = []
     for name in ("all", "dialogue", "safety"):
@@ -194,6 +201,8 @@ def judge_from_args(args: argparse.Namespace) -> Judge | None:
     """The judge the --judge options describe (its cache in --out unless --judge-cache says otherwise)."""
     if bool(args.judge) != bool(args.judge_model):
         raise MedtuneError("--judge URL and --judge-model NAME go together")
+    if args.judge_retries < 0:
+        raise MedtuneError(f"--judge-retries {args.judge_retries}: must be 0 or more (0: ask each question once)")
     if not args.judge:
         return None
     cache = args.judge_cache or args.out / "judge_cache.jsonl"

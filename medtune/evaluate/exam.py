@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from medtune.console import MedtuneError, quiet_libraries, run_command
-from medtune.data.records import read_kind
+from medtune.data.records import RecordError, iter_json_lines, read_kind
 from medtune.data.rows import padded
 from medtune.data.templates import IGNORE_INDEX, encode_conversations
 from medtune.evaluate.exam_prompts import PROMPT_VERSION, conversation
@@ -52,10 +52,12 @@ from medtune.model.load import DTYPES
 from medtune.rundir import atomic_write_text
 
 EXAM_HINT = "convert the benchmark first: python -m data_prep cmb|cmexam|medqa-mcmle|cmmlu|ceval FILE --out exam.jsonl"
+EXAM_ONLY = {"question", "answer", "multi"}  # fields only an exam record has: with them, a record is one
 
 
 def load_exams(path: Path) -> list[dict[str, Any]]:
     """Exam records of a data_prep file; anything else names its line."""
+    refuse_missing_options(path)
     records = read_kind(path, "exam", EXAM_HINT)
     for record in records:
         if record["source"] not in OFFICIAL:
@@ -64,6 +66,17 @@ def load_exams(path: Path) -> list[dict[str, Any]]:
                 f"{path}: id {record['id']}: source {record['source']!r} has no scoring; known: {known}"
             )
     return records
+
+
+def refuse_missing_options(path: Path) -> None:
+    """A record is told an exam by its "options"; an exam record without them would be read as a chat record
+    and refused for a missing 'messages'. Name the field it lacks instead."""
+    for lineno, record in iter_json_lines(path):
+        if isinstance(record, dict) and EXAM_ONLY & record.keys() and not {"options", "messages"} & record.keys():
+            raise RecordError(
+                f"{path}:{lineno}: field 'options': missing; an exam record needs an object of at least two "
+                f'lettered options ({{"A": ..., "B": ...}}); {EXAM_HINT}'
+            )
 
 
 def pick_shots(records: list[dict], pool: list[dict], k: int) -> dict[str, list[dict]]:

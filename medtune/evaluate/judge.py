@@ -8,7 +8,9 @@ including retries with exponential backoff on rate limits, server errors and tim
 Every reply is appended to the cache (fsync'd) before the next question is asked, keyed by the SHA-256
 of (judge model, messages, temperature): a killed evaluation re-run asks nothing twice. A reply that is
 not the JSON the rubric asks for is counted as malformed (and cached: the judge answered); a call that
-fails after the retries is counted as failed and is not cached, so a re-run asks it again.
+fails after the retries is counted as failed and is not cached, so a re-run asks it again. An HTTP 200 that
+is no chat completion at all (a proxy's HTML page, JSON without choices) is asked again up to the retries,
+then counted as malformed and not cached: no judge answered it, and a re-run asks again.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import hashlib
 import json
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,11 +36,13 @@ def rubric(name: str) -> str:
     return (PROMPTS / f"{name}_{RUBRIC_VERSION}.md").read_text(encoding="utf-8")
 
 
+PLACEHOLDER = re.compile(r"\{(\w+)\}")
+
+
 def fill(template: str, **values: str) -> str:
-    """Named {placeholders} replaced; the rubric's literal JSON braces are left alone."""
-    for key, value in values.items():
-        template = template.replace("{" + key + "}", value)
-    return template
+    """Named {placeholders} replaced in one pass over the rubric: a patient who writes "{reference}" is quoted,
+    not given the reference; the rubric's literal JSON braces are left alone."""
+    return PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), template)
 
 
 def first_json_object(text: str) -> dict | None:
@@ -113,7 +118,8 @@ class Judge:
         return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
     def ask(self, prompt: str) -> str | None:
-        """The judge's reply to one prompt (from the cache when asked before); None when the call failed."""
+        """The judge's reply to one prompt (from the cache when asked before); None when the call failed; ""
+        (malformed to every rubric, not cached) when each try answered something that is no chat completion."""
         import openai  # as in __post_init__: only with --judge
 
         messages = [{"role": "user", "content": prompt}]
@@ -121,14 +127,23 @@ class Judge:
         if key in self._cache:
             self.stats.cache_hits += 1
             return self._cache[key]
-        try:
-            response = self._client.chat.completions.create(model=self.model, messages=messages, temperature=0)
-        except openai.APIError as exc:  # after the client's own retries
-            self.stats.failed += 1
-            self.last_error = f"{type(exc).__name__}: {str(exc)[:200]}"
-            return None
-        self.stats.calls += 1
-        reply = response.choices[0].message.content or ""
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                time.sleep(min(8.0, 0.5 * 2 ** (attempt - 1)))  # a proxy's error page may be gone in a moment
+            try:
+                response = self._client.chat.completions.create(model=self.model, messages=messages, temperature=0)
+            except openai.APIError as exc:  # after the client's own retries
+                self.stats.failed += 1
+                self.last_error = f"{type(exc).__name__}: {str(exc)[:200]}"
+                return None
+            except json.JSONDecodeError:  # a body that is not JSON under a JSON content type
+                response = None
+            self.stats.calls += 1
+            reply = reply_text(response)
+            if reply is not None:
+                break
+        else:  # no try gave a chat completion: the caller counts it malformed
+            return ""
         self._cache[key] = reply
         with self.cache_path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps({"key": key, "model": self.model, "reply": reply}, ensure_ascii=False) + "\n")
@@ -151,6 +166,17 @@ class Judge:
         verdict = parse_winner(reply)
         self.stats.malformed += verdict is None
         return verdict
+
+
+def reply_text(response: Any) -> str | None:
+    """The text of a chat completion; None for whatever else an endpoint sends with HTTP 200 (the client hands
+    back an HTML page as a str, and JSON without "choices" as a completion whose fields are None)."""
+    choices = getattr(response, "choices", None)
+    message = getattr(choices[0], "message", None) if isinstance(choices, list) and choices else None
+    content = getattr(message, "content", None)
+    if message is None or not isinstance(content, (str, type(None))):
+        return None
+    return content or ""
 
 
 def read_cache(path: Path) -> dict[str, str]:

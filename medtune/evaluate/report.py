@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from medtune.console import MedtuneError, run_command
+from medtune.data.records import iter_json_lines
 from medtune.rundir import RunDir, atomic_write_text, loss_figure
 
 SAMPLES = 5  # generations shown per dialogue evaluation
@@ -146,16 +147,76 @@ def dialogue_section(name: str, scores: dict, judgements: list[dict]) -> str:
 
 
 def eval_section(directory: Path) -> str:
+    scores = read_scores(directory)
+    if "benchmarks" in scores:
+        check_benchmarks(directory, scores["benchmarks"])
+        return exam_section(directory.name, scores)
+    if "all" in scores:
+        return dialogue_section(directory.name, scores, read_judgements(directory))
+    raise MedtuneError(f"--eval {directory}: scores.json is not from medtune eval exam or dialogue")
+
+
+def read_scores(directory: Path) -> dict[str, Any]:
+    """DIR/scores.json as eval wrote it; a file cut short (a full disk, a copy that stopped) is one error."""
     scores_file = directory / "scores.json"
     if not scores_file.is_file():
         raise MedtuneError(f"--eval {directory}: no scores.json (run medtune eval exam|dialogue --out {directory})")
-    scores = json.loads(scores_file.read_text(encoding="utf-8"))
-    if "benchmarks" in scores:
-        return exam_section(directory.name, scores)
-    if "all" in scores:
-        lines = (directory / "judgements.jsonl").read_text(encoding="utf-8").splitlines()
-        return dialogue_section(directory.name, scores, [json.loads(line) for line in lines])
-    raise MedtuneError(f"--eval {directory}: scores.json is not from medtune eval exam or dialogue")
+    try:
+        scores = json.loads(scores_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MedtuneError(
+            f"--eval {directory}: scores.json is not valid JSON ({exc}); it was cut short or edited: run the "
+            "evaluation again"
+        ) from None
+    if not isinstance(scores, dict):
+        raise MedtuneError(f"--eval {directory}: scores.json is not from medtune eval exam or dialogue")
+    return scores
+
+
+def check_benchmarks(directory: Path, benchmarks: Any) -> None:
+    """Every benchmark of an exam's scores.json with its questions and accuracy: a table of blanks is no report."""
+    if not isinstance(benchmarks, dict) or not benchmarks:
+        raise MedtuneError(
+            f"--eval {directory}: scores.json scores no benchmark; run medtune eval exam --out {directory} again"
+        )
+    for source, s in benchmarks.items():
+        scored = isinstance(s, dict) and isinstance(s.get("questions"), int) and s["questions"] > 0
+        if not scored or not isinstance(s.get("accuracy"), (int, float)):
+            raise MedtuneError(
+                f"--eval {directory}: scores.json: benchmark {source!r} has no questions and accuracy; run "
+                f"medtune eval exam --out {directory} again"
+            )
+
+
+def read_judgements(directory: Path) -> list[dict[str, Any]]:
+    """DIR/judgements.jsonl, which a dialogue evaluation writes beside its scores.json: the samples shown."""
+    path = directory / "judgements.jsonl"
+    if not path.is_file():
+        raise MedtuneError(
+            f"--eval {directory}: no judgements.jsonl beside its dialogue scores.json; run medtune eval dialogue "
+            f"--out {directory} again"
+        )
+    rows = []
+    for lineno, row in iter_json_lines(path):
+        if not is_judgement(row):
+            raise MedtuneError(f"{path}:{lineno}: expected a judged reply: its id, prediction and reference")
+        rows.append(row)
+    return rows
+
+
+def is_judgement(row: Any) -> bool:
+    texts = ("prediction", "reference")
+    return isinstance(row, dict) and "id" in row and all(isinstance(row.get(k), str) for k in texts)
+
+
+def check_out(out: Path) -> None:
+    """--out is a file medtune report may write: not a directory, not someone else's page."""
+    if out.is_dir():
+        raise MedtuneError(f"--out {out}: is a directory; give the HTML file to write, e.g. {out / 'report.html'}")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise MedtuneError(f"--out {out}: {out.parent} is a file, not a directory")
+    if out.exists() and GENERATOR not in out.read_text(encoding="utf-8", errors="replace")[:500]:
+        raise MedtuneError(f"--out {out}: exists and is not a medtune report; choose another --out")
 
 
 def render(run_dir: Path, evals: list[Path]) -> str:
@@ -180,8 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def work() -> int:
-        if args.out.exists() and GENERATOR not in args.out.read_text(encoding="utf-8", errors="replace")[:500]:
-            raise MedtuneError(f"--out {args.out}: exists and is not a medtune report; choose another --out")
+        check_out(args.out)
         atomic_write_text(args.out, render(args.run, args.eval))
         print(f"wrote {args.out}")
         return 0

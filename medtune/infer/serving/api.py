@@ -2,7 +2,8 @@
 
 Prompts are encoded by the same function `medtune predict` uses (InferenceModel.prompt_ids: the run's
 template, system prompt and tokenizer), so the ids a model is served with are the ids it was trained on.
-A request system message replaces the run's system prompt, as it would in training data.
+A request system message replaces the run's system prompt, as it would in training data; a template with
+no place for one (chatmed) refuses it rather than drop it unseen.
 
 Every bad request is a 4xx with OpenAI's error shape {"error": {"message", "type", "param", "code"}};
 a 500 means a bug. Sampling defaults are OpenAI's (temperature 1, top_p 1); temperature 0 is greedy.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -26,10 +28,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from medtune.console import MedtuneError
 from medtune.data.jinja_templates import streamed_parts
+from medtune.data.templates import ChatTemplate, Template
 from medtune.infer.generation import GenerationSettings, InferenceModel
 from medtune.infer.serving.engine import Engine, Job, QueueFull
 
 PAGE = Path(__file__).with_name("chat.html")
+SEEDS = 2**63  # a request's seed is 0 <= seed < 2**63: a 64-bit seed torch.Generator.manual_seed always takes
+SURROGATE = re.compile("[\ud800-\udfff]")  # half of a UTF-16 pair: JSON can escape one, but it is not text
 
 
 class Message(BaseModel):
@@ -69,8 +74,37 @@ def parse_request(body: bytes) -> ChatRequest:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         if first["type"] == "json_invalid":
-            raise ApiError(400, f"the body is not valid JSON: {first['msg']}") from None
+            raise lone_surrogate(body) or ApiError(400, f"the body is not valid JSON: {first['msg']}") from None
         raise ApiError(400, f"{where}: {first['msg']}", param=where or None) from None
+
+
+def lone_surrogate(body: bytes) -> ApiError | None:
+    """The 400 for JSON that escapes half of a UTF-16 pair ("\\ud83d" alone, from a client that cut an emoji
+    in two): the strict parser only says "unexpected end of hex escape", which does not tell a client what to
+    fix. None when that is not what is wrong with the body."""
+    try:
+        found = first_surrogate(json.loads(body), "")
+    except (ValueError, RecursionError):  # not JSON even to the lenient parser: the parser's own message
+        return None
+    if found is None:
+        return None
+    where, char = found
+    message = f"{where}: a lone UTF-16 surrogate \\u{ord(char):04x} is not text; send valid UTF-8/Unicode"
+    return ApiError(400, message, param=where)
+
+
+def first_surrogate(value: Any, where: str) -> tuple[str, str] | None:
+    """(the field's path as the other errors write it, e.g. messages.0.content; the surrogate) of the first
+    string in ``value`` holding a lone surrogate."""
+    if isinstance(value, str):
+        match = SURROGATE.search(value)
+        return (where, match.group()) if match else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = first_surrogate(item, f"{where}.{key}" if where else str(key))
+        if found:
+            return found
+    return None
 
 
 @dataclass(frozen=True)
@@ -162,13 +196,9 @@ def create_app(
 
 def make_job(served: Served, chat: ChatRequest) -> Job:
     """The engine's job for a request, or the 400 that says what is wrong with it."""
-    messages = [m.model_dump() for m in chat.messages]
-    if messages[-1]["role"] != "user":
-        raise ApiError(400, "the last message must be the user's: the model answers it", param="messages")
-    try:
-        prompt = served.loaded.prompt_ids(messages)
-    except MedtuneError as exc:
-        raise ApiError(400, f"messages: {exc}", param="messages") from None
+    prompt = prompt_of(served, [m.model_dump() for m in chat.messages])
+    if chat.seed is not None and not 0 <= chat.seed < SEEDS:
+        raise ApiError(400, f"seed: must be an integer with 0 <= seed < 2**63 ({SEEDS})", param="seed")
     asked = chat.max_completion_tokens or chat.max_tokens
     if asked is not None and asked > served.max_new_tokens:
         raise ApiError(400, f"max_tokens {asked} is over this server's limit {served.max_new_tokens}", "max_tokens")
@@ -194,6 +224,29 @@ def make_job(served: Served, chat: ChatRequest) -> Job:
         seed=chat.seed,
     )
     return Job(prompt, settings, stop)
+
+
+def prompt_of(served: Served, messages: list[dict[str, str]]) -> list[int]:
+    """The prompt's ids in the run's training format, or the 400 that says why the messages have none."""
+    if messages[-1]["role"] != "user":
+        raise ApiError(400, "the last message must be the user's: the model answers it", param="messages")
+    if messages[0]["role"] == "system" and not takes_system(served.loaded.template):
+        raise ApiError(
+            400,
+            f"messages.0: this run's template {served.loaded.template.name} takes no system prompt (it has no "
+            "place for one, and training saw none); put the instructions in the user message",
+            param="messages.0.role",
+        )
+    try:
+        return served.loaded.prompt_ids(messages)
+    except MedtuneError as exc:
+        raise ApiError(400, f"messages: {exc}", param="messages") from None
+
+
+def takes_system(template: Template) -> bool:
+    """Whether a system message has a place in the template: a 2023 template without a system block drops
+    one unseen; a Jinja template renders it or refuses it itself (Gemma's raises, a 400 from prompt_ids)."""
+    return not isinstance(template, ChatTemplate) or bool(template.system)
 
 
 @dataclass

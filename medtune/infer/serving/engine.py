@@ -7,12 +7,17 @@ to its end before the next one starts (dynamic, not continuous, batching). trans
 not used because it streams only one row and samples all rows alike; the loop below makes the same
 greedy choices (the tests check the server's greedy replies against `medtune predict`'s).
 
+A request fails alone: each row's generator is seeded before its batch starts, and a row that cannot start
+or fails while it decodes gets an error event and leaves; the other rows of its batch go on. Only a failure
+of the batch's forward pass (out of memory, a bug) reaches every row still decoding.
+
 Text goes out as it is decoded: a delta is held back while it ends inside a multi-byte character or
 could be the start of a stop string, so a client never sees half a character or part of a stop word.
 """
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from collections.abc import Callable
@@ -56,7 +61,8 @@ class _Row:
     generated: list[int] = field(default_factory=list)  # the reply's tokens, the stop token not among them
     steps: int = 0  # tokens chosen, the stop token included (the usage figure)
     sent: str = ""  # text sent so far; leading white space is never sent (predict strips it too)
-    generator: torch.Generator | None = None
+    generator: torch.Generator | None = None  # seeded from the request's seed; None: torch's global one
+    done: bool = False  # finished, cancelled or failed: nothing more is sent to its client
 
 
 class Engine:
@@ -79,40 +85,62 @@ class Engine:
 
     def _serve(self) -> None:
         while True:
-            batch = [self.queue.get()]
-            while len(batch) < self.max_batch:
-                try:
-                    batch.append(self.queue.get_nowait())
-                except queue.Empty:
-                    break
-            live = [job for job in batch if not job.cancelled.is_set()]
-            self.cancelled_rows += len(batch) - len(live)  # their clients left while they waited
-            if not live:
+            live = self._take_batch()
+            rows = [row for row in map(self._start, live) if row is not None]
+            if not rows:
                 continue
-            self.batches.append(len(live))
+            self.batches.append(len(rows))
             try:
-                self._generate(live)
-            except Exception as exc:  # a bug or out of memory: every client of the batch hears of it
-                for job in live:
-                    job.emit({"type": "error", "message": f"generation failed: {type(exc).__name__}: {exc}"})
+                self._generate(rows)
+            except Exception as exc:  # the batch's forward pass (a bug, out of memory): its unfinished rows hear
+                for row in rows:
+                    if not row.done:
+                        self._fail(row.job, exc)
+
+    def _take_batch(self) -> list[Job]:
+        """What is waiting (up to max_batch), less the jobs whose clients left while they waited."""
+        batch = [self.queue.get()]
+        while len(batch) < self.max_batch:
+            try:
+                batch.append(self.queue.get_nowait())
+            except queue.Empty:
+                break
+        live = [job for job in batch if not job.cancelled.is_set()]
+        self.cancelled_rows += len(batch) - len(live)
+        return live
+
+    def _start(self, job: Job) -> _Row | None:
+        """A row ready to decode, its generator seeded now so that a seed torch refuses fails this request
+        alone, before the batch starts; None after telling the client why."""
+        try:
+            seed = job.settings.seed
+            generator = None if seed is None else torch.Generator(device=self.model.device).manual_seed(seed)
+        except Exception as exc:
+            self._fail(job, exc)
+            return None
+        return _Row(job, generator=generator)
+
+    def _fail(self, job: Job, exc: Exception) -> None:
+        with contextlib.suppress(Exception):  # a client that cannot be told any more (its loop closed) is dropped
+            job.emit({"type": "error", "message": f"generation failed: {type(exc).__name__}: {exc}"})
 
     @torch.no_grad()
-    def _generate(self, jobs: list[Job]) -> None:
+    def _generate(self, rows: list[_Row]) -> None:
         device = self.model.device
-        rows = [_Row(job) for job in jobs]
-        for row in rows:
-            if row.job.settings.seed is not None:
-                row.generator = torch.Generator(device=device).manual_seed(row.job.settings.seed)
-        ids, mask = padded([job.prompt_ids for job in jobs], self.pad, left=True, device=device)
+        ids, mask = padded([row.job.prompt_ids for row in rows], self.pad, left=True, device=device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
         active = list(range(len(rows)))
         while active:
             logits = out.logits[:, -1, :].float()
             next_tokens = torch.full((len(rows),), self.pad, dtype=torch.long, device=device)
+            still = []
             for i in active:
-                next_tokens[i] = self._choose(logits[i], rows[i])
-            active = [i for i in active if self._advance(rows[i], int(next_tokens[i]))]
+                token = self._step(rows[i], logits[i])
+                if token is not None:
+                    next_tokens[i] = token
+                    still.append(i)
+            active = still
             if not active:
                 break
             mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
@@ -125,11 +153,23 @@ class Engine:
                 use_cache=True,
             )
 
+    def _step(self, row: _Row, logits: torch.Tensor) -> int | None:
+        """The row's next token, or None when it is done; an error in one row ends that row only."""
+        try:
+            token = self._choose(logits, row)
+            if self._advance(row, token):
+                return token
+        except Exception as exc:
+            self._fail(row.job, exc)
+        row.done = True
+        return None
+
     def _choose(self, logits: torch.Tensor, row: _Row) -> int:
         settings = row.job.settings
         if not settings.do_sample:
             return int(logits.argmax())
-        probs = torch.softmax(logits / settings.temperature, dim=-1)
+        # shifted first: a tiny temperature (1e-45) sends the best token to 0 and the rest to -inf, not to nan
+        probs = torch.softmax((logits - logits.max()) / settings.temperature, dim=-1)
         if settings.top_p < 1.0:
             sorted_probs, order = probs.sort(descending=True)
             keep = sorted_probs.cumsum(-1) - sorted_probs < settings.top_p  # the smallest set reaching top_p
