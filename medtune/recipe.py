@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -194,7 +196,11 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, strict: bo
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a BOM is not part of the first key
+    except UnicodeDecodeError as exc:
+        line = exc.object[: exc.start].count(b"\n") + 1
+        raise RecipeError(f"{path}:{line}: not UTF-8 text; save the recipe as UTF-8") from None
     lines = _key_lines(text, str(path))
     raw = yaml.safe_load(text) or {}
     if not isinstance(raw, dict):
@@ -208,11 +214,16 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, strict: bo
 
 
 def _where(path: Path, lines: dict[str, int], key: str, overridden: set[str] = frozenset()) -> str:
-    """Blame the command line for a value it set, the file's line otherwise."""
-    if key in overridden or any(key.startswith(o + ".") for o in overridden):
+    """Blame the command line for a value it set, the file's line otherwise (a key the file does not spell
+    out, such as a list item's, is found at its nearest enclosing key)."""
+    plain = re.sub(r"\[\d+\]", "", key)
+    if any(k == o or k.startswith((o + ".", o + "[")) for o in overridden for k in (key, plain)):
         return "command line"
-    line = lines.get(key)
-    return f"{path}:{line}" if line else f"{path} (command line)"
+    while key:
+        if key in lines:
+            return f"{path}:{lines[key]}"
+        key = re.sub(r"(\.[^.\[]*|\[\d+\])$", "", key) if re.search(r"[.\[]", key) else ""
+    return str(path)
 
 
 def _key_lines(text: str, name: str) -> dict[str, int]:
@@ -224,6 +235,11 @@ def _key_lines(text: str, name: str) -> dict[str, int]:
     found: dict[str, int] = {}
 
     def walk(node: yaml.Node, prefix: str) -> None:
+        if isinstance(node, yaml.SequenceNode):  # a list's items: data.train_files[1].weight
+            for i, item in enumerate(node.value):
+                found[f"{prefix.rstrip('.')}[{i}]"] = item.start_mark.line + 1
+                walk(item, f"{prefix.rstrip('.')}[{i}].")
+            return
         if not isinstance(node, yaml.MappingNode):
             return
         for key_node, value_node in node.value:
@@ -308,7 +324,7 @@ def _coerce(value: Any, tp: Any, key: str, where: typing.Callable[[str], str], s
             value = [value]
         if not isinstance(value, list):
             raise RecipeError(f"{where(key)}: {key}: expected a list, got {value!r}")
-        return [_coerce(v, item_tp, key, where, strict) for v in value]
+        return [_coerce(v, item_tp, f"{key}[{i}]", where, strict) for i, v in enumerate(value)]
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -316,13 +332,18 @@ def _coerce(value: Any, tp: Any, key: str, where: typing.Callable[[str], str], s
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)  # PyYAML reads 1e-4 (no dot) as a string
+                number = float(value)  # PyYAML reads 1e-4 (no dot) as a string
             except ValueError:
                 pass
+        if number is not None and math.isfinite(number):
+            return number
+        if number is not None:
+            raise RecipeError(f"{where(key)}: {key}: {value!r} is not a finite number")
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -373,6 +394,8 @@ def data_problems(recipe: Recipe) -> list[str]:
         problems.append("data.eval_ratio: set either eval_files or eval_ratio, not both")
     if data.tokenize_workers is not None and data.tokenize_workers < 1:
         problems.append("data.tokenize_workers: must be at least 1 (or unset: one per core for large inputs)")
+    if data.pad_to_multiple_of < 0:
+        problems.append(f"data.pad_to_multiple_of: {data.pad_to_multiple_of}: 0 (exact) or a positive multiple")
     if data.max_length < 8:
         problems.append(f"data.max_length: {data.max_length} is too small")
     if data.packing and not stage.packs:
@@ -386,6 +409,8 @@ def data_problems(recipe: Recipe) -> list[str]:
 def train_problems(recipe: Recipe) -> list[str]:
     train, lora = recipe.train, recipe.lora
     problems = []
+    if not 0 <= train.seed < 2**32:
+        problems.append(f"train.seed: {train.seed}: a seed from 0 to 2**32 - 1 (what numpy and torch accept)")
     if train.max_steps <= 0 and train.num_epochs <= 0:
         problems.append("train.max_steps / train.num_epochs: one of them must be positive")
     for key in ("per_device_batch_size", "gradient_accumulation_steps", "logging_steps", "save_total_limit"):
@@ -413,9 +438,13 @@ def model_problems(recipe: Recipe) -> list[str]:
     train = recipe.train
     problems = []
     quant = recipe.model.quantization
-    if quant is not None and train.deepspeed and Path(train.deepspeed).is_file():
-        stage = json.loads(Path(train.deepspeed).read_text()).get("zero_optimization", {}).get("stage", 0)
-        if quant.bits == 8 and stage == 3:
+    if train.deepspeed and Path(train.deepspeed).is_file():
+        config = deepspeed_config(train.deepspeed)
+        if isinstance(config, str):
+            return [*problems, f"train.deepspeed: {config}"]
+        zero = config.get("zero_optimization")
+        stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
+        if quant is not None and quant.bits == 8 and stage == 3:
             problems.append(
                 "model.quantization.bits: 8-bit weights cannot be sharded by ZeRO-3; "
                 "use bits: 4 (stored in the compute dtype, which ZeRO-3 can shard) or ZeRO-2"
@@ -426,6 +455,17 @@ def model_problems(recipe: Recipe) -> list[str]:
             f"set model.dtype: {quant.compute_dtype} (or compute_dtype: fp32 on a CPU)"
         )
     return problems
+
+
+def deepspeed_config(path: str) -> dict[str, Any] | str:
+    """The DeepSpeed config as a mapping, or what is wrong with the file (named with its line and column)."""
+    try:
+        config = json.loads(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        return f"{path}: not UTF-8 text"
+    except json.JSONDecodeError as exc:
+        return f"{path}:{exc.lineno}:{exc.colno}: not valid JSON ({exc.msg})"
+    return config if isinstance(config, dict) else f"{path}: a JSON object is expected"
 
 
 def rl_problems(recipe: Recipe) -> list[str]:

@@ -21,7 +21,7 @@ import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from medtune.console import MedtuneError
 
@@ -128,8 +128,8 @@ def iter_json_lines(path: str | Path) -> Iterator[tuple[int, Any]]:
     path = Path(path)
     if not path.is_file():
         raise RecordError(f"{path}: file not found")
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, 1):
+    with path.open("rb") as handle:
+        for lineno, line in numbered_lines(handle, path):
             if not line.strip():
                 continue
             try:
@@ -139,6 +139,19 @@ def iter_json_lines(path: str | Path) -> Iterator[tuple[int, Any]]:
                 raise RecordError(f"{path}:{lineno}: not valid JSON lines ({exc.msg}){hint}") from None
             except RecursionError:
                 raise RecordError(f"{path}:{lineno}: nested too deeply to read") from None
+
+
+def numbered_lines(handle: BinaryIO, path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a file read as bytes: a first-line BOM (Windows editors write one) is dropped as
+    data_prep drops it, and a line that is not UTF-8 (a GBK export, say) is one error naming that line."""
+    for lineno, raw in enumerate(handle, 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise RecordError(
+                f"{path}:{lineno}: not UTF-8 text (byte {raw[exc.start]:#04x}); save the file as UTF-8"
+            ) from None
+        yield lineno, line.removeprefix("\ufeff") if lineno == 1 else line
 
 
 def read_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
