@@ -13,6 +13,7 @@ A run directory describes itself, so merge, predict and score need nothing else:
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -48,7 +49,7 @@ class RunDir:
     def read_info(self) -> dict[str, Any]:
         if not self.info_file.is_file():
             raise FileNotFoundError(f"{self.root}: not a medtune run directory (no {self.info_file.name})")
-        return json.loads(self.info_file.read_text(encoding="utf-8"))
+        return read_json(self.info_file)
 
     def write_info(self, info: dict[str, Any]) -> None:
         atomic_write_text(self.info_file, json.dumps(info, ensure_ascii=False, indent=2) + "\n")
@@ -87,8 +88,12 @@ class RunDir:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp), **save_kwargs)
-        save_rng_state(tmp, accelerator.process_index)
+        try:
+            accelerator.save_state(str(tmp), **save_kwargs)
+            save_rng_state(tmp, accelerator.process_index)
+        except (OSError, RuntimeError) as exc:
+            raise_if_disk_full(exc, tmp)
+            raise
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             atomic_write_text(tmp / TRAINER_STATE, json.dumps(trainer_state, indent=2) + "\n")
@@ -97,6 +102,13 @@ class RunDir:
             self._prune(keep)
         accelerator.wait_for_everyone()
         return final
+
+    def remove_partial_checkpoints(self) -> list[str]:
+        """The temp dirs of saves that were killed (medtune's own, never a complete checkpoint); their names."""
+        partial = sorted(self.checkpoints_dir.glob(".tmp-step-*")) if self.checkpoints_dir.is_dir() else []
+        for path in partial:
+            shutil.rmtree(path, ignore_errors=True)
+        return [p.name for p in partial]
 
     def _prune(self, keep: int) -> None:
         done = sorted(
@@ -131,6 +143,17 @@ class RunDir:
         """On resume, forget what the killed run logged after its last checkpoint."""
         rows = [r for r in self.read_metrics() if r.get("step", 0) <= step]
         atomic_write_text(self.metrics_file, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def raise_if_disk_full(exc: BaseException, partial: Path) -> None:
+    """torch's zip writer reports a full disk as "RuntimeError: … unexpected pos …": when the disk is full, the
+    partial checkpoint (medtune's own temp dir) goes and ENOSPC is raised, which commands print as one line. The
+    complete checkpoints before it stay: --resume continues from the last one once there is room."""
+    full = (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or shutil.disk_usage(partial.parent).free < 1 << 20
+    if not full:
+        return
+    shutil.rmtree(partial, ignore_errors=True)
+    raise OSError(errno.ENOSPC, "No space left on device", str(partial.parent)) from None
 
 
 def save_rng_state(directory: Path, process_index: int) -> None:
@@ -213,6 +236,18 @@ def recipe_changes(saved: Recipe, new: Recipe) -> dict[str, tuple[Any, Any]]:
 
     old, cur = flat(saved.to_dict()), flat(new.to_dict())
     return {k: (old.get(k), cur.get(k)) for k in sorted(set(old) | set(cur)) if old.get(k) != cur.get(k)}
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object medtune (or peft) wrote beside a model; a damaged one is one error naming it."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        where = f":{exc.lineno}:{exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
+        raise MedtuneError(f"{path}{where}: damaged ({exc}); restore it or make the directory again") from None
+    if not isinstance(value, dict):
+        raise MedtuneError(f"{path}: damaged (a JSON object is expected); restore it or make the directory again")
+    return value
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -300,14 +335,14 @@ def describe_source(path_or_id: str, base_override: str | None = None) -> ModelS
             quantized_training=recipe.model.quantization is not None,
         )
     if (path / "adapter_config.json").is_file():
-        config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+        config = read_json(path / "adapter_config.json")
         base = base_override or config.get("base_model_name_or_path")
         if not base:
             raise MedtuneError(f"{path}: the adapter does not name its base model; pass --base")
         has_tokenizer = any((path / n).is_file() for n in ("tokenizer.json", "tokenizer.model"))
         return ModelSource(base=base, adapters=(str(path.resolve()),), tokenizer=str(path) if has_tokenizer else base)
     if (path / MERGE_INFO).is_file():
-        saved = json.loads((path / MERGE_INFO).read_text(encoding="utf-8"))
+        saved = read_json(path / MERGE_INFO)
         fields = {f.name for f in dataclasses.fields(ModelSource)} - {"base", "adapters", "tokenizer"}
         known = {k: v for k, v in saved.get("source", saved).items() if k in fields}
         merged = str(path.resolve())
@@ -347,20 +382,13 @@ def plan_start(run: RunDir, recipe: Recipe) -> tuple[str, list[Path]]:
         raise RecipeError(
             f"{where}: cannot resume with changed settings: "
             + "; ".join(f"{k}: {old!r} → {new!r}" for k, (old, new) in unsafe.items())
-            + " (only how long it trains and what it logs may change; use another output.dir)"
+            + " (only how long it trains and what it logs may change, and train.max_steps only grow; "
+            "use another output.dir)"
         )
     checkpoints = run.complete_checkpoints()
     if checkpoints:
         return "resume", checkpoints
-    logged = max((r["step"] for r in run.read_metrics()), default=0)
-    every = recipe.train.save_steps
-    if every and logged >= every:
-        raise RecipeError(
-            f"{where}: the run logged step {logged} but no complete checkpoint is there (one was "
-            f"expected every {every} steps); refusing to start over silently. Move the directory "
-            "away to start again"
-        )
-    return "restart", []
+    return "restart", []  # killed before its first complete checkpoint: train.py says so and starts at step 0
 
 
 def restore(accelerator, scheduler, checkpoints: list[Path], deepspeed: bool) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from medtune.console import quiet_libraries, run_command
 from medtune.model.load import check_model_path, resolve_dtype
 from medtune.model.tiny import TINY_NAME
+from medtune.processes import die_with_parent, started_by_a_launcher
 from medtune.recipe import Recipe, check_data_files, load_recipe
 from medtune.rundir import RunDir, RunLock, plan_start, plot_loss, restore
 from medtune.training.accelerator import build_accelerator, launch_variables_restored
@@ -95,7 +96,13 @@ def _train(recipe: Recipe) -> TrainResult:
             s.step, s.tokens_seen = state["step"], state["tokens_seen"]
             accelerator.print(f"resuming {run.root} from {state['checkpoint']} (step {s.step} of {s.total_steps})")
         elif mode == "restart":
-            accelerator.print(f"{run.root}: no checkpoint was written yet; starting again from step 0")
+            logged = max((r["step"] for r in run.read_metrics()), default=0)
+            partial = run.remove_partial_checkpoints() if accelerator.is_main_process else []
+            removed = f" (removed the partial {', '.join(partial)})" if partial else ""
+            accelerator.print(
+                f"{run.root}: no complete checkpoint (the run had logged step {logged}){removed}; "
+                "starting again from step 0"
+            )
         write_run_start(s, mode, dtype)
         return fit(s)
     except KeyboardInterrupt:
@@ -309,6 +316,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if started_by_a_launcher():  # a SIGKILLed `accelerate launch` takes its training process with it
+        die_with_parent(os.getppid())
     quiet_libraries()
     args = parse_args(argv)
 

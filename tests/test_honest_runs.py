@@ -150,6 +150,27 @@ def test_resume_loads_no_pickle_falls_back_from_a_damaged_checkpoint_and_reads_t
     assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == reference  # bit-identical from step 2
 
 
+def test_a_run_killed_in_its_first_checkpoint_starts_again_from_step_0(recipe, tmp_path, capsys):
+    """Killed while writing its first checkpoint, a run has metrics but only a temp dir: --resume says so, removes
+    that partial dir (medtune's own) and trains from step 0 in the same directory, to the same adapter."""
+    run = tmp_path / "run"
+    argv = [str(recipe), f"output.dir={run}", "train.max_steps=4", "train.save_steps=2"]
+    assert run_train(argv, capsys)[0] == 0
+    reference = (run / "adapter" / "adapter_model.safetensors").read_bytes()
+    info = json.loads((run / "run_info.json").read_text())
+    (run / "run_info.json").write_text(json.dumps({**info, "finished": False}))
+    partial = run / "checkpoints" / ".tmp-step-2"
+    (run / "checkpoints" / "step-2").rename(partial)
+    (partial / "trainer_state.json").unlink()
+    (run / "notes.txt").write_text("mine")
+    code, out = run_train(argv + ["--resume"], capsys, stdout=True)
+    assert code == 0, out
+    assert "no complete checkpoint (the run had logged step 4) (removed the partial .tmp-step-2); starting" in out
+    assert not partial.exists() and (run / "notes.txt").read_text() == "mine"
+    assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == reference
+    assert [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())].count(2) == 1
+
+
 def test_a_second_process_on_the_same_run_is_refused(recipe, tmp_path, capsys):
     from medtune.rundir import RunLock
 
@@ -186,6 +207,40 @@ def test_a_full_disk_is_one_line(recipe, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(RunDir, "write_info", full)
     code, err = run_train([str(recipe), f"output.dir={tmp_path / 'run'}", "train.max_steps=2"], capsys)
     assert code == 2 and err.startswith("error: no space left on the device writing ") and err.count("\n") == 1
+
+
+def test_a_disk_that_fills_during_a_checkpoint_keeps_the_last_one(recipe, tmp_path, capsys, monkeypatch):
+    """torch reports a full disk as "RuntimeError: ... unexpected pos": one line, the partial checkpoint gone, the
+    complete one before it kept, and --resume (with room again) ends with the uninterrupted run's adapter."""
+    import shutil
+    from collections import namedtuple
+
+    from accelerate import Accelerator
+
+    argv = [str(recipe), "train.max_steps=6", "train.save_steps=2", "train.save_total_limit=3"]
+    assert run_train([*argv, f"output.dir={tmp_path / 'reference'}"], capsys)[0] == 0
+    run = tmp_path / "run"
+    save_state, disk_usage = Accelerator.save_state, shutil.disk_usage
+
+    def fills_at_step_4(self, output_dir=None, **kwargs):
+        if str(output_dir).endswith(".tmp-step-4"):
+            monkeypatch.setattr(shutil, "disk_usage", lambda path: namedtuple("U", "total used free")(9, 9, 0))
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 157056 vs 156948")
+        return save_state(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", fills_at_step_4)
+    code, err = run_train([*argv, f"output.dir={run}"], capsys)
+    assert code == 2 and err == (
+        f"error: no space left on the device writing {run / 'checkpoints'}; free some space and run the same "
+        "command again (written files are complete or absent)\n"
+    )
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2"]
+    monkeypatch.setattr(Accelerator, "save_state", save_state)
+    monkeypatch.setattr(shutil, "disk_usage", disk_usage)
+    code, out = run_train([*argv, f"output.dir={run}", "--resume"], capsys, stdout=True)
+    assert code == 0 and "from step-2" in out
+    reference = tmp_path / "reference" / "adapter" / "adapter_model.safetensors"
+    assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == reference.read_bytes()
 
 
 def train_in_a_fresh_process(argv: list[str], cwd: Path):

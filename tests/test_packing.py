@@ -2,10 +2,12 @@
 
 import os
 import random
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-from helpers import SMALL_RECIPE, write_recipe
+from helpers import DEMO_DATA, SMALL_RECIPE, write_recipe
 
 from medtune.data.packing import concat_examples, pack_examples
 from medtune.data.rows import LengthGroupedSampler, pad_batch
@@ -131,6 +133,31 @@ def test_tokenized_data_is_cached_and_invalidated(recipe, tokenizer, tmp_path, m
     assert "from cache" not in logs[-1]
 
 
+@pytest.mark.parametrize("damage", ["truncated", "deleted", "garbage"])
+def test_a_damaged_cache_is_named_and_built_again(recipe, tokenizer, tmp_path, monkeypatch, damage: str):
+    """A train.arrow cut short keeps the rows before the cut readable: the counts in info.json catch it. The
+    cache is medtune's own, so it is rebuilt (saying why), and a process that may not build it names it."""
+    from medtune.data.token_cache import CacheDamaged
+
+    monkeypatch.setenv("MEDTUNE_CACHE", str(tmp_path / "cache"))
+    logs = []
+    first, _ = load_datasets(recipe.data, 0, tokenizer, log=logs.append)
+    expected = [list(ids) for ids in first["input_ids"]]  # read now: the file is damaged below
+    arrow = next((tmp_path / "cache" / "tokenized").glob("*/train.arrow"))
+    del first
+    if damage == "truncated":
+        arrow.write_bytes(arrow.read_bytes()[: arrow.stat().st_size * 2 // 3])
+    elif damage == "deleted":
+        arrow.unlink()
+    else:
+        arrow.write_bytes(b"not arrow at all")
+    with pytest.raises(CacheDamaged, match=f"{arrow.parent}: .*run again"):
+        load_datasets(recipe.data, 0, tokenizer, is_main=False, log=logs.append)
+    again, _ = load_datasets(recipe.data, 0, tokenizer, log=logs.append)
+    assert any(line.startswith("warning: the tokenized cache is damaged") for line in logs)
+    assert [list(ids) for ids in again["input_ids"]] == expected
+
+
 def test_training_with_packing(tmp_path):
     from medtune.train import train
 
@@ -242,3 +269,49 @@ def test_a_killed_build_leaves_no_temporary_cache_behind(recipe, tokenizer, tmp_
         (leftover / "parts" / "train-0.arrow").write_bytes(b"half written")
     load_datasets(recipe.data, 0, tokenizer, log=lambda message: None)
     assert not dead.exists() and elsewhere.exists() and (root / key / "info.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
+def test_tokenizing_workers_die_with_a_killed_parent(tmp_path, tiny_base):
+    """SIGKILL of the process that tokenizes leaves no worker running on under PID 1."""
+    import signal
+    import subprocess
+    import textwrap
+    import time
+
+    lines = DEMO_DATA.read_text(encoding="utf-8").splitlines()
+    big = tmp_path / "big.jsonl"
+    big.write_text(
+        "".join(line.replace('"id": "', f'"id": "{i}-', 1) + "\n" for i in range(300) for line in lines), "utf-8"
+    )
+    script = textwrap.dedent(f"""
+        from medtune.data import token_cache
+        from medtune.data.tokenizer import load_tokenizer
+        from medtune.recipe import DataConfig
+        token_cache.RECORD_CHUNK = 2
+        config = DataConfig(train_files=[{str(big)!r}], template="chatmed", tokenize_workers=2)
+        token_cache.build_sft_rows(config, 0, load_tokenizer({str(tiny_base)!r}))
+    """)
+    parent = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path)
+    children_file = Path(f"/proc/{parent.pid}/task/{parent.pid}/children")
+    workers: list[int] = []
+    deadline = time.monotonic() + 60
+    while len(workers) < 2 and time.monotonic() < deadline and parent.poll() is None:
+        workers = [int(pid) for pid in children_file.read_text().split()] if children_file.exists() else []
+        time.sleep(0.05)
+    assert len(workers) == 2, "the build should still be tokenizing with its two workers"
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+
+    def running(pid: int) -> bool:
+        status = Path(f"/proc/{pid}/status")
+        try:
+            return "State:\tZ" not in status.read_text()
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 5
+    while any(running(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(running(pid) for pid in workers)

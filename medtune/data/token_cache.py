@@ -27,11 +27,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from datasets import Dataset
 
+from medtune.console import MedtuneError
 from medtune.data.packing import Concatenation, as_table, pack_table, padding_efficiency
 from medtune.data.records import RecordError, held_out, read_records
 from medtune.data.rows import ROW_KINDS, Example, TokenizeReport, check_record
 from medtune.data.templates import get_template
 from medtune.paths import cache_root
+from medtune.processes import die_with_parent
 from medtune.stages import get_stage
 from medtune.temp_files import remove_dead_temps, temp_sibling
 
@@ -137,7 +139,8 @@ def encode_chunk(chunk: list[dict], data_cfg, tokenizer, stage, seed: int, split
 _WORKER: dict = {}  # what a tokenizing process keeps between chunks (set once, when it starts)
 
 
-def _start_worker(**context) -> None:
+def _start_worker(parent: int, **context) -> None:
+    die_with_parent(parent)  # a SIGKILLed medtune leaves no worker tokenizing on under PID 1
     _WORKER.update(context, stage=get_stage(context["stage"]))
 
 
@@ -156,7 +159,9 @@ def encoded_chunks(path: str, data_cfg, tokenizer, stage, seed: int, split: bool
         return
     context = {"data_cfg": data_cfg, "tokenizer": tokenizer, "stage": stage.name, "seed": seed, "split": split}
     fork = multiprocessing.get_context("fork")
-    with ProcessPoolExecutor(workers, mp_context=fork, initializer=partial(_start_worker, **context)) as pool:
+    with ProcessPoolExecutor(
+        workers, mp_context=fork, initializer=partial(_start_worker, os.getpid(), **context)
+    ) as pool:
         pending: deque = deque()
         for chunk in chunks:
             pending.append(pool.submit(_encode_in_worker, chunk))
@@ -324,10 +329,28 @@ def build(data_cfg, seed: int, tokenizer, stage_name: str, directory: Path, log=
     return info
 
 
+class CacheDamaged(MedtuneError):
+    """A finished cache whose files do not hold what its info.json says (cut short, deleted, unreadable)."""
+
+
 def open_cache(directory: Path):
-    train = Dataset.from_file(str(directory / "train.arrow"))
-    held = directory / "eval.arrow"
-    return train, Dataset.from_file(str(held)) if held.is_file() else []
+    """The cache's train and eval rows, checked against info.json's counts: a file cut short (a full disk, a copy
+    that stopped) or deleted raises CacheDamaged naming it, never a run on fewer rows than the cache says."""
+    try:
+        info = json.loads((directory / "info.json").read_text(encoding="utf-8"))
+        train = Dataset.from_file(str(directory / "train.arrow"))
+        held = directory / "eval.arrow"
+        evaluation = Dataset.from_file(str(held)) if held.is_file() else []
+        expected = (info["train_rows"], info.get("eval_rows", len(evaluation)))
+    except (OSError, ValueError, KeyError, pa.ArrowException) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise CacheDamaged(f"{directory}: unreadable ({reason})") from None
+    if (len(train), len(evaluation)) != expected:
+        raise CacheDamaged(
+            f"{directory}: holds {len(train)} train and {len(evaluation)} eval rows, info.json says "
+            f"{expected[0]} and {expected[1]}"
+        )
+    return train, evaluation
 
 
 def load_datasets(data_cfg, seed: int, tokenizer, stage: str = "sft", is_main: bool = True, log=print):
@@ -340,9 +363,16 @@ def load_datasets(data_cfg, seed: int, tokenizer, stage: str = "sft", is_main: b
     files = [f if isinstance(f, str) else f.path for f in data_cfg.train_files] + list(data_cfg.eval_files)
     path = cache_root() / "tokenized" / cache_key(data_cfg, seed, tokenizer, files, stage)
     if (path / "info.json").is_file():
-        train, held = open_cache(path)
-        log(f"tokenized data from cache {path} ({len(train)} train rows)")
-        return train, held
+        try:
+            train, held = open_cache(path)
+        except CacheDamaged as exc:
+            if not is_main:
+                raise CacheDamaged(f"{exc}; the machine's first process rebuilds it: run again") from None
+            log(f"warning: the tokenized cache is damaged ({exc}); tokenizing again")
+            shutil.rmtree(path)  # medtune's own cache directory, rebuilt below from the same inputs
+        else:
+            log(f"tokenized data from cache {path} ({len(train)} train rows)")
+            return train, held
     if not is_main:
         raise RuntimeError(f"{path}: this machine's first process should have written this tokenized cache")
     # Unique per process: on a filesystem shared by several machines each one's first process may build it.

@@ -26,7 +26,15 @@ from medtune.model.load import DTYPES, ModelError, check_model_path, load_weight
 
 
 def add_base(target_state: dict[str, torch.Tensor], base_state: dict[str, torch.Tensor]) -> int:
-    """In place: every delta tensor += its base tensor (extended rows: the first rows). Returns rows added."""
+    """In place: every delta tensor += its base tensor (extended rows: the first rows). Returns rows added.
+    Every tensor of the base must have its delta: a delta of another shape of model (fewer layers, say) would
+    otherwise make a smaller model without a word."""
+    unmatched = [name for name in base_state if name not in target_state]
+    if unmatched:
+        raise ModelError(
+            f"the delta has no tensor for {len(unmatched)} of the base's {len(base_state)} (first: {unmatched[0]}); "
+            "is --delta the delta of this --base (same layers and sizes)?"
+        )
     done: set[int] = set()  # tied weights appear under two names: add once
     extended = 0
     for name, delta in target_state.items():

@@ -28,7 +28,7 @@ from medtune.data.templates import chat_template_text, encode_conversation, get_
 from medtune.data.tokenizer import load_tokenizer, tokenizer_kind
 from medtune.model.adapters import apply_adapter, refuse_quantized
 from medtune.model.load import DTYPES, base_config_summary, check_model_path, load_weights
-from medtune.rundir import MERGE_INFO, ModelSource, RunDir, describe_source
+from medtune.rundir import MERGE_INFO, ModelSource, RunDir, describe_source, read_json
 from medtune.stages import get_stage
 
 PARITY_PROMPTS = ["头痛发烧两天了，需要去医院吗？", "高血压患者饮食要注意什么？", "孩子咳嗽有痰怎么办？"]
@@ -65,7 +65,7 @@ def merge(
         check_same_base(source, info.base)
     dtype = dtype or info.dtype or "fp32"  # by default, the precision the run trained in
     inputs = merge_inputs(info.base, adapters, dtype)
-    earlier = json.loads((out / MERGE_INFO).read_text(encoding="utf-8")) if (out / MERGE_INFO).is_file() else {}
+    earlier = read_json(out / MERGE_INFO) if (out / MERGE_INFO).is_file() else {}
     if earlier.get("inputs") == inputs:
         return {**earlier, "up_to_date": True}
     trust_remote_code = trust_remote_code or info.trust_remote_code
@@ -129,7 +129,7 @@ def check_same_base(source: str, base: str) -> None:
     info_file = RunDir(source).info_file
     if not info_file.is_file():
         return
-    trained = json.loads(info_file.read_text(encoding="utf-8")).get("base_config")
+    trained = read_json(info_file).get("base_config")
     if not trained:
         return
     given = base_config_summary(base)

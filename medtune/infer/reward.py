@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -48,11 +49,26 @@ def histogram(values: list[float], bins: int = 10, width: int = 40) -> str:
     )
 
 
+def check_finite(scores: list[float], records: list[dict[str, Any]], source: str) -> None:
+    """A score head that gives NaN or ±inf is a broken model, not a score: named with the first record it hit,
+    before anything is written."""
+    per_record = len(scores) // len(records)  # 2 for pairs (chosen, rejected), 1 for replies
+    for i, score in enumerate(scores):
+        if not math.isfinite(score):
+            record = records[i // per_record]
+            raise MedtuneError(
+                f"{source}: the reward model scored record {record['id']!r} {score}; "
+                "its score head is broken (retrain or re-merge it), nothing was written"
+            )
+
+
 def score_file(
     source: str, data: Path, out: Path, batch_size: int = 8, dtype: str = "fp32", overwrite: bool = False
 ) -> dict[str, Any]:
     """Score every record of ``data`` into ``out`` (one line each) and summarise; refuses an ``out`` that
     medtune reward did not write with these settings."""
+    if batch_size < 1:
+        raise MedtuneError(f"--batch-size {batch_size}: must be at least 1")
     kind, records = read_scoring_records(data)
     expected = fingerprint(source, data, {"task": "reward", "dtype": dtype})
     check_resumable(out, expected, overwrite)  # refuses a file medtune reward did not write
@@ -66,6 +82,7 @@ def score_file(
     else:
         conversations = [r["messages"] for r in records]
     scores = score_conversations(model, tokenizer, info.template, info.system_prompt, conversations, batch_size)
+    check_finite(scores, records, source)
     if kind == "preference":
         rows = [
             {"id": r["id"], "chosen_score": c, "rejected_score": j, "margin": c - j, "correct": c > j}

@@ -18,6 +18,7 @@ import huggingface_hub
 import torch
 from huggingface_hub import constants
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig
 
 from medtune.console import MedtuneError
@@ -115,6 +116,19 @@ def load_weights(auto, base: str, **kwargs):
             f"{base}: refused to load a .bin checkpoint that is not plain tensors ({first}); "
             "convert it to safetensors from a trusted copy"
         ) from None
+    except SafetensorError as exc:  # a copy or download that stopped: name the file that is cut short
+        raise ModelError(f"{damaged_weights(base)}: damaged or truncated ({exc}); copy the model again") from None
+
+
+def damaged_weights(base: str) -> str:
+    """The first safetensors file of ``base`` whose header cannot be read (else the directory itself)."""
+    for path in sorted(Path(base).glob("*.safetensors")) if Path(base).is_dir() else []:
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except SafetensorError:
+            return str(path)
+    return base
 
 
 def quantization_config(quant: QuantizationConfig):

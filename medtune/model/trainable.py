@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import difflib
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from transformers import PreTrainedTokenizerBase
 
 from medtune.model.load import attach_lora, count_parameters, load_base_model
 from medtune.recipe import Recipe, RecipeError
-from medtune.rundir import MERGE_INFO
+from medtune.rundir import MERGE_INFO, read_json
 from medtune.stages import get_stage
 
 
@@ -60,7 +59,7 @@ def check_policy_base(base: str, recipe: Recipe, log: Callable) -> None:
     if refines is None:
         return
     merge_info = Path(base) / MERGE_INFO
-    saved = json.loads(merge_info.read_text(encoding="utf-8")) if merge_info.is_file() else {}
+    saved = read_json(merge_info) if merge_info.is_file() else {}
     stage = saved.get("source", saved).get("stage")
     if stage == refines:
         return

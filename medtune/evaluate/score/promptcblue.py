@@ -391,6 +391,10 @@ def read_samples(path: Path, problems: Problems) -> list[dict]:
             if task_of(sample["task_dataset"]) is None:
                 problems.add(f"unknown task {sample['task_dataset']!r}", f"{path}:{lineno}")
                 continue
+            choices = sample.get("answer_choices")
+            if choices is not None and not (isinstance(choices, list) and all(isinstance(c, str) for c in choices)):
+                problems.add("answer_choices neither null nor a list of strings", f"{path}:{lineno}")
+                continue
             sample["_where"] = f"{path}:{lineno}"
             samples.append(sample)
     return samples
@@ -450,9 +454,10 @@ def score_files(pred_path: Path, gold_path: Path) -> ScoreReport:
     problems = Problems()
     gold = read_samples(gold_path, problems)
     if not gold:
+        first = f"; first problem: {problems.examples[0]}" if problems.examples else ""
         raise ScoreError(
             f"{gold_path}: no PromptCBLUE sample in it (lines with input, target, task_dataset, "
-            "sample_id); is it the gold file?"
+            f"sample_id); is it the gold file?{first}"
         )
     predictions: dict[str, dict] = {}
     for sample in read_samples(pred_path, problems):
