@@ -222,6 +222,33 @@ def test_rl_resumes_to_the_uninterrupted_adapter(tmp_path: Path, stage: str) -> 
     assert resumed.keys() == reference.keys() and gap <= 1e-6
 
 
+@pytest.mark.parametrize(
+    ("rule", "expected"),
+    [
+        ("nan", "error: reward rewards:nan: gave nan for reply 0 of the rollout (prompt "),
+        ("nothing", "error: reward rewards:nothing: gave None for reply 0 of the rollout (prompt "),
+        ("fails_later", "error: rl.reward_function rewards:fails_later: raised KeyError: 'score' on reply 0 of"),
+    ],
+)
+def test_a_broken_reward_rule_stops_the_run_in_one_line(tmp_path: Path, capsys, rule: str, expected: str) -> None:
+    """NaN, None or an exception from the rule: named with the reply, before that step's optimizer step; the
+    checkpoint before it is kept (fails_later breaks at step 3 of a run saving every 2 steps)."""
+    import rewards
+
+    from medtune.train import main
+
+    rewards.CALLS["n"] = 0
+    path = write_recipe(tmp_path / "r.yaml", RL_RECIPE)
+    run = tmp_path / "run"
+    argv = [str(path), "train.stage=grpo", f"rl.reward_function=rewards:{rule}", f"output.dir={run}"]
+    assert main([*argv, "train.max_steps=4", "train.save_steps=2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(expected) and err.count("\n") == 1, err
+    assert not (run / "adapter").exists()
+    kept = sorted(p.name for p in (run / "checkpoints").iterdir()) if (run / "checkpoints").exists() else []
+    assert kept == (["step-2"] if rule == "fails_later" else [])
+
+
 def test_rl_recipe_errors_name_the_key(tmp_path: Path) -> None:
     from medtune.recipe import RecipeError, load_recipe
 

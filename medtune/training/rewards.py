@@ -8,8 +8,10 @@ the SFT model) is loaded as a second adapter on the policy's network: no second 
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -32,6 +34,33 @@ class RewardSource:
     score: Callable[[list[list[dict]], list[str]], list[float]]
     name: str
 
+    def checked(self, prompts: list[list[dict]], texts: list[str]) -> list[float]:
+        """The scores, each a finite number, or one error naming the reward, the reply and the value: a NaN
+        would poison the loss and every later step, so the run stops before the optimizer step."""
+        scores = self.score(prompts, texts)
+        for i, value in enumerate(scores):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise MedtuneError(
+                    f"reward {self.name}: gave {value!r} for reply {i} of the rollout (prompt "
+                    f"{prompts[i][-1]['content'][:40]!r}); a reward is a finite number. The run stopped before "
+                    "this step; its last checkpoint is kept"
+                )
+        return [float(v) for v in scores]
+
+
+def rule_scores(rule: Callable, name: str, prompts: list[list[dict]], texts: list[str]) -> list:
+    """A reward rule's values; an exception inside it is the rule's, named with the reply it failed on."""
+    values = []
+    for i, (prompt, text) in enumerate(zip(prompts, texts, strict=True)):
+        try:
+            values.append(rule(prompt, text))
+        except Exception as exc:  # noqa: BLE001 - the user's rule: any failure is reported as its own
+            raise MedtuneError(
+                f"rl.reward_function {name}: raised {type(exc).__name__}: {exc} on reply {i} of the rollout "
+                f"(prompt {prompt[-1]['content'][:40]!r}); the run stopped before this step"
+            ) from exc
+    return values
+
 
 def load_reward(recipe, policy, base: str) -> RewardSource:
     """The recipe's reward: its rule, its RM as a second adapter on the policy (same base), or its own RM."""
@@ -42,10 +71,7 @@ def load_reward(recipe, policy, base: str) -> RewardSource:
             rule = getattr(importlib.import_module(module), function)
         except (ImportError, AttributeError) as exc:
             raise MedtuneError(f"rl.reward_function {rl.reward_function}: {exc}") from None
-        return RewardSource(
-            lambda prompts, texts: [float(rule(p, t)) for p, t in zip(prompts, texts, strict=True)],
-            rl.reward_function,
-        )
+        return RewardSource(partial(rule_scores, rule, rl.reward_function), rl.reward_function)
     info = describe_source(rl.reward_model)
     same_base = len(info.adapters) == 1 and _same_model(info.base, base)
     if same_base:
