@@ -226,3 +226,17 @@ def test_an_output_that_cannot_be_written_is_one_line_and_keeps_the_old_output(t
     assert captured.err.splitlines() == [f"error: {expected}"] and captured.out == ""
     assert digest(old) == before
     assert sorted(p.name for p in old.parent.iterdir()) == ["out.jsonl"]  # no temp file, no skip report left
+
+
+def test_the_id_digests_settle_into_a_sorted_array_and_still_answer(monkeypatch):
+    """Past its buffer the set moves digests into one sorted uint64 array (8 bytes each); membership holds."""
+    from data_prep.pipeline import DigestSet
+
+    monkeypatch.setattr(DigestSet, "BUFFER", 4)
+    seen = DigestSet()
+    keys = [2**64 - 1, 0, 17, 2**63, 5, 99, 12345678901234567890, 3, 8, 1]
+    for start in range(0, len(keys), 3):
+        seen.update(keys[start : start + 3])
+    assert len(seen.settled) >= 8 and len(seen.recent) < 4
+    assert all(key in seen for key in keys)
+    assert not any(key in seen for key in (2, 4, 2**64 - 2, 2**63 + 1))
