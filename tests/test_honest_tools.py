@@ -102,20 +102,34 @@ def test_the_demo_visibly_learns_and_chat_speaks(demo_run, tmp_path, capsys):
     predictions = [json.loads(line)["prediction"] for line in out.read_text().splitlines()]
     assert all(p and a.startswith(p[:8]) for p, a in zip(predictions, answers, strict=True)), predictions
     question = json.loads(data.read_text().splitlines()[0])["messages"][0]["content"]
-    screen = io.StringIO()
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    screen = Terminal()
     loaded = load_model_for_inference(str(demo_run), "fp32", None)
-    assert (
-        converse(
-            loaded,
-            ["/help\n", question + "\n", "/reset\n", "/exit\n", "never read\n"],
-            screen,
-            GenerationSettings(max_new_tokens=12),
-        )
-        == 1
-    )
+    lines = ["/help\n", question + "\n", "/reset\n", "/foo bar\n", "/exit\n", "never read\n"]
+    assert converse(loaded, lines, screen, GenerationSettings(max_new_tokens=12)) == 1
     text = screen.getvalue()
     assert "/reset starts a new conversation" in text and f"医生> {predictions[0]}" in text
-    assert "(new conversation)" in text
+    assert "(new conversation)\n你> " in text  # the prompt is drawn again after a command, not only a reply
+    assert "unknown command /foo; commands: /reset" in text and text.count("医生>") == 1
+
+
+def test_served_streams_add_up_to_the_replies_on_the_demo(demo_run):
+    """The demo model ends its replies with "\n" before the end marker: the reply is stripped (as predict strips
+    it), so the stream must not send that "\n" either."""
+    from test_serve import Server
+
+    questions = [json.loads(line)["messages"][:1] for line in DEMO_DATA.read_text(encoding="utf-8").splitlines()[:4]]
+    with Server(demo_run) as served:
+        client = served.client()
+        for messages in questions:
+            kwargs = {"model": "m", "messages": messages, "temperature": 0, "max_tokens": 200}
+            whole = client.chat.completions.create(**kwargs).choices[0].message.content
+            chunks = client.chat.completions.create(**kwargs, stream=True)
+            assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole and whole
 
 
 def test_predict_resumes_only_what_the_same_settings_wrote(demo_run, tmp_path, capsys):

@@ -22,7 +22,8 @@ HELP = "commands: /reset starts a new conversation, /exit (or Ctrl-D) quits, /he
 
 
 def converse(loaded: InferenceModel, lines: Iterable[str], out: TextIO, generation: GenerationSettings) -> int:
-    """Read user lines, answer each with the whole history; returns the number of replies."""
+    """Read user lines, answer each with the whole history; returns the number of replies. A line starting
+    with / is a command (an unknown one is named, never sent to the model as a question)."""
     messages: list[dict[str, str]] = []
     replies = 0
     for line in lines:
@@ -30,22 +31,28 @@ def converse(loaded: InferenceModel, lines: Iterable[str], out: TextIO, generati
         if text in ("/exit", "/quit"):
             break
         if text in ("", "/help"):
-            print(HELP, file=out, flush=True)
-            continue
-        if text == "/reset":
+            say(out, HELP)
+        elif text == "/reset":
             messages = []
-            print("(new conversation)", file=out, flush=True)
-            continue
-        messages.append({"role": "user", "content": text})
-        reasoning, reply = loaded.split(generate_batch(loaded, [{"messages": messages}], generation)[0])
-        messages.append({"role": "assistant", "content": reply})
-        if reasoning:
-            print(f"(思考) {reasoning}", file=out, flush=True)
-        print(f"医生> {reply if reply else '(empty reply: the model ended at once)'}", file=out, flush=True)
-        replies += 1
-        if out.isatty():
-            print("你> ", end="", file=out, flush=True)
+            say(out, "(new conversation)")
+        elif text.startswith("/"):
+            say(out, f"unknown command {text.split()[0]}; {HELP}")
+        else:
+            messages.append({"role": "user", "content": text})
+            reasoning, reply = loaded.split(generate_batch(loaded, [{"messages": messages}], generation)[0])
+            messages.append({"role": "assistant", "content": reply})
+            if reasoning:
+                say(out, f"(思考) {reasoning}", prompt=False)
+            say(out, f"医生> {reply if reply else '(empty reply: the model ended at once)'}")
+            replies += 1
     return replies
+
+
+def say(out: TextIO, text: str, prompt: bool = True) -> None:
+    """A line, then (on a terminal) the prompt again: after a reply, a command or a help text alike."""
+    print(text, file=out, flush=True)
+    if prompt and out.isatty():
+        print("你> ", end="", file=out, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,8 +45,9 @@ class Job:
 
 
 def held_back(text: str, stop: list[str]) -> int:
-    """How many trailing characters to keep unsent: a partial character, or a prefix of a stop string."""
-    hold = 1 if text.endswith("\ufffd") else 0
+    """How many trailing characters to keep unsent: a partial character, a prefix of a stop string, or white
+    space (the finished reply is stripped, as predict strips it: white space goes out only once text follows)."""
+    hold = max(1 if text.endswith("\ufffd") else 0, len(text) - len(text.rstrip()))
     for word in stop:
         for n in range(min(len(word) - 1, len(text)), 0, -1):
             if text.endswith(word[:n]):
