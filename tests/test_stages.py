@@ -90,7 +90,7 @@ def test_dropout_stays_where_asked(tmp_path, corpora):
     assert dropouts(sft.model) == {0.1}
 
 
-def test_reward_model_trains_and_merges(tmp_path, corpora, tokenizer):
+def test_reward_model_trains_and_merges(tmp_path, corpora, tokenizer, capfd):
     from transformers import AutoModelForSequenceClassification
 
     _, pair_file = corpora
@@ -106,7 +106,7 @@ def test_reward_model_trains_and_merges(tmp_path, corpora, tokenizer):
     assert summary["parity_max_abs_logit_diff"] <= 1e-4
     scorer = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm-merged").eval()
     assert scorer.config.num_labels == 1 and scorer.config.pad_token_id == tokenizer.pad_token_id
-    check_reward_command(result.run.root, tmp_path / "rm-merged", pair_file, tmp_path, scorer)
+    check_reward_command(result.run.root, tmp_path / "rm-merged", pair_file, tmp_path, scorer, capfd)
     # The RM scores GRPO's rollouts (its own tokenizer and template: replies go to it as text), merged or as a run.
     for name, rm in (("grpo-merged-rm", tmp_path / "rm-merged"), ("grpo-rm-run", result.run.root)):
         extra = [f"rl.reward_model={rm}", "rl.max_new_tokens=8", "train.logging_steps=1", "data.eval_ratio=0"]
@@ -145,8 +145,9 @@ def check_shared_reward_adapter(rm_run, tmp_path, pair_file):
     assert list((run.adapter_dir).glob("reward")) == [] and json.loads(run.info_file.read_text())["finished"]
 
 
-def check_reward_command(run_dir, merged, pair_file, tmp_path, scorer):
-    """medtune reward on the RM's own pairs: above chance, and each score is the merged model's own."""
+def check_reward_command(run_dir, merged, pair_file, tmp_path, scorer, capfd):
+    """medtune reward on the RM's own pairs: above chance, each score the merged model's own, and only its own
+    lines printed (no transformers LOAD REPORT of the score head the adapter brings)."""
     import torch
 
     from medtune.data.templates import encode_conversation, get_template
@@ -154,7 +155,12 @@ def check_reward_command(run_dir, merged, pair_file, tmp_path, scorer):
     from medtune.infer.reward import main as reward_main
 
     out = tmp_path / "scores.jsonl"
+    capfd.readouterr()
     assert reward_main([str(run_dir), "--data", str(pair_file), "--out", str(out)]) == 0
+    printed = capfd.readouterr()
+    assert "LOAD REPORT" not in printed.err + printed.out and "\x1b[" not in printed.err + printed.out
+    assert printed.out.startswith('{"pairs": 40') and printed.out.splitlines()[1] == "scores:"
+    assert printed.out.splitlines()[-1] == f"per-record scores: {out}" and "not sharded" not in printed.err
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     accuracy = sum(r["correct"] for r in rows) / len(rows)
     print(

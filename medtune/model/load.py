@@ -7,6 +7,7 @@ only maps the recipe's model and lora groups onto them.
 from __future__ import annotations
 
 import functools
+import logging
 import pickle
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -109,7 +110,8 @@ def load_weights(auto, base: str, **kwargs):
     """``auto.from_pretrained`` from safetensors, or from ``.bin`` through torch's weights-only loader
     (transformers' default): a pickle that would run code is refused, never executed."""
     try:
-        return auto.from_pretrained(base, **kwargs)
+        with score_head_report_quiet(auto):
+            return auto.from_pretrained(base, **kwargs)
     except pickle.UnpicklingError as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ModelError(
@@ -118,6 +120,27 @@ def load_weights(auto, base: str, **kwargs):
         ) from None
     except SafetensorError as exc:  # a copy or download that stopped: name the file that is cut short
         raise ModelError(f"{damaged_weights(base)}: damaged or truncated ({exc}); copy the model again") from None
+
+
+@contextmanager
+def score_head_report_quiet(auto) -> Iterator[None]:
+    """A reward model is loaded as a sequence classifier over a causal LM's weights: transformers then reports
+    its score head as "MISSING … newly initialized" in a LOAD REPORT. It is new on purpose (an RM being trained)
+    or comes next from the adapter (merge, reward, RL), so that report says nothing wrong and is not shown;
+    a real problem (a size mismatch) still raises."""
+    if "SequenceClassification" not in getattr(auto, "__name__", ""):
+        yield
+        return
+    logger = logging.getLogger("transformers.modeling_utils")  # a filter, not a level: transformers reads the level
+    logger.addFilter(_drop_load_report)
+    try:
+        yield
+    finally:
+        logger.removeFilter(_drop_load_report)
+
+
+def _drop_load_report(record: logging.LogRecord) -> bool:
+    return "LOAD REPORT" not in str(record.msg)
 
 
 def damaged_weights(base: str) -> str:
