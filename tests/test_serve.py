@@ -118,6 +118,17 @@ def test_streaming_sends_the_same_reply_in_openai_chunks(served) -> None:
     assert len(chunks) > 5  # streamed as it was decoded, not in one piece
 
 
+def test_a_request_without_sampling_settings_gets_the_models_own(served) -> None:
+    """The tiny base's generation_config does not sample: a request naming no temperature is answered greedily
+    (not at OpenAI's temperature 1), and /v1/models says so, which the chat page starts from."""
+    client = served.client()
+    plain = client.chat.completions.create(model="m", messages=QUESTIONS[0], max_tokens=24)
+    greedy = client.chat.completions.create(model="m", messages=QUESTIONS[0], temperature=0, max_tokens=24)
+    assert plain.choices[0].message.content == greedy.choices[0].message.content
+    info = httpx.get(f"{served.url}/v1/models").json()["data"][0]["medtune"]
+    assert info["sampling"] == {"temperature": 0.0, "top_p": 1.0}
+
+
 def test_stop_strings_cut_the_reply(served) -> None:
     client = served.client()
     full = client.chat.completions.create(model="m", messages=QUESTIONS[0], temperature=0, max_tokens=40)

@@ -6,7 +6,8 @@ A request system message replaces the run's system prompt, as it would in traini
 no place for one (chatmed) refuses it rather than drop it unseen.
 
 Every bad request is a 4xx with OpenAI's error shape {"error": {"message", "type", "param", "code"}};
-a 500 means a bug. Sampling defaults are OpenAI's (temperature 1, top_p 1); temperature 0 is greedy.
+a 500 means a bug. A request that names no temperature/top_p gets the model's own generation settings
+(greedy unless its generation_config samples); temperature 0 is greedy.
 (Route handlers annotate `request: Request`; FastAPI resolves that name at module level.)
 """
 
@@ -47,8 +48,8 @@ class ChatRequest(BaseModel):
 
     model: str | None = None
     messages: list[Message] = Field(min_length=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
+    temperature: float | None = Field(None, ge=0, le=2)  # unset: the model's own (Served.defaults)
+    top_p: float | None = Field(None, gt=0, le=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
@@ -116,11 +117,21 @@ class Served:
     model_name: str  # the id clients see
     max_new_tokens: int  # the most a request may ask for
     context: int  # the model's positions: prompt + reply must fit
+    defaults: GenerationSettings  # a request's sampling when it names none: the model's generation_config
 
     @classmethod
     def of(cls, loaded: InferenceModel, engine: Engine, model_name: str, max_new_tokens: int) -> Served:
         context = int(getattr(loaded.model.config, "max_position_embeddings", 0) or 1 << 30)
-        return cls(loaded, engine, model_name, max_new_tokens, context)
+        return cls(loaded, engine, model_name, max_new_tokens, context, model_defaults(loaded))
+
+
+def model_defaults(loaded: InferenceModel) -> GenerationSettings:
+    """The sampling a model ships (Qwen's generation_config samples at 0.7/0.8), else greedy: what a request gets
+    when it names none, so a run is served as it was meant to be read, not at OpenAI's temperature 1."""
+    config = loaded.model.generation_config
+    if not getattr(config, "do_sample", False):
+        return GenerationSettings(do_sample=False, temperature=0.0, top_p=1.0)
+    return GenerationSettings(do_sample=True, temperature=config.temperature or 1.0, top_p=config.top_p or 1.0)
 
 
 def create_app(
@@ -135,7 +146,13 @@ def create_app(
     may ask for (the server's GenerationSettings)."""
     served = Served.of(loaded, engine, model_name, max_new_tokens)
     app = FastAPI(title="medtune serve", docs_url=None, redoc_url=None, openapi_url=None)
-    info = {"template": loaded.template.name, "source": loaded.source.to_json(), "context": served.context}
+    defaults = {"temperature": served.defaults.temperature, "top_p": served.defaults.top_p}
+    info = {
+        "template": loaded.template.name,
+        "source": loaded.source.to_json(),
+        "context": served.context,
+        "sampling": defaults,  # what a request that names none gets
+    }
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
@@ -215,12 +232,14 @@ def make_job(served: Served, chat: ChatRequest) -> Job:
     stop = [chat.stop] if isinstance(chat.stop, str) else list(chat.stop or [])
     if len(stop) > 4 or any(not s for s in stop):
         raise ApiError(400, "stop: up to 4 non-empty strings", param="stop")
-    # OpenAI's sampling: temperature 0 is greedy
+    defaults = served.defaults
+    temperature = chat.temperature if chat.temperature is not None else defaults.temperature
+    sampled = temperature > 0 and (chat.temperature is not None or defaults.do_sample)  # temperature 0 is greedy
     settings = GenerationSettings(
         max_new_tokens=limit,
-        do_sample=chat.temperature > 0,
-        temperature=chat.temperature,
-        top_p=chat.top_p,
+        do_sample=sampled,
+        temperature=temperature,
+        top_p=chat.top_p if chat.top_p is not None else defaults.top_p,
         seed=chat.seed,
     )
     return Job(prompt, settings, stop)
