@@ -447,6 +447,13 @@ def _check_record(record: dict, options: Options) -> None:
     for where, reason, text in _shown_texts(record):
         if is_invisible(text):
             raise Skip(reason, f"{where} holds only invisible characters ({_code_points(text)})")
+    for i, message in enumerate(record.get("messages", [])):
+        if (marker := template_marker(message["content"])) is not None:
+            raise Skip(
+                "already in a chat template",
+                f"messages[{i}].content carries {marker!r}: training would apply a template twice; convert the "
+                "corpus with its own converter (chatmed-consult removes ChatMed's <s>问：…答： wrapper)",
+            )
     if options.max_length is not None and (length := _length(record)) > options.max_length:
         raise Skip("too long", f"{length} characters > --max-length {options.max_length}")
 
@@ -474,6 +481,30 @@ def _check_task_cap(records: list[dict], cap: int, seen: Seen) -> None:
         task = record.get("meta", {}).get("task_dataset")
         if task is not None and seen.per_task[task] >= cap:
             raise Skip("over per-task cap", f"{task} already has {cap} records")
+
+
+# Markers of a chat template's text: a message that holds one was rendered for some model already.
+TEMPLATE_MARKERS = (
+    "<s>",
+    "</s>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "[INST]",
+    "[/INST]",
+    "<|start_header_id|>",
+    "<|eot_id|>",
+    "<start_of_turn>",
+    "<|user|>",
+    "<|assistant|>",
+)
+
+
+def template_marker(text: str) -> str | None:
+    """The template marker a message's text carries (ChatMed's wrapper is 问：…答： around the question), or None."""
+    stripped = text.strip()
+    if stripped.startswith(("问：", "问:")) and stripped.endswith(("答：", "答:")):
+        return "问：…答："
+    return next((marker for marker in TEMPLATE_MARKERS if marker in text), None)
 
 
 def is_invisible(text: str) -> bool:

@@ -240,3 +240,48 @@ def test_the_id_digests_settle_into_a_sorted_array_and_still_answer(monkeypatch)
     assert len(seen.settled) >= 8 and len(seen.recent) < 4
     assert all(key in seen for key in keys)
     assert not any(key in seen for key in (2, 4, 2**64 - 2, 2**63 + 1))
+
+
+@pytest.mark.parametrize(
+    ("line", "source"),
+    [
+        ({"query": "<s>问：\n头痛\n答：\n", "response": "休息"}, "chatmed-consult"),
+        ({"input": "判断意图：\n发烧\n答：", "target": "治疗方案", "task_dataset": "KUAKE-QIC"}, "promptcblue"),
+        ({"Question": "q", "Complex_CoT": "c", "Response": "r"}, "medical-o1"),
+        ({"conversations": [{"from": "human", "value": "q"}]}, "sharegpt"),
+        ({"instruction": "q", "input": "", "output": ["好", "坏"]}, "preference"),
+        ({"instruction": ["q"], "output": ["a"]}, "huatuo"),
+        ({"instruction": "q", "output": "a", "history": [], "cate1": "内科"}, "cmtmedqa"),
+        ({"instruction": "q", "input": "", "output": "a"}, "alpaca"),
+        ([{"instruction": "q", "output": "a"}], "alpaca"),
+    ],
+)
+def test_train_on_a_raw_corpus_names_the_converter_that_fits(tmp_path, capsys, line, source: str) -> None:
+    from helpers import SMALL_RECIPE, write_recipe
+
+    from medtune.train import main as train_main
+
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text(json.dumps(line, ensure_ascii=False) + "\n", encoding="utf-8")
+    recipe = write_recipe(tmp_path / "r.yaml", SMALL_RECIPE)
+    assert train_main([str(recipe), f"data.train_files=[{raw}]", f"output.dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"convert it first with python -m data_prep {source} FILE" in err and err.count("\n") == 1
+
+
+def test_a_converter_refuses_text_already_in_a_chat_template(tmp_path, capsys) -> None:
+    """ChatMed's queries through `alpaca` (the old hint's advice) would be templated twice: skipped and counted."""
+    raw = tmp_path / "chatmed.jsonl"
+    rows = [
+        {"instruction": "<s>问：\n头痛怎么办？\n答：\n", "output": "多休息。"},
+        {"instruction": "问：孩子发烧\n答：", "output": "物理降温。"},
+        {"instruction": "<|im_start|>user\n胃痛<|im_end|>", "output": "清淡饮食。"},
+        {"instruction": "高血压吃什么？", "output": "少盐。"},
+    ]
+    raw.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    assert prep_main(["alpaca", str(raw), "--out", str(out)]) == 0
+    assert "skipped, already in a chat template: 3" in capsys.readouterr().out
+    assert [json.loads(line)["messages"][0]["content"] for line in out.read_text("utf-8").splitlines()] == [
+        "高血压吃什么？"
+    ]

@@ -28,10 +28,47 @@ from medtune.console import MedtuneError
 ROLES = ("system", "user", "assistant")
 # Keys of the corpora's own formats (alpaca, sharegpt, ChatMed, PromptCBLUE): such a file was not converted yet.
 RAW_FORMAT_KEYS = {"instruction", "instruct", "output", "conversations", "query", "response", "input", "target"}
-CONVERT_HINT = (
-    "this looks like a corpus in its own format: convert it first, e.g. "
-    "python -m data_prep alpaca FILE --out FILE.jsonl (see python -m data_prep --help)"
-)
+RAW_FORMAT_KEYS |= {"Question", "Complex_CoT", "Response"}
+
+
+def converter_for(value: Any) -> str | None:
+    """The data_prep converter a raw corpus line of this shape needs, from its fields (None: not one known).
+    Naming the one that fits matters: ChatMed's `<s>问：…答：` queries through `alpaca` would be templated twice."""
+    if isinstance(value, list):  # a JSON array on one line: its records' shape decides
+        return converter_for(value[0]) if value else None
+    if not isinstance(value, dict):
+        return None
+    keys = set(value)
+    if {"query", "response"} <= keys:
+        return "chatmed-consult"  # or chatmed-tcm: the same shape
+    if {"input", "target", "task_dataset"} <= keys:
+        return "promptcblue"
+    if {"Question", "Response"} <= keys:
+        return "medical-o1"
+    if "conversations" in keys:
+        return "sharegpt"
+    output = value.get("output")
+    if isinstance(output, list) and len(output) == 2 and isinstance(value.get("instruction"), str):
+        return "preference"
+    if isinstance(value.get("instruction"), list):
+        return "huatuo"
+    if "history" in keys or {"cate1", "cate2"} & keys or "instruct" in keys:
+        return "cmtmedqa"
+    if {"instruction", "output"} <= keys:
+        return "alpaca"
+    return None
+
+
+def convert_hint(value: Any) -> str:
+    """What to run on a raw corpus file instead of training on it."""
+    source = converter_for(value) or "SOURCE"
+    return (
+        f"this looks like a corpus in its own format: convert it first with python -m data_prep {source} FILE "
+        "--out FILE.jsonl (python -m data_prep --help lists the sources)"
+    )
+
+
+CONVERT_HINT = convert_hint(None)
 
 
 class RecordError(MedtuneError):
@@ -161,7 +198,7 @@ def read_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
             validate_record(record)
         except RecordError as exc:
             raw = isinstance(record, list) or (isinstance(record, dict) and bool(set(record) & RAW_FORMAT_KEYS))
-            raise RecordError(f"{path}:{lineno}: {exc}" + (f"; {CONVERT_HINT}" if raw else "")) from None
+            raise RecordError(f"{path}:{lineno}: {exc}" + (f"; {convert_hint(record)}" if raw else "")) from None
         yield lineno, record
 
 
