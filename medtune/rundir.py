@@ -257,24 +257,40 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+# Beside the loss, what a stage's rows carry: RL's reward and KL, a preference stage's accuracy and margin.
+SIDE_PANELS = (
+    ("reward", ("reward", "kl"), "reward / KL per reply"),
+    ("rewards/accuracy", ("rewards/accuracy", "rewards/margin"), "chosen beats rejected: accuracy, margin"),
+)
+
+
 def loss_figure(rows: list[dict[str, Any]]) -> Figure:
-    """Train (and eval) loss against step: a matplotlib figure, drawn without pyplot (no backend, nothing
-    global to close), which the caller saves."""
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
-    fig = Figure(figsize=(6, 4))
-    ax = fig.subplots()
-    if train:
-        ax.plot(*zip(*train, strict=True), label="train loss")
-    if evals:
-        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (per target token)")
-    if train or evals:
-        ax.legend()
-    ax.grid(alpha=0.3)
+    """Train (and eval) loss against step, and beside it what the stage logs (reward and KL for RL, accuracy and
+    margin for RM/DPO): a matplotlib figure, drawn without pyplot (no backend, nothing global to close)."""
+    side = [(keys, title) for marker, keys, title in SIDE_PANELS if any(marker in r for r in rows)]
+    fig = Figure(figsize=(6 + 5 * len(side), 4))
+    axes = fig.subplots(1, 1 + len(side), squeeze=False)[0]
+    curves = [("loss", "-", "train loss"), ("eval_loss", "o-", "eval loss")]
+    draw_curves(axes[0], rows, curves, "loss (per item)")
+    for ax, (keys, title) in zip(axes[1:], side, strict=True):
+        draw_curves(ax, rows, [(key, ".-", key) for key in keys], title)
     fig.tight_layout()
     return fig
+
+
+def draw_curves(ax, rows: list[dict[str, Any]], curves: list[tuple[str, str, str]], ylabel: str) -> None:
+    """One panel: each key's values against the step (a single logged point shows as a marker)."""
+    drawn = False
+    for key, style, label in curves:
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        if points:
+            ax.plot(*zip(*points, strict=True), style if len(points) > 1 else "o", label=label)
+            drawn = True
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(ylabel)
+    if drawn:
+        ax.legend()
+    ax.grid(alpha=0.3)
 
 
 def plot_loss(rows: list[dict[str, Any]], out: Path) -> None:

@@ -220,7 +220,7 @@ def fit(s: Setup) -> TrainResult:
             optimizer_step(s, window, meter, last=epoch == epochs - 1)
         s.step += 1
         progress.update(1)
-        if s.step % cfg.logging_steps == 0 or s.step == s.total_steps:
+        if s.step == 1 or s.step % cfg.logging_steps == 0 or s.step == s.total_steps:  # first and last always
             epoch = s.step * accumulation / len(s.train_dl)
             row = meter.line(accelerator, s.step, s.scheduler.get_last_lr()[0], epoch)
             if stage.rollout:

@@ -18,7 +18,7 @@ def test_loss_falls_and_run_dir_describes_itself(trained):
     assert info["final_loss"] < info["first_loss"] - 1.0
     assert run.loss_plot.stat().st_size > 1000 and run.recipe_file.is_file()
     rows = run.read_metrics()
-    assert [r["step"] for r in rows if "loss" in r] == list(range(2, 41, 2))
+    assert [r["step"] for r in rows if "loss" in r] == [1, *range(2, 41, 2)]  # the first step, then every 2
     assert any("eval_loss" in r for r in rows)
     assert run.read_recipe().train.max_steps == 40
 
@@ -102,3 +102,39 @@ def test_fp16_without_gpu_is_refused_before_loading(tmp_path):
     path = write_recipe(tmp_path / "r.yaml", SMALL_RECIPE.replace("dtype: fp32", "dtype: fp16"))
     with pytest.raises(ValueError, match="fp16 mixed precision needs a CUDA GPU"):
         train(load_recipe(path, [f"output.dir={tmp_path / 'run'}"]))
+
+
+def test_a_short_run_logs_its_first_and_last_step(tmp_path, capsys):
+    """logging_steps above max_steps: the first and the last step are still logged, so the curve and the done
+    line show where the loss went."""
+    from helpers import SMALL_RECIPE, write_recipe
+
+    from medtune.train import main
+
+    recipe = write_recipe(tmp_path / "r.yaml", SMALL_RECIPE)
+    argv = [str(recipe), f"output.dir={tmp_path / 'run'}", "train.max_steps=3", "train.logging_steps=10"]
+    assert main([*argv, "train.save_steps=0"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 3]
+    info = json.loads((tmp_path / "run" / "run_info.json").read_text())
+    assert info["first_loss"] != info["final_loss"]
+    assert f"loss {info['first_loss']} → {info['final_loss']}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("extra", "panels"),
+    [({}, ["loss (per item)"]), ({"reward": 0.5, "kl": 0.01}, ["loss (per item)", "reward / KL per reply"])]
+    + [
+        (
+            {"rewards/accuracy": 0.7, "rewards/margin": 0.2},
+            ["loss (per item)", "chosen beats rejected: accuracy, margin"],
+        )
+    ],
+)
+def test_the_loss_plot_shows_what_the_stage_logs(extra: dict, panels: list[str]) -> None:
+    from medtune.rundir import loss_figure
+
+    rows = [{"step": step, "loss": 1.0 / step, **extra} for step in (1, 2, 3)]
+    figure = loss_figure(rows)
+    assert [ax.get_ylabel() for ax in figure.axes] == panels
+    assert all(len(ax.lines) >= 1 for ax in figure.axes)
