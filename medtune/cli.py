@@ -25,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("an OpenAI-compatible API and a chat page for a run, in its training format", "medtune.infer.serving"),
     "template": (
         "show a chat template's text, ids and trained tokens on a real tokenizer",
-        "medtune.data.inspect_template",
+        "medtune.infer.inspect_template",
     ),
     "apply-delta": (
         "rebuild a model released as delta weights (Ziya-LLaMA-13B-v1) from its base",

@@ -163,7 +163,7 @@ def make_first_token(loaded, messages, token: int) -> None:
 def test_template_show_writes_the_ids_training_uses_and_check_compares(qwen_home, tmp_path, capsys):
     from transformers import AutoTokenizer
 
-    from medtune.data.inspect_template import main
+    from medtune.infer.inspect_template import main
 
     home, pairs = qwen_home
     messages = tmp_path / "m.jsonl"

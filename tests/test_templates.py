@@ -90,7 +90,7 @@ def test_turns_must_alternate(tokenizer):
 def test_template_show_refuses_bad_messages_files_in_one_line(tiny_base, tmp_path, capsys):
     """Hostile --messages: a torn JSON line, a wrong role, a missing file: exit 2, one error line naming the
     file (and line), no --json output written."""
-    from medtune.data.inspect_template import main
+    from medtune.infer.inspect_template import main
 
     cases = {
         "torn.jsonl": (
@@ -117,7 +117,7 @@ def test_template_show_json_replaces_only_its_own_file(tiny_base, tmp_path, caps
     import hashlib
     import json
 
-    from medtune.data.inspect_template import main
+    from medtune.infer.inspect_template import main
 
     out, foreign = tmp_path / "ids.jsonl", tmp_path / "data.jsonl"
     argv = ["show", "chatmed", "--tokenizer", str(tiny_base), "--json"]
@@ -129,3 +129,17 @@ def test_template_show_json_replaces_only_its_own_file(tiny_base, tmp_path, caps
     assert main([*argv, str(foreign)]) == 2
     assert "is not ids written by medtune template show" in capsys.readouterr().err
     assert hashlib.sha256(foreign.read_bytes()).hexdigest() == before
+
+
+def test_template_show_reads_a_run_directory(trained, capsys):
+    """A run directory brings its own tokenizer, template and system prompt: what it trains on and is served with."""
+    from medtune.infer.inspect_template import main
+
+    result, _, _ = trained
+    assert main(["show", str(result.run.root)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("template chatmed: ") and f"tokenizer: {result.run.adapter_dir} (" in out
+    assert main(["show", "chatmed"]) == 2
+    assert "give --tokenizer DIR_OR_HUB_ID (or a run directory)" in capsys.readouterr().err
+    assert main(["show", str(result.run.root / "nothing-here")]) == 2
+    assert "neither a template (chatmed," in capsys.readouterr().err

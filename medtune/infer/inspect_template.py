@@ -34,6 +34,7 @@ from medtune.data.templates import (
     template_names,
 )
 from medtune.data.tokenizer import decode, load_tokenizer, tokenizer_kind
+from medtune.rundir import describe_source
 
 SAMPLE = [
     {"role": "user", "content": "我最近总是头痛，还有点发烧，需要去医院吗？"},
@@ -188,13 +189,33 @@ def _written_by_show(path: Path) -> bool:
     return isinstance(first, dict) and set(first) == {"ids", "labels", "prompt_ids"}
 
 
+def what_to_show(args: argparse.Namespace):
+    """(template name, tokenizer, system prompt): a template with --tokenizer, or a run's / merged model's own."""
+    if args.name in template_names():
+        if not args.tokenizer:
+            raise MedtuneError(f"template show {args.name}: give --tokenizer DIR_OR_HUB_ID (or a run directory)")
+        return args.name, load_tokenizer(args.tokenizer, args.tokenizer_kind), args.system
+    if not Path(args.name).is_dir():
+        known = ", ".join(template_names())
+        raise MedtuneError(f"template show {args.name}: neither a template ({known}) nor a run or model directory")
+    info = describe_source(args.name)
+    if info.template is None:
+        raise MedtuneError(f"{args.name}: records no chat template; name one: medtune template show NAME --tokenizer")
+    tokenizer = load_tokenizer(args.tokenizer or info.tokenizer, info.tokenizer_kind or args.tokenizer_kind)
+    return info.template, tokenizer, args.system if args.system is not None else info.system_prompt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="medtune template", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="action", required=True)
     sub.add_parser("list", help="the templates and whose format each reproduces")
     show_parser = sub.add_parser("show", help="render conversations and list their ids and trained tokens")
-    show_parser.add_argument("name", choices=template_names(), help="a template, or model: the tokenizer's own")
-    show_parser.add_argument("--tokenizer", required=True, help="model or tokenizer directory, or hub id")
+    show_parser.add_argument(
+        "name",
+        help="a template (medtune template list; model: the tokenizer's own), or a run or merged directory: its "
+        "tokenizer, template and system prompt, what it trains on and is served with",
+    )
+    show_parser.add_argument("--tokenizer", help="model or tokenizer directory, or hub id (with a template name)")
     show_parser.add_argument("--messages", type=Path, help="JSONL of records or message lists (default: a sample)")
     show_parser.add_argument("--system", help="system prompt (as data.system_prompt)")
     show_parser.add_argument("--json", type=Path, metavar="OUT", help="write ids, labels, prompt_ids per line")
@@ -221,14 +242,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(note)
             print(f"{identical} of {compared} identical (medtune's {args.template} vs {args.model}'s own template)")
             return 0 if compared and identical == compared else 1
-        tokenizer = load_tokenizer(args.tokenizer, args.tokenizer_kind)
+        name, tokenizer, system = what_to_show(args)
         conversations = read_conversations(args.messages) if args.messages else [SAMPLE]
         if args.json:
-            rows = [encoded(tokenizer, get_template(args.name), c, args.system) for c in conversations]
+            rows = [encoded(tokenizer, get_template(name), c, system) for c in conversations]
             write_json(args.json, rows)
             print(f"wrote ids, labels and prompt_ids of {len(rows)} conversations to {args.json}")
             return 0
-        print("\n\n".join(show(args.name, tokenizer, c, args.system) for c in conversations))
+        print("\n\n".join(show(name, tokenizer, c, system) for c in conversations))
         return 0
 
     return run_command(work, args.debug, also=(OSError, json.JSONDecodeError))
