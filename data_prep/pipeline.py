@@ -309,6 +309,7 @@ class Outputs:
         self.paths, self.keep_dev = output_paths(out), keep_dev
         self.temps = {kind: temp_sibling(path) for kind, path in self.paths.items()}
         self.handles: dict[str, TextIO] = {}
+        self.written: Counter = Counter()  # lines per kind: an empty skip file is not left behind
 
     def __enter__(self) -> Outputs:
         folder = self.paths["train"].parent
@@ -329,6 +330,7 @@ class Outputs:
     def write(self, kind: str, record: dict) -> None:
         try:
             self.handles[kind].write(write_jsonl_line(record))
+            self.written[kind] += 1
         except OSError as exc:
             raise output_error(exc, self.paths[kind]) from exc
 
@@ -342,18 +344,21 @@ class Outputs:
         for kind, temp in self.temps.items():
             try:
                 if kind == "dev" and not self.keep_dev:
-                    self._drop_old_dev(temp)
+                    self._drop_old(temp, "dev", "this run has no dev split")
+                elif kind == "skipped" and not self.written["skipped"]:
+                    self._drop_old(temp, "skipped", "this run skipped nothing")
                 else:
                     os.replace(temp, self.paths[kind])
             except OSError as exc:
                 raise output_error(exc, self.paths[kind]) from exc
 
-    def _drop_old_dev(self, temp: Path) -> None:
-        """No dev split this run: an earlier run's split of this --out would read as this run's."""
+    def _drop_old(self, temp: Path, kind: str, why: str) -> None:
+        """No such file this run (no dev split, nothing skipped): an earlier run's one of this --out would read
+        as this run's, so it goes too."""
         temp.unlink()
-        if self.paths["dev"].is_file():
-            self.paths["dev"].unlink()
-            print(f"removed {self.paths['dev']} of an earlier run (this run has no dev split)", file=sys.stderr)
+        if self.paths[kind].is_file():
+            self.paths[kind].unlink()
+            print(f"removed {self.paths[kind]} of an earlier run ({why})", file=sys.stderr)
 
     def __exit__(self, *exc_info: object) -> None:
         for handle in self.handles.values():
@@ -589,18 +594,28 @@ class _Progress:
 
     def __init__(self, enabled: bool):
         self.enabled, self.start, self.last = enabled, time.perf_counter(), 0.0
+        # On a terminal one line is redrawn in place; into a file or a pipe each report is a line of its own
+        # (a "\r" there glues them into one), every 10 s at most.
+        self.terminal = sys.stderr.isatty()
+        self.every = 0.5 if self.terminal else 10.0
 
     def tick(self, n: int) -> None:
         if self.enabled and n % 4096 == 0:
             now = time.perf_counter()
-            if now - self.last > 0.5:
+            if now - self.last > self.every:
                 self.last = now
-                print(f"\r{n:,} rows, {n / (now - self.start):,.0f} rows/s", end="", file=sys.stderr, flush=True)
+                self.line(f"{n:,} rows, {n / (now - self.start):,.0f} rows/s", final=False)
 
     def close(self, n: int) -> None:
         if self.enabled:
             elapsed = max(time.perf_counter() - self.start, 1e-9)
-            print(f"\r{n:,} rows, {n / elapsed:,.0f} rows/s in {elapsed:.1f} s", file=sys.stderr, flush=True)
+            self.line(f"{n:,} rows, {n / elapsed:,.0f} rows/s in {elapsed:.1f} s", final=True)
+
+    def line(self, text: str, final: bool) -> None:
+        if self.terminal:
+            print(f"\r{text}", end="\n" if final else "", file=sys.stderr, flush=True)
+        else:
+            print(text, file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- helpers for converters

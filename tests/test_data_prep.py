@@ -28,7 +28,9 @@ def convert(tmp_path, source, lines, name="in.jsonl", **options):
     convert_fn, reader, _ = SOURCES[source]
     report = run(convert_fn, [src], out, Options(**options), reader=reader, progress=False)
     records = [json.loads(item) for item in out.read_text(encoding="utf-8").splitlines()]
-    skipped = [json.loads(item) for item in out.with_name(f"{source}.out.skipped.jsonl").read_text().splitlines()]
+    skip_file = out.with_name(f"{source}.out.skipped.jsonl")
+    skipped = [json.loads(item) for item in skip_file.read_text().splitlines()] if skip_file.exists() else []
+    assert skip_file.exists() == bool(skipped)  # nothing skipped: no (empty) skip file
     assert report.read == report.written + sum(report.skipped.values()) == report.written + len(skipped)
     return records, skipped, report
 

@@ -285,3 +285,18 @@ def test_a_converter_refuses_text_already_in_a_chat_template(tmp_path, capsys) -
     assert [json.loads(line)["messages"][0]["content"] for line in out.read_text("utf-8").splitlines()] == [
         "高血压吃什么？"
     ]
+
+
+def test_progress_into_a_pipe_is_whole_lines_and_no_empty_skip_file_is_left(tmp_path, capsys) -> None:
+    raw = tmp_path / "alpaca.jsonl"
+    raw.write_text(
+        json.dumps({"instruction": "头痛怎么办？", "output": "多休息。"}, ensure_ascii=False) + "\n", "utf-8"
+    )
+    out = tmp_path / "out.jsonl"
+    stale = tmp_path / "out.skipped.jsonl"
+    stale.write_text('{"reason": "from an earlier run"}\n', encoding="utf-8")
+    assert prep_main(["alpaca", str(raw), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err and "1 rows, " in err  # stderr is not a terminal here: lines, not a redrawn one
+    assert f"removed {stale} of an earlier run (this run skipped nothing)" in err
+    assert not stale.exists() and len(out.read_text(encoding="utf-8").splitlines()) == 1
