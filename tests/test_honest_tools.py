@@ -205,6 +205,14 @@ def test_score_refuses_to_score_nothing(tmp_path, capsys):
     other.write_text(json.dumps({**sample, "sample_id": "zz"}, ensure_ascii=False) + "\n", encoding="utf-8")
     assert main(["--pred", str(other), "--gold", str(gold)]) == 2
     assert "none of its 1 predictions matches a sample_id" in capsys.readouterr().err
+    no_ids = tmp_path / "no_ids.json"
+    no_ids.write_text("".join(json.dumps({k: v for k, v in sample.items() if k != "sample_id"}) + "\n" for _ in "ab"))
+    assert main(["--pred", str(no_ids), "--gold", str(gold)]) == 2
+    assert "its 2 predictions carry no sample_id to match with" in capsys.readouterr().err
+    replies = tmp_path / "replies.jsonl"
+    replies.write_text('{"id": "a", "messages": [], "prediction": "y"}\n')
+    assert main(["--pred", str(replies), "--gold", str(gold)]) == 2
+    assert "no line of it is a PromptCBLUE prediction (input, target, task_dataset" in capsys.readouterr().err
     chat = tmp_path / "chat.jsonl"
     chat.write_text('{"id": "a", "messages": []}\n')
     assert main(["--pred", str(gold), "--gold", str(chat)]) == 2

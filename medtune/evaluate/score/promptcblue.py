@@ -460,12 +460,21 @@ def score_files(pred_path: Path, gold_path: Path) -> ScoreReport:
             f"sample_id); is it the gold file?{first}"
         )
     predictions: dict[str, dict] = {}
-    for sample in read_samples(pred_path, problems):
+    pred_problems = Problems()  # what was wrong with the predictions' lines, to say why none matched
+    without_id = 0
+    for sample in read_samples(pred_path, pred_problems):
         sid = sample.get("sample_id")
+        if sid is None:
+            without_id += 1
+            continue
         if sid in predictions:
             problems.add("duplicate sample_id in predictions (first kept)", sample["_where"])
             continue
         predictions[sid] = sample
+    problems.counts.update(pred_problems.counts)
+    problems.examples += pred_problems.examples[: max(0, 10 - len(problems.examples))]
+    if without_id:
+        problems.counts["predictions without sample_id (ignored)"] += without_id
     by_task: dict[str, tuple[list, list]] = {}
     gold_ids = set()
     for sample in gold:
@@ -500,11 +509,24 @@ def score_files(pred_path: Path, gold_path: Path) -> ScoreReport:
             per_task[name] = 0.0
     matched = sum(1 for sid in gold_ids if sid in predictions)
     if not matched:
-        raise ScoreError(
-            f"{pred_path}: none of its {len(predictions)} predictions matches a sample_id of {gold_path}; "
-            "were they made for another file?"
-        )
+        raise ScoreError(f"{pred_path}: {why_nothing_matched(predictions, without_id, pred_problems, gold_path)}")
     return ScoreReport(per_task, {name: len(by_task[name][0]) for name in per_task}, problems, matched, len(gold))
+
+
+def why_nothing_matched(predictions: dict, without_id: int, problems: Problems, gold_path: Path) -> str:
+    """The reason no prediction matched, in the words of what the file holds."""
+    if without_id and not predictions:
+        return (
+            f"its {without_id} predictions carry no sample_id to match with {gold_path} (predict keeps the input's "
+            "fields: predict on the PromptCBLUE file itself, not on data_prep's conversion of it)"
+        )
+    if not predictions:
+        first = f" (first problem: {problems.examples[0]})" if problems.examples else ""
+        return f"no line of it is a PromptCBLUE prediction (input, target, task_dataset, sample_id){first}"
+    return (
+        f"none of its {len(predictions)} predictions matches a sample_id of {gold_path}; "
+        "were they made for another file?"
+    )
 
 
 class ScoreError(MedtuneError):
