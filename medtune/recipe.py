@@ -17,7 +17,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
 import yaml
 
@@ -176,6 +176,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    source_dir: ClassVar[str | None] = None  # the recipe file's directory (set per instance at load; not saved)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -190,8 +191,10 @@ class Recipe:
 def load_recipe(path: str | Path, overrides: list[str] | None = None, strict: bool = True) -> Recipe:
     """Read a recipe file, apply ``group.key=value`` overrides, validate everything.
 
-    Relative data and DeepSpeed paths are resolved against the current directory,
-    as a user types them next to the command.
+    A relative data or DeepSpeed path is looked up beside the recipe file first (a recipe and its data travel
+    together, and work from any directory), then in the current directory, as a user types it next to the
+    command; one found beside the recipe is written as an absolute path. output.dir stays relative to the
+    current directory.
     """
     path = Path(path)
     if not path.is_file():
@@ -207,6 +210,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, strict: bo
         raise RecipeError(f"{path}: a recipe is a mapping of groups (model, lora, data, train, rl, output)")
     overridden = {_apply_override(raw, item) for item in overrides or []}
     recipe = _build(Recipe, raw, "", lambda key: _where(path, lines, key, overridden), strict)
+    resolve_beside(recipe, path.parent)
     if not recipe.output.dir:
         recipe.output.dir = str(Path("runs") / path.stem)
     check_recipe(recipe, str(path))
@@ -355,14 +359,35 @@ def train_paths(data: DataConfig) -> list[str]:
     return [f if isinstance(f, str) else f.path for f in data.train_files]
 
 
+def resolve_beside(recipe: Recipe, recipe_dir: Path) -> None:
+    """Relative data and DeepSpeed paths that exist beside the recipe file become absolute paths to them; the
+    others stay as written (relative to the current directory). The recipe remembers its directory, for errors."""
+
+    def beside(value: str) -> str:
+        candidate = recipe_dir / value
+        return str(candidate.resolve()) if not Path(value).is_absolute() and candidate.exists() else value
+
+    data = recipe.data
+    data.train_files = [
+        beside(f) if isinstance(f, str) else dataclasses.replace(f, path=beside(f.path)) for f in data.train_files
+    ]
+    data.eval_files = [beside(f) for f in data.eval_files]
+    if recipe.train.deepspeed:
+        recipe.train.deepspeed = beside(recipe.train.deepspeed)
+    recipe.source_dir = str(recipe_dir.resolve())
+
+
 def check_data_files(recipe: Recipe) -> None:
     """Before training starts (not at load: shipped recipes name files a user prepares first)."""
     for key, paths in (("train_files", train_paths(recipe.data)), ("eval_files", recipe.data.eval_files)):
         for path in paths:
             if not Path(path).is_file():
+                looked = f"looked in {Path.cwd()}" + (
+                    f" and beside the recipe in {recipe.source_dir}" if recipe.source_dir else ""
+                )
                 raise RecipeError(
-                    f"data.{key}: {path}: file not found (write it with python -m data_prep, "
-                    f"or override it: data.{key}=[PATH])"
+                    f"data.{key}: {path}: file not found ({looked}); write it with python -m data_prep, "
+                    f"or override it: data.{key}=[PATH]"
                 )
 
 

@@ -235,7 +235,25 @@ def recipe_changes(saved: Recipe, new: Recipe) -> dict[str, tuple[Any, Any]]:
         return {prefix.rstrip("."): value}
 
     old, cur = flat(saved.to_dict()), flat(new.to_dict())
-    return {k: (old.get(k), cur.get(k)) for k in sorted(set(old) | set(cur)) if old.get(k) != cur.get(k)}
+    return {
+        k: (old.get(k), cur.get(k))
+        for k in sorted(set(old) | set(cur))
+        if same_files(k, old.get(k)) != same_files(k, cur.get(k))
+    }
+
+
+PATH_KEYS = ("data.train_files", "data.eval_files", "train.deepspeed")
+
+
+def same_files(key: str, value: Any) -> Any:
+    """A path setting as the files it names (resolved from the current directory), so that a run saved with
+    `recipes/data/x.jsonl` and resumed with the absolute path a recipe now resolves to is the same run."""
+    if key not in PATH_KEYS or value is None:
+        return value
+    resolve = lambda p: str(Path(p).resolve())  # noqa: E731
+    if isinstance(value, str):
+        return resolve(value)
+    return [resolve(v) if isinstance(v, str) else {**v, "path": resolve(v["path"])} for v in value]
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -132,3 +132,23 @@ def test_a_mixture_trains_and_is_recorded(tmp_path, capsys):
     assert "mixture: a.jsonl 16 of 10; demo_medical.jsonl 38 of 38" in capsys.readouterr().out
     assert run.read_recipe().data.train_files[0].samples == 16  # the run directory records the mixture
     assert train(load_recipe(path, overrides)).model is None  # the same mixture: already finished
+
+
+def test_a_recipes_data_is_found_beside_it_from_any_directory(tmp_path, monkeypatch):
+    """The shipped demo names data/demo_medical.jsonl beside itself: loaded from elsewhere it finds it, and a
+    file found in neither place is named with both places looked in."""
+    from medtune.recipe import check_data_files
+
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe(REPO / "recipes" / "demo.yaml")
+    assert recipe.data.train_files == [str(REPO / "recipes" / "data" / "demo_medical.jsonl")]
+    check_data_files(recipe)
+    (tmp_path / "mine.jsonl").write_text("", encoding="utf-8")
+    here = load_recipe(REPO / "recipes" / "demo.yaml", ["data.train_files=[mine.jsonl]"])
+    assert here.data.train_files == ["mine.jsonl"]  # not beside the recipe: the current directory's, as typed
+    missing = load_recipe(REPO / "recipes" / "demo.yaml", ["data.train_files=[nowhere.jsonl]"])
+    with pytest.raises(RecipeError) as caught:
+        check_data_files(missing)
+    assert f"nowhere.jsonl: file not found (looked in {tmp_path} and beside the recipe in {REPO / 'recipes'})" in str(
+        caught.value
+    )
