@@ -191,6 +191,7 @@ def rl_run(tmp_path: Path, name: str, stage: str, *extra: str):
     return train(load_recipe(path, overrides))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["grpo", "rloo"])
 def test_rl_raises_a_rule_reward(tmp_path: Path, stage: str) -> None:
     result = rl_run(tmp_path, stage, stage, "train.max_steps=30", "train.learning_rate=2e-2", "train.save_steps=0")
@@ -284,6 +285,7 @@ def test_ppo_pieces_by_hand() -> None:
     assert torch.allclose(shaped, torch.tensor([[-0.05, 0.1, 3.0], [-0.1, -1.0, 0.0]]))
 
 
+@pytest.mark.slow
 def test_ppo_raises_the_reward_with_bounded_kl(tmp_path: Path) -> None:
     extra = ["train.max_steps=50", "train.learning_rate=1e-2", "train.save_steps=0", "rl.beta=0.05"]
     result = rl_run(tmp_path, "ppo", "ppo", *extra, "rl.num_generations=2", "rl.ppo_epochs=2")
