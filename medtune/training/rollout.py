@@ -88,7 +88,10 @@ def ppo_rewards(
     scores: torch.Tensor, logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor, beta: float
 ) -> torch.Tensor:
     """Per-token rewards: −β·(log π_old − log π_ref) on every reply token (the k1 KL penalty), plus the reward
-    model's score on the reply's last token (its EOS, or where max_new_tokens cut it)."""
+    model's score on the reply's last token (its EOS, or where max_new_tokens cut it), as "The N Implementation
+    Details of RLHF with PPO" places it. TRL's PPO adds it one slot later, on the first pad after EOS
+    (`sequence_lengths_p1`; huggingface/trl issue 3750; the fix, PR 5338, was closed), where the loss mask then
+    drops it: medtune does not follow TRL here, on purpose."""
     rewards = -beta * (logps - ref_logps) * mask
     last = (mask.sum(-1) - 1).clamp(min=0).long()
     rewards[torch.arange(len(last)), last] += scores
@@ -314,9 +317,9 @@ def rollout(s: RolloutContext, batch: Batch, step: int, micro: int) -> Batch:
 def ppo_targets(s: RolloutContext, out: Batch) -> Batch:
     """What PPO's epochs learn from, fixed at rollout time (Huang et al. 2024, "The N Implementation Details
     of RLHF with PPO", and TRL 1.12's PPO): π_old's log-probs and values, per-token rewards = −β·(log π_old −
-    log π_ref) with the reward model's score added at the reply's last token, GAE advantages (whitened over
-    the micro-batch's reply tokens; TRL whitens over its whole rollout batch) and returns = advantages +
-    values (before whitening)."""
+    log π_ref) with the reward model's score added at the reply's last token (its EOS; TRL's one slot later,
+    see ppo_rewards), GAE advantages (whitened per micro-batch, over its reply tokens; TRL whitens over its
+    whole rollout batch) and returns = advantages + values (before whitening)."""
     rl, model, accelerator = s.rl, s.model, s.accelerator
     unwrapped = accelerator.unwrap_model(model)
     mask = out["completion_mask"].float()
