@@ -12,6 +12,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "train a LoRA adapter from a recipe, in this process (multi-GPU: accelerate launch medtune/train.py RECIPE)",
         "medtune.train",
     ),
+    "data": ("data checks: overlap (which benchmark items a training set already holds)", "medtune.data.overlap"),
     "merge": ("merge LoRA adapters into the base and save a plain model", "medtune.infer.merge"),
     "predict": ("batched, resumable generation with the training template", "medtune.infer.predict"),
     "reward": ("score preference pairs or replies with a trained reward model", "medtune.infer.reward"),
