@@ -96,3 +96,24 @@ def test_bad_options_are_one_line(tmp_path: Path, capsys, argv: list[str], messa
 
 def test_normalising_drops_what_a_copy_changes() -> None:
     assert normalised("成人 正常，窦性心律！ＡＢ c") == normalised("成人正常窦性心律abc") == "成人正常窦性心律abc"
+
+
+def test_eval_dialogue_reports_what_the_runs_training_data_holds(trained, tmp_path: Path, capsys) -> None:
+    """The run trained on the demo set: its own dialogues are all contaminated; against another training file,
+    none are. The count stands in scores.json and beside the printed score."""
+    from medtune.evaluate.dialogue import main as dialogue_main
+
+    result, _, _ = trained
+    dialogues = tmp_path / "dialogues.jsonl"
+    dialogues.write_text("".join(DEMO_DATA.read_text(encoding="utf-8").splitlines(keepends=True)[:3]), "utf-8")
+    argv = [str(result.run.root), "--data", str(dialogues), "--max-new-tokens", "4"]
+    assert dialogue_main([*argv, "--out", str(tmp_path / "own")]) == 0
+    assert "contamination: 3 of 3 items share a 13-character gram with the 40 training records" in (
+        capsys.readouterr().out
+    )
+    scores = json.loads((tmp_path / "own" / "scores.json").read_text(encoding="utf-8"))
+    assert scores["contamination"]["contaminated_ids"] == ["demo-000", "demo-001", "demo-002"]
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps(chat("x", QUESTION), ensure_ascii=False) + "\n", encoding="utf-8")
+    assert dialogue_main([*argv, "--out", str(tmp_path / "other"), "--train-files", str(other)]) == 0
+    assert "contamination: 0 of 3 items" in capsys.readouterr().out

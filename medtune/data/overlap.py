@@ -102,11 +102,40 @@ def benchmark_items(paths: Iterable[Path], n: int) -> list[Item]:
         for lineno, record in iter_json_lines(path):
             if not isinstance(record, dict) or "id" not in record:
                 raise MedtuneError(f"{path}:{lineno}: not a medtune record (exam or chat lines from data_prep)")
-            benchmark = record.get("source") or path.stem
-            items.append(Item(str(benchmark), str(record["id"]), ngrams(normalised("".join(record_texts(record))), n)))
+            items.append(item_of(record, path.stem, n))
     if not items:
         raise MedtuneError("--against: no benchmark item in " + ", ".join(map(str, paths)))
     return items
+
+
+def item_of(record: dict[str, Any], default_benchmark: str, n: int) -> Item:
+    benchmark = str(record.get("source") or default_benchmark)
+    return Item(benchmark, str(record["id"]), ngrams(normalised("".join(record_texts(record))), n))
+
+
+def contamination(train: list[Path], records: list[dict[str, Any]], benchmark: str) -> dict[str, Any]:
+    """For an evaluation: of its records (exam questions, dialogues), how many the training files already hold,
+    at the default n and near; the ids of the contaminated ones."""
+    index = BenchmarkIndex([item_of(r, benchmark, DEFAULT_N) for r in records])
+    seen = scan(train, index, DEFAULT_N, DEFAULT_NEAR, None)
+    hit = [item for item in index.items if item.hits]
+    return {
+        "training_files": [str(p) for p in train],
+        "training_records": seen.get("records", 0),
+        "n": DEFAULT_N,
+        "items": len(index.items),
+        "contaminated": len(hit),
+        "near_duplicates": sum(bool(item.near) for item in hit),
+        "contaminated_ids": [item.id for item in hit],
+    }
+
+
+def contamination_line(found: dict[str, Any]) -> str:
+    """What eval prints beside its score."""
+    return (
+        f"contamination: {found['contaminated']} of {found['items']} items share a {found['n']}-character gram with "
+        f"the {found['training_records']:,} training records ({found['near_duplicates']} near-duplicates)"
+    )
 
 
 def scan(train_paths: list[Path], index: BenchmarkIndex, n: int, near: float, clean_out: Path | None) -> dict:

@@ -31,7 +31,9 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from medtune.console import MedtuneError, quiet_libraries, run_command
+from medtune.data.overlap import contamination_line
 from medtune.data.records import read_kind
+from medtune.evaluate.contamination import contamination_of
 from medtune.evaluate.judge import AXES, DEFAULT_KEY_ENV, RUBRIC_VERSION, Judge, pairwise_outcome
 from medtune.evaluate.outputs import check_covers, prepare_out_dir, read_outputs
 from medtune.evaluate.text_metrics import reference_metrics
@@ -115,12 +117,15 @@ def evaluate_dialogue(
     template: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    train_files: list[Path] | None = None,
 ) -> dict[str, Any]:
     """Generate a reply to every dialogue (greedy, resumable), score them against the references, and with a
-    judge rate them (and compare them with ``baseline_path``'s replies)."""
+    judge rate them (and compare them with ``baseline_path``'s replies); beside the scores, how many dialogues
+    the training data (``train_files``, else the run's own) already holds."""
     generation = generation or GenerationSettings()
     records = load_dialogues(data)
     describe_source(model)  # a model that is not there fails before DIR is made
+    found = contamination_of(model, train_files, records, data.stem)
     ids = [r["id"] for r in records]
     if baseline_path and not judge:
         raise MedtuneError("--baseline is compared by the judge: give --judge URL --judge-model NAME too")
@@ -156,6 +161,8 @@ def evaluate_dialogue(
         "safety": subset_scores([i for i in items if i["subset"] == "safety"]),
         "dialogue": subset_scores([i for i in items if i["subset"] != "safety"]),
     }
+    if found:
+        scores["contamination"] = found
     if judge:
         scores["judge_calls"] = vars(judge.stats)
     atomic_write_text(
@@ -229,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     parser.add_argument("--template", help="chat template, when the model does not record one")
     parser.add_argument("--overwrite", action="store_true", help="generate again instead of resuming")
+    parser.add_argument(
+        "--train-files", nargs="+", type=Path, metavar="JSONL", help="count dialogues these hold (default: the run's)"
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors too")
     quiet_libraries()
     args = parser.parse_args(argv)
@@ -245,10 +255,13 @@ def main(argv: list[str] | None = None) -> int:
             args.dtype,
             args.template,
             args.overwrite,
+            train_files=args.train_files,
         )
         now = scores["settings"]["generated_now"]
         print(f"generated {now} replies now, {scores['all']['dialogues'] - now} earlier")
         print(summary(scores))
+        if "contamination" in scores:
+            print(contamination_line(scores["contamination"]))
         if judge:
             print(judge.stats.summary())
         print(f"judgements: {args.out / 'judgements.jsonl'}; scores: {args.out / 'scores.json'}")
