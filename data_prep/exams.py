@@ -3,7 +3,9 @@
 Each source reads the files as their publishers ship them:
 
 - cmb:          FreedomIntelligence/CMB `CMB-Exam` JSON (exam_type, exam_class, exam_subject,
-                question_type 单项选择题/多项选择题, question, option {A..E}, answer)
+                question_type 单项选择题/多项选择题, question, option {A..E}, answer); the answer key's
+                string is kept as written in meta.answer_as_written (CMB scores against it, unsorted), and
+                meta.cmb_prompt_leaves_out names the one-character options CMB's prompt does not show
 - cmexam:       williamliujl/CMExam CSV (Question, Options as lines "A 选项", Answer, Explanation, ...)
 - medqa-mcmle:  jind11/MedQA `questions/Mainland/*.jsonl` (question, options {A..E}, answer, answer_idx, meta_info)
 - cmmlu:        CMMLU CSV, one file per subject (",Question,A,B,C,D,Answer"), subject from the file name
@@ -97,19 +99,27 @@ def convert_cmb(obj: dict, item: Item, options: Options) -> list[dict]:
     raw = obj.get("option")
     if not isinstance(raw, dict):
         raise Skip("missing field", "'option' (an object of lettered options)")
-    # The official prompt lists only options with more than one character (an empty E is dropped).
-    kept = {k.strip(): v.strip() for k, v in raw.items() if isinstance(v, str) and len(v) > 1}
     if "answer" not in obj or not str(obj["answer"]).strip():
         raise Skip("no answer", "CMB's test questions carry no answer; convert CMB-val or CMB-train")
     question_type = text_field(obj, "question_type")
     meta = {k: text_field(obj, k) for k in ("exam_type", "exam_class", "exam_subject")}
     meta["question_type"] = question_type
+    # CMB's score.py compares the extracted letters with the key's string as written ("EB" is not "BE");
+    # the record's answer is the sorted set the record contract asks for.
+    meta["answer_as_written"] = str(obj["answer"])
+    # CMB's prompt (workers/base.py) lists an option only when len(text) > 1: an empty E and a one-character
+    # option ("铁") alike are left out, the others keeping their letters, and the question is still scored.
+    # Every option with text is kept (letters without gaps); the ones CMB's prompt leaves out are named.
+    texts = {k.strip(): v for k, v in raw.items() if isinstance(v, str) and v.strip()}
+    left_out = "".join(k for k in sorted(texts) if len(texts[k]) <= 1)
+    if left_out:
+        meta["cmb_prompt_leaves_out"] = left_out
     return [
         exam(
             record_id(obj, item, "cmb", "id"),
             "cmb",
             question,
-            lettered(kept),
+            lettered({k: v.strip() for k, v in texts.items()}),
             str(obj["answer"]),
             question_type == "多项选择题",
             [meta["exam_type"], meta["exam_class"]],

@@ -54,6 +54,7 @@ def test_converted_records_keep_what_scoring_needs(tmp_path: Path) -> None:
     cmb = {r["id"]: r for r in lines(convert("cmb", tmp_path / "cmb.jsonl"))}
     assert list(cmb["1"]["options"]) == ["A", "B", "C", "D"]  # the empty E is not an option (as the prompt drops it)
     assert cmb["2"]["multi"] and cmb["2"]["answer"] == "AC" and cmb["2"]["category"] == ["医师考试", "执业医师"]
+    assert cmb["2"]["meta"]["answer_as_written"] == "AC"  # what CMB's score.py compares with
     cmexam = lines(convert("cmexam", tmp_path / "cmexam.jsonl"))
     assert cmexam[2]["answer"] == "AB" and cmexam[2]["multi"] and cmexam[2]["category"] == ["传染科"]
     medqa = lines(convert("medqa-mcmle", tmp_path / "medqa.jsonl"))
@@ -119,7 +120,7 @@ def test_generate_extracts_officially_and_resumes_only_unchanged(trained, tmp_pa
     rows = lines(out / "predictions.jsonl")
     fields = {"output", "extracted", "strict", "correct", "strict_correct"}
     assert len(rows) == 10 and all(fields <= set(r) for r in rows)
-    assert "cmb: 4 questions" in first and "strict" in first
+    assert "cmb: 4 questions" in first and "strict" in first and "empty replies" in first
     assert "answered 10 questions now, 0 earlier" in first
     assert exam_eval.main(argv) == 0  # everything answered: nothing generated again, same scores
     assert json.loads((out / "scores.json").read_text())["settings"]["answered_now"] == 0
@@ -142,7 +143,7 @@ def test_rescoring_saved_outputs(tmp_path: Path, capsys) -> None:
         "护理考试 / 护士": 0.0,
     }
     assert scores["accuracy_per_category"] == {"医师考试": 0.75, "护理考试": 0.0}
-    assert scores["average"] == 0.375 and scores["accuracy"] == 0.5
+    assert scores["medtune_average"] == 0.375 and scores["accuracy"] == 0.5  # CMB's score.py publishes neither
     assert scores["strict_accuracy"] == 0.5  # "答案是B。" and "B" are answers and nothing else
     rows = {r["id"]: r for r in lines(tmp_path / "s" / "predictions.jsonl")}
     assert rows["2"]["extracted"] == "CA" and rows["2"]["strict"] == "AC" and not rows["2"]["strict_correct"]

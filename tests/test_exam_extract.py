@@ -13,7 +13,6 @@ from medtune.evaluate.extract import (
     cmb_extract,
     cmexam_extract,
     first_option,
-    opencompass_extract,
     strict_extract,
 )
 
@@ -156,7 +155,6 @@ OPENCOMPASS_CASES = [
 @pytest.mark.parametrize(("text", "letters", "expected"), OPENCOMPASS_CASES)
 def test_opencompass_first_option(text: str, letters: str, expected: str) -> None:
     assert first_option(text, letters) == expected
-    assert opencompass_extract(text, record(letters)) == expected
 
 
 STRICT_CASES = [

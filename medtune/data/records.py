@@ -206,6 +206,7 @@ def read_kind(path: str | Path, kind: str, hint: str) -> list[dict[str, Any]]:
     """All records of a file, each of ``kind`` (else an error naming the line, with ``hint`` on how to make
     the right file), ids unique (answers are matched back to records by id)."""
     records = []
+    first_line: dict[str, int] = {}
     for lineno, record in iter_json_lines(path):
         try:
             found = validate_record(record)
@@ -213,12 +214,15 @@ def read_kind(path: str | Path, kind: str, hint: str) -> list[dict[str, Any]]:
             raise RecordError(f"{path}:{lineno}: {exc}; {hint}") from None
         if found != kind:
             raise RecordError(f"{path}:{lineno}: a {found} record where {kind} records are expected; {hint}")
+        if record["id"] in first_line:
+            raise RecordError(
+                f"{path}:{lineno}: id {record['id']!r} is also on line {first_line[record['id']]}; answers are "
+                "matched back to records by id: keep one record per id"
+            )
+        first_line[record["id"]] = lineno
         records.append(record)
     if not records:
         raise RecordError(f"{path}: no {kind} record in it; {hint}")
-    ids = [r["id"] for r in records]
-    if len(set(ids)) != len(ids):
-        raise RecordError(f"{path}: duplicate ids; answers could not be matched back to records")
     return records
 
 

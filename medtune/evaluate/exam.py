@@ -1,7 +1,7 @@
 """`medtune eval exam`: medical exam benchmarks, scored as their publishers score them.
 
     medtune eval exam RUN_OR_MODEL --data exam.jsonl --out DIR [--mode loglik|generate] [--shots K]
-    medtune eval exam --score PREDICTIONS.jsonl --data exam.jsonl --out DIR
+    medtune eval exam --score PREDICTIONS.jsonl --data exam.jsonl --out DIR [--extractor first_option]
 
 exam.jsonl comes from `python -m data_prep cmb|cmexam|medqa-mcmle|cmmlu|ceval`. Each question is the
 user turn of the model's own chat template (few-shot examples as earlier turns).
@@ -12,7 +12,9 @@ user turn of the model's own chat template (few-shot examples as earlier turns).
   letters ("AC"), because the end-of-reply token is what tells "A" from "AC", so the best-scoring set
   is the model's answer — no extraction, no luck.
 - generate: greedy replies, read by each benchmark's official extraction (evaluate/extract.py), and
-  by the strict rule beside it.
+  by the strict rule beside it. --extractor first_capital|first_option reads the OpenCompass benchmarks
+  (MedQA-MCMLE, CMMLU, C-Eval) with the other OpenCompass function; scores.json names, per benchmark,
+  the function, the published config that uses it and the commit medtune reproduces.
 - --score: the same extraction and aggregation on saved replies ({"id", "output"} lines, from medtune or
   any other system), so published outputs can be rescored on equal terms.
 
@@ -37,7 +39,7 @@ from medtune.data.rows import padded
 from medtune.data.templates import IGNORE_INDEX, encode_conversations
 from medtune.evaluate.exam_prompts import PROMPT_VERSION, conversation
 from medtune.evaluate.exam_scores import benchmark_scores
-from medtune.evaluate.extract import OFFICIAL, strict_extract
+from medtune.evaluate.extract import EXTRACTORS, OFFICIAL, extraction_for, official_gold, strict_extract
 from medtune.evaluate.outputs import check_covers, prepare_out_dir, read_outputs
 from medtune.infer.generation import (
     GenerationSettings,
@@ -102,20 +104,25 @@ def candidates(record: dict) -> list[str]:
     return ["".join(c) for n in range(1, len(letters) + 1) for c in itertools.combinations(letters, n)]
 
 
-def extracted_row(record: dict, output: str) -> dict[str, Any]:
-    """One generated (or rescored) reply, read by the benchmark's official rule and by the strict rule.
+def extracted_row(record: dict, output: str, extractor: str = "official") -> dict[str, Any]:
+    """One generated (or rescored) reply, read by the benchmark's official rule (or --extractor's) and by the
+    strict rule, and compared with the gold answer as the benchmark's own score compares it (CMB: the key's
+    string as written).
 
     Strictly correct = officially correct *and* the reply is nothing but that answer, so the strict figure
     is the official one minus what lenient reading added (never more)."""
-    extracted = OFFICIAL[record["source"]][1](output, record)
+    extracted = extraction_for(record["source"], extractor).read(output, record)
     strict = strict_extract(output, record)
+    gold = official_gold(record)
+    correct = extracted == gold
     return {
         **_question_fields(record),
+        **({"answer_as_written": gold} if gold != record["answer"] else {}),
         "output": output,
         "extracted": extracted,
         "strict": strict,
-        "correct": extracted == record["answer"],
-        "strict_correct": extracted == record["answer"] and strict == record["answer"],
+        "correct": correct,
+        "strict_correct": correct and strict == record["answer"],
     }
 
 
@@ -172,12 +179,16 @@ def loglik_rows(
 
 
 def generate_rows(
-    loaded: InferenceModel, records: list[dict], shots: dict[str, list[dict]], generation: GenerationSettings
+    loaded: InferenceModel,
+    records: list[dict],
+    shots: dict[str, list[dict]],
+    generation: GenerationSettings,
+    extractor: str = "official",
 ) -> list[dict]:
     prompts = [{"messages": conversation(r, shots[r["id"]])} for r in records]
     outputs = generate_all(loaded, prompts, generation)
     # the answer is read from the reply after its reasoning (a <think> block), as the benchmark reads a reply
-    return [extracted_row(r, loaded.split(o)[1]) for r, o in zip(records, outputs, strict=True)]
+    return [extracted_row(r, loaded.split(o)[1], extractor) for r, o in zip(records, outputs, strict=True)]
 
 
 def evaluate(
@@ -192,9 +203,11 @@ def evaluate(
     template: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    extractor: str = "official",
 ) -> dict[str, Any]:
     """Answer every question not yet in DIR/predictions.jsonl, then score them all (greedy replies in
-    generate mode: a benchmark's answer is the model's most likely one)."""
+    generate mode: a benchmark's answer is the model's most likely one). The extractor only reads the
+    replies, so it is no part of the fingerprint: another --extractor rescores a finished run."""
     generation = (generation or GenerationSettings(max_new_tokens=64)).check()
     if generation.do_sample:
         raise MedtuneError("eval exam generates greedily (a benchmark's answer is the most likely one)")
@@ -224,28 +237,38 @@ def evaluate(
         def answer(batch: list[dict]) -> list[dict]:
             if mode == "loglik":
                 return loglik_rows(loaded, batch, chosen_shots, generation.batch_size)
-            return generate_rows(loaded, batch, chosen_shots, generation)
+            return generate_rows(loaded, batch, chosen_shots, generation, extractor)
 
         rows = answer_in_batches(out, todo, len(records), generation.batch_size, answer, "question", progress)
         done.update((row["id"], row) for row in rows)
-    return finish(out_dir, records, done, {**settings, "model": model, "data": str(data), "answered_now": len(todo)})
+    settings = {**settings, "model": model, "data": str(data), "answered_now": len(todo)}
+    return finish(out_dir, records, done, settings, extractor if mode == "generate" else None)
 
 
 def _file_sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def finish(out_dir: Path, records: list[dict], done: dict[str, dict], settings: dict) -> dict[str, Any]:
-    """Rows in question order, scores per benchmark, both written atomically."""
+def finish(
+    out_dir: Path, records: list[dict], done: dict[str, dict], settings: dict, extractor: str | None
+) -> dict[str, Any]:
+    """Rows in question order, scores per benchmark, both written atomically. Replies are read again (a run
+    resumed with another --extractor, or rows an earlier medtune read), so every row follows one rule."""
+    if extractor is not None:
+        done = {r["id"]: extracted_row(r, done[r["id"]]["output"], extractor) for r in records}
     rewrite_in_order(out_dir / "predictions.jsonl", done, [r["id"] for r in records])
     rows = [done[r["id"]] for r in records]
     by_source: dict[str, list[dict]] = {}
     for row in rows:
         by_source.setdefault(row["source"], []).append(row)
+    benchmarks = {source: benchmark_scores(source, group) for source, group in by_source.items()}
+    if extractor is not None:
+        for source, figures in benchmarks.items():
+            figures["extraction"] = extraction_for(source, extractor).describe()
     scores = {
-        "settings": settings,
-        "extraction": {s: OFFICIAL[s][0] for s in by_source} if "extracted" in rows[0] else "none (loglik)",
-        "benchmarks": {source: benchmark_scores(source, group) for source, group in by_source.items()},
+        "settings": {**settings, **({"extractor": extractor} if extractor else {})},
+        "extraction": {s: extraction_for(s, extractor).line() for s in by_source} if extractor else "none (loglik)",
+        "benchmarks": benchmarks,
     }
     atomic_write_text(out_dir / "scores.json", json.dumps(scores, ensure_ascii=False, indent=2) + "\n")
     return scores
@@ -254,7 +277,9 @@ def finish(out_dir: Path, records: list[dict], done: dict[str, dict], settings: 
 # ----------------------------------------------------------------------------- rescoring saved outputs
 
 
-def rescore(predictions: Path, data: Path, out_dir: Path, overwrite: bool = False) -> dict[str, Any]:
+def rescore(
+    predictions: Path, data: Path, out_dir: Path, overwrite: bool = False, extractor: str = "official"
+) -> dict[str, Any]:
     """Score saved replies; every question needs exactly one reply (a score on part of a test is not its score)."""
     records = load_exams(data)
     outputs = read_outputs(predictions)
@@ -266,8 +291,10 @@ def rescore(predictions: Path, data: Path, out_dir: Path, overwrite: bool = Fals
         "settings": {"task": "exam", "mode": "rescore"},
     }
     check_resumable(out, expected, overwrite)
-    done = {r["id"]: extracted_row(r, outputs[r["id"]]) for r in records}
-    return finish(out_dir, records, done, {"mode": "rescore", "predictions": str(predictions), "data": str(data)})
+    done = {r["id"]: extracted_row(r, outputs[r["id"]], extractor) for r in records}
+    return finish(
+        out_dir, records, done, {"mode": "rescore", "predictions": str(predictions), "data": str(data)}, extractor
+    )
 
 
 def summary(scores: dict[str, Any]) -> str:
@@ -275,9 +302,10 @@ def summary(scores: dict[str, Any]) -> str:
     for source, s in scores["benchmarks"].items():
         line = f"{source}: {s['questions']} questions, accuracy {s['accuracy']:.4f}"
         if source == "cmb":
-            line += f" (category average {s['average']:.4f})"
+            line += f" (medtune_average {s['medtune_average']:.4f}: medtune's mean of the categories, not CMB's)"
         if "strict_accuracy" in s:
             line += f", strict {s['strict_accuracy']:.4f}, no answer found {s['no_answer']}"
+            line += f", empty replies {s['empty_replies']}"
         if "f1" in s:
             line += f", weighted F1 {s['f1']:.4f}"
         lines.append(line)
@@ -296,16 +324,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     parser.add_argument("--template", help="chat template, when the model does not record one")
     parser.add_argument("--score", type=Path, metavar="PREDICTIONS", help="rescore saved {id, output} lines")
+    parser.add_argument(
+        "--extractor",
+        choices=EXTRACTORS,
+        default="official",
+        help="how MedQA-MCMLE, CMMLU and C-Eval replies are read: each one's published OpenCompass config "
+        "(official), or OpenCompass's first_capital_postprocess or first_option_postprocess for all three; "
+        "CMB and CMExam keep their own rule",
+    )
     parser.add_argument("--overwrite", action="store_true", help="start --out again instead of resuming it")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors too")
     quiet_libraries()
     args = parser.parse_args(argv)
     if (args.model is None) == (args.score is None):
         parser.error("give a model to evaluate, or --score PREDICTIONS to rescore saved outputs (not both)")
+    if args.extractor != "official" and args.model is not None and args.mode == "loglik":
+        parser.error("--extractor reads generated replies: use it with --mode generate or --score")
 
     def work() -> int:
         if args.score:
-            scores = rescore(args.score, args.data, args.out, args.overwrite)
+            scores = rescore(args.score, args.data, args.out, args.overwrite, args.extractor)
         else:
             scores = evaluate(
                 args.model,
@@ -318,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.dtype,
                 args.template,
                 args.overwrite,
+                extractor=args.extractor,
             )
         settings = scores["settings"]
         if "answered_now" in settings:  # a resumed or repeated run says what it reused

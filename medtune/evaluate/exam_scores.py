@@ -1,14 +1,17 @@
 """Exam scores aggregated the way each benchmark publishes them.
 
-- CMB (its score.py): accuracy per exam_class; a category (exam_type) is the unweighted mean of its
-  classes; "average" is the unweighted mean of the categories. Micro accuracy is given beside it.
+- CMB (its score.py at 6c8ece4): accuracy per exam_class; a category (exam_type) is the unweighted mean
+  of its classes. That is all score.py publishes: medtune adds "medtune_average" (the unweighted mean of
+  the categories), the micro accuracy, and, for generated replies, "accuracy_as_sets" (the extracted
+  letters compared with the gold ones in any order, where CMB compares strings).
 - CMExam (src/evaluation): accuracy, and scikit-learn's precision_recall_fscore_support(average=
   "weighted") over the answer strings ("AB" and "无答案" are labels like any other), zero where a
   label was never predicted.
 - MedQA-MCMLE, CMMLU, C-Eval: accuracy, overall and per category (subject / meta_info).
 
-Every benchmark also gets the strict accuracy (see extract.py) and the count of replies the official
-rule found no answer in; loglik rows have neither (nothing is extracted).
+Every benchmark also gets the strict accuracy (see extract.py), the count of replies the official
+rule found no answer in, and the count of empty replies (nothing but whitespace), so a run whose model
+said nothing does not pass for one that answered wrongly; loglik rows have none of these.
 """
 
 from __future__ import annotations
@@ -55,20 +58,34 @@ def benchmark_scores(source: str, rows: Sequence[dict]) -> dict:
         scores["strict_accuracy"] = _accuracy(rows, "strict_correct")
         empty = CMEXAM_NO_ANSWER if source == "cmexam" else NO_ANSWER
         scores["no_answer"] = sum(r["extracted"] == empty for r in rows)
+        scores["empty_replies"] = sum(not r["output"].strip() for r in rows)
     if source == "cmb":
-        classes = {name: _accuracy(group) for name, group in _by(rows, 2).items()}
-        categories: dict[str, list[float]] = defaultdict(list)
-        for name, accuracy in classes.items():
-            categories[name.split(" / ")[0]].append(accuracy)
-        per_category = {name: sum(v) / len(v) for name, v in sorted(categories.items())}
-        scores.update(
-            average=sum(per_category.values()) / len(per_category),
-            accuracy_per_category=per_category,
-            accuracy_per_subcategory=classes,
-        )
+        scores.update(_cmb_scores(rows, generated))
     else:
         scores["accuracy_per_category"] = {name: _accuracy(group) for name, group in _by(rows, 1).items()}
     if source == "cmexam":
         predicted = [r["extracted"] if generated else r["chosen"] for r in rows]
         scores.update(weighted_prf([r["answer"] for r in rows], predicted))
+    return scores
+
+
+def _cmb_scores(rows: Sequence[dict], generated: bool) -> dict:
+    """score.py's two tables, and medtune's figures beside them, named as medtune's."""
+    classes = {name: _accuracy(group) for name, group in _by(rows, 2).items()}
+    categories: dict[str, list[float]] = defaultdict(list)
+    for name, accuracy in classes.items():
+        categories[name.split(" / ")[0]].append(accuracy)
+    per_category = {name: sum(v) / len(v) for name, v in sorted(categories.items())}
+    scores: dict = {
+        "medtune_average": sum(per_category.values()) / len(per_category),
+        "accuracy_per_category": per_category,
+        "accuracy_per_subcategory": classes,
+    }
+    if generated:
+        as_sets = sum("".join(sorted(r["extracted"])) == r["answer"] for r in rows)
+        scores["accuracy_as_sets"] = as_sets / len(rows)
+    scores["note"] = (
+        "CMB's score.py publishes accuracy_per_category and accuracy_per_subcategory only; accuracy (micro), "
+        "medtune_average (the mean of the categories) and accuracy_as_sets (letters in any order) are medtune's"
+    )
     return scores

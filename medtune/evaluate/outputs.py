@@ -22,15 +22,19 @@ def prepare_out_dir(out_dir: Path) -> Path:
 def read_outputs(path: Path) -> dict[str, str]:
     """{"id", "output"} lines (medtune predict's "prediction" key is read too)."""
     outputs: dict[str, str] = {}
+    first_line: dict[str, int] = {}
     for lineno, row in iter_json_lines(path):
         if not isinstance(row, dict) or not isinstance(row.get("id"), (str, int)):
             raise MedtuneError(f'{path}:{lineno}: expected {{"id": ..., "output": "..."}}')
         text = row.get("output", row.get("prediction"))
         if not isinstance(text, str):
             raise MedtuneError(f"{path}:{lineno}: field 'output': the model's reply as a string is required")
-        if str(row["id"]) in outputs:
-            raise MedtuneError(f"{path}:{lineno}: id {row['id']} appears twice")
-        outputs[str(row["id"])] = text
+        rid = str(row["id"])
+        if rid in outputs:
+            raise MedtuneError(
+                f"{path}: id {rid!r} is on line {first_line[rid]} and again on line {lineno}; keep one reply per id"
+            )
+        outputs[rid], first_line[rid] = text, lineno
     return outputs
 
 

@@ -85,7 +85,9 @@ def exam_section(name: str, scores: dict) -> str:
     extraction = scores.get("extraction")
     if isinstance(extraction, dict):
         rules = "; ".join(f"{k}: {v}" for k, v in extraction.items())
-        parts.append(f'<p class="muted">mode {escape(mode)}; official extraction — {escape(rules)}</p>')
+        chosen = scores.get("settings", {}).get("extractor", "official")
+        which = "official extraction" if chosen in (None, "official") else f"extraction --extractor {chosen}"
+        parts.append(f'<p class="muted">mode {escape(mode)}; {escape(which)} — {escape(rules)}</p>')
     else:
         parts.append(f'<p class="muted">mode {escape(mode)}: candidate answers scored by log-likelihood</p>')
     summary = []
@@ -95,13 +97,23 @@ def exam_section(name: str, scores: dict) -> str:
                 source,
                 s["questions"],
                 s["accuracy"],
-                s.get("average", "-"),
+                s.get("medtune_average", s.get("average", "-")),
                 s.get("strict_accuracy", "-"),
                 s.get("no_answer", "-"),
+                s.get("empty_replies", "-"),
                 s.get("f1", "-"),
             ]
         )
-    header = ["benchmark", "questions", "accuracy", "CMB category average", "strict", "no answer", "weighted F1"]
+    header = [
+        "benchmark",
+        "questions",
+        "accuracy",
+        "medtune's mean of categories",
+        "strict",
+        "no answer",
+        "empty replies",
+        "weighted F1",
+    ]
     parts.append(table(summary, header, "Scores"))
     for source, s in scores["benchmarks"].items():
         per = s.get("accuracy_per_subcategory") or s.get("accuracy_per_category", {})
