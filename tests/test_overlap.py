@@ -27,7 +27,8 @@ def exam_file(tmp_path: Path) -> Path:
         {"id": "q3", "source": "cmexam", "question": DKA, "options": dka, "answer": "A", "multi": False},
     ]
     path = tmp_path / "exams.jsonl"
-    path.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in exams), encoding="utf-8")
+    lines = (json.dumps({**e, "category": ["内科"]}, ensure_ascii=False) + "\n" for e in exams)
+    path.write_text("".join(lines), encoding="utf-8")
     return path
 
 
@@ -117,3 +118,23 @@ def test_eval_dialogue_reports_what_the_runs_training_data_holds(trained, tmp_pa
     other.write_text(json.dumps(chat("x", QUESTION), ensure_ascii=False) + "\n", encoding="utf-8")
     assert dialogue_main([*argv, "--out", str(tmp_path / "other"), "--train-files", str(other)]) == 0
     assert "contamination: 0 of 3 items" in capsys.readouterr().out
+
+
+def test_eval_exam_and_the_report_show_the_count(trained, tmp_path: Path, capsys) -> None:
+    from medtune.evaluate.exam import main as exam_main
+    from medtune.evaluate.report import main as report_main
+
+    result, _, _ = trained
+    exams = exam_file(tmp_path)
+    leak = tmp_path / "leak.jsonl"
+    leak.write_text(json.dumps(chat("l", QUESTION + "".join(OPTIONS.values())), ensure_ascii=False) + "\n", "utf-8")
+    out = tmp_path / "exam"
+    argv = [str(result.run.root), "--data", str(exams), "--out", str(out), "--train-files", str(leak)]
+    assert exam_main(argv) == 0
+    assert "contamination: 1 of 3 items share a 13-character gram with the 1 training records" in (
+        capsys.readouterr().out
+    )
+    assert json.loads((out / "scores.json").read_text())["contamination"]["contaminated_ids"] == ["q1"]
+    page = tmp_path / "report.html"
+    assert report_main([str(result.run.root), "--eval", str(out), "--out", str(page)]) == 0
+    assert "contamination: 1 of 3 items share a 13-character gram" in page.read_text(encoding="utf-8")

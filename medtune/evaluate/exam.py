@@ -34,9 +34,11 @@ from typing import Any
 import torch
 
 from medtune.console import MedtuneError, quiet_libraries, run_command
+from medtune.data.overlap import contamination_line
 from medtune.data.records import RecordError, iter_json_lines, read_kind
 from medtune.data.rows import padded
 from medtune.data.templates import IGNORE_INDEX, encode_conversations
+from medtune.evaluate.contamination import contamination_of
 from medtune.evaluate.exam_prompts import PROMPT_VERSION, conversation
 from medtune.evaluate.exam_scores import benchmark_scores
 from medtune.evaluate.extract import EXTRACTORS, OFFICIAL, extraction_for, official_gold, strict_extract
@@ -204,6 +206,7 @@ def evaluate(
     overwrite: bool = False,
     progress: bool = True,
     extractor: str = "official",
+    train_files: list[Path] | None = None,
 ) -> dict[str, Any]:
     """Answer every question not yet in DIR/predictions.jsonl, then score them all (greedy replies in
     generate mode: a benchmark's answer is the model's most likely one). The extractor only reads the
@@ -214,6 +217,7 @@ def evaluate(
     if shots < 0:
         raise MedtuneError("--shots must be at least 0")
     records = load_exams(data)
+    found = contamination_of(model, train_files, records, data.stem)  # questions the training data holds
     pool = load_exams(shots_from) if shots_from else records
     chosen_shots = pick_shots(records, pool, shots)
     settings = {
@@ -242,7 +246,7 @@ def evaluate(
         rows = answer_in_batches(out, todo, len(records), generation.batch_size, answer, "question", progress)
         done.update((row["id"], row) for row in rows)
     settings = {**settings, "model": model, "data": str(data), "answered_now": len(todo)}
-    return finish(out_dir, records, done, settings, extractor if mode == "generate" else None)
+    return finish(out_dir, records, done, settings, extractor if mode == "generate" else None, found)
 
 
 def _file_sha(path: Path) -> str:
@@ -250,7 +254,12 @@ def _file_sha(path: Path) -> str:
 
 
 def finish(
-    out_dir: Path, records: list[dict], done: dict[str, dict], settings: dict, extractor: str | None
+    out_dir: Path,
+    records: list[dict],
+    done: dict[str, dict],
+    settings: dict,
+    extractor: str | None,
+    contamination: dict | None = None,
 ) -> dict[str, Any]:
     """Rows in question order, scores per benchmark, both written atomically. Replies are read again (a run
     resumed with another --extractor, or rows an earlier medtune read), so every row follows one rule."""
@@ -269,6 +278,7 @@ def finish(
         "settings": {**settings, **({"extractor": extractor} if extractor else {})},
         "extraction": {s: extraction_for(s, extractor).line() for s in by_source} if extractor else "none (loglik)",
         "benchmarks": benchmarks,
+        **({"contamination": contamination} if contamination else {}),
     }
     atomic_write_text(out_dir / "scores.json", json.dumps(scores, ensure_ascii=False, indent=2) + "\n")
     return scores
@@ -333,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
         "CMB and CMExam keep their own rule",
     )
     parser.add_argument("--overwrite", action="store_true", help="start --out again instead of resuming it")
+    parser.add_argument(
+        "--train-files", nargs="+", type=Path, metavar="JSONL", help="count questions these hold (default: the run's)"
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors too")
     quiet_libraries()
     args = parser.parse_args(argv)
@@ -357,12 +370,15 @@ def main(argv: list[str] | None = None) -> int:
                 args.template,
                 args.overwrite,
                 extractor=args.extractor,
+                train_files=args.train_files,
             )
         settings = scores["settings"]
         if "answered_now" in settings:  # a resumed or repeated run says what it reused
             total = sum(s["questions"] for s in scores["benchmarks"].values())
             print(f"answered {settings['answered_now']} questions now, {total - settings['answered_now']} earlier")
         print(summary(scores))
+        if "contamination" in scores:
+            print(contamination_line(scores["contamination"]))
         print(f"per-question rows: {args.out / 'predictions.jsonl'}; scores: {args.out / 'scores.json'}")
         return 0
 

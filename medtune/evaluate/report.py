@@ -79,8 +79,20 @@ def run_section(run: RunDir) -> str:
     )
 
 
+def contamination_note(scores: dict) -> str:
+    """A line under a section's title: how many items the model's training data holds (or that nobody checked)."""
+    found = scores.get("contamination")
+    if not found:
+        return '<p class="muted">contamination: not checked (no training files known: --train-files)</p>'
+    return (
+        f'<p class="muted">contamination: {found["contaminated"]} of {found["items"]} items share a '
+        f"{found['n']}-character gram with the {found['training_records']:,} training records "
+        f"({found['near_duplicates']} near-duplicates)</p>"
+    )
+
+
 def exam_section(name: str, scores: dict) -> str:
-    parts = [f"<h2>Exam: {escape(name)}</h2>"]
+    parts = [f"<h2>Exam: {escape(name)}</h2>", contamination_note(scores)]
     mode = scores.get("settings", {}).get("mode", "")
     extraction = scores.get("extraction")
     if isinstance(extraction, dict):
@@ -122,7 +134,7 @@ def exam_section(name: str, scores: dict) -> str:
 
 
 def dialogue_section(name: str, scores: dict, judgements: list[dict]) -> str:
-    parts = [f"<h2>Dialogue: {escape(name)}</h2>"]
+    parts = [f"<h2>Dialogue: {escape(name)}</h2>", contamination_note(scores)]
     keys = ["bleu_1", "bleu_2", "bleu_4", "rouge_1", "rouge_2", "rouge_l", "distinct_1", "distinct_2", "mean_length"]
     rows = []
     for subset in ("all", "dialogue", "safety"):
