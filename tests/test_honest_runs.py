@@ -64,6 +64,8 @@ def test_resume_refuses_changed_settings_and_allows_more_steps(recipe, tmp_path,
     (run / "run_info.json").write_text(json.dumps({**info, "finished": False}))
     code, err = run_train(base + ["--resume", "lora.r=8"], capsys)
     assert code == 2 and "cannot resume with changed settings: lora.r: 4 → 8" in err
+    code, err = run_train([*base, "--resume", "train.max_steps=1"], capsys)
+    assert code == 2 and "train.max_steps: 4 → 1" in err and "and train.max_steps only grow" in err
     code, err = run_train(base[:-2] + ["train.max_steps=6", "train.save_steps=2", "--resume"], capsys)
     assert code == 0
     assert json.loads((run / "run_info.json").read_text())["steps"] == 6
