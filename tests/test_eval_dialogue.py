@@ -136,7 +136,7 @@ def test_real_cmtmedqa_slice_with_a_fake_judge_killed_and_resumed(tiny_base, tmp
         stdout, stderr = second.communicate(timeout=600)
     assert second.returncode == 0, stderr
     print(stdout)
-    total = 40 + 2 * 40  # three axes per dialogue, and both orders against the baseline
+    total = 40 + 2 * 2 * 40  # the axes per dialogue; both orders in Zhongjing's two panels against the baseline
     assert len(judge.answered) == len(set(judge.answered)) == total  # nothing was asked twice
     assert f"judge: {total - 11} calls, 11 cache hits" in stdout
     assert "generated 0 replies now, 40 earlier" in stdout  # the killed run had finished generating
@@ -153,6 +153,45 @@ def test_real_cmtmedqa_slice_with_a_fake_judge_killed_and_resumed(tiny_base, tmp
     for item in judged:
         diff = len(item["prediction"]) - len(item["reference"])
         expected["win" if diff > 0 else "lose" if diff < 0 else "tie"] += 1
-    pairwise = scores["all"]["pairwise"]
-    assert {k: pairwise[k] for k in expected} == expected and pairwise["position_inconsistent"] == 0
+    for panel in ("ability_fluency", "safety"):  # Zhongjing's two panels, each asked in both orders
+        pairwise = scores["all"]["panels"][panel]
+        assert {k: pairwise[k] for k in expected} == expected and pairwise["position_inconsistent"] == 0
+    assert "vs baseline, ability and fluency: win" in stdout and "vs baseline, safety: win" in stdout
+    assert scores["settings"]["judge"]["axes"].startswith("medtune's 1–5 rubric")
     assert re.search(r"safety: 10 dialogues, .*refusal rate", stdout)
+
+
+@pytest.mark.parametrize(
+    ("pairwise", "panels"), [("zhongjing", ["ability_fluency", "safety"]), ("combined", ["combined"])]
+)
+def test_a_baseline_is_compared_in_zhongjings_panels_or_one_combined_question(
+    trained, tmp_path: Path, pairwise: str, panels: list[str]
+) -> None:
+    """Zhongjing's two panels by default; each panel asks its own rubric (the prompts differ), in both orders."""
+    from medtune.evaluate.dialogue import evaluate_dialogue
+    from medtune.evaluate.judge import Judge
+    from medtune.infer.generation import GenerationSettings
+
+    result, _, _ = trained
+    dialogues = tmp_path / "dialogues.jsonl"
+    dialogues.write_text("".join(DEMO_DATA.read_text(encoding="utf-8").splitlines(keepends=True)[:2]), "utf-8")
+    baseline = tmp_path / "baseline.jsonl"
+    baseline.write_text("".join(json.dumps({"id": f"demo-00{i}", "output": "多休息。"}) + "\n" for i in range(2)))
+    out = tmp_path / "eval"
+    with FakeJudge() as judge:
+        scores = evaluate_dialogue(
+            str(result.run.root),
+            dialogues,
+            out,
+            judge=Judge(judge.url, "fake", out / "judge_cache.jsonl", max_retries=1),
+            baseline_path=baseline,
+            generation=GenerationSettings(max_new_tokens=8),
+            progress=False,
+            pairwise=pairwise,
+        )
+        asked = [p for p in judge.answered if "回答 A" in p]
+    assert sorted(scores["all"]["panels"]) == panels
+    assert all(scores["all"]["panels"][p]["compared"] == 2 for p in panels)
+    assert len(asked) == 2 * 2 * len(panels)  # two dialogues, both orders, each panel
+    if pairwise == "zhongjing":
+        assert sum("只从“安全性”" in p for p in asked) == 4 and sum("只从“能力与流畅性”" in p for p in asked) == 4

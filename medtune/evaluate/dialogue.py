@@ -34,7 +34,7 @@ from medtune.console import MedtuneError, quiet_libraries, run_command
 from medtune.data.overlap import contamination_line
 from medtune.data.records import read_kind
 from medtune.evaluate.contamination import contamination_of
-from medtune.evaluate.judge import AXES, DEFAULT_KEY_ENV, RUBRIC_VERSION, Judge, pairwise_outcome
+from medtune.evaluate.judge import AXES, COMBINED, DEFAULT_KEY_ENV, PANELS, RUBRIC_VERSION, Judge, pairwise_outcome
 from medtune.evaluate.outputs import check_covers, prepare_out_dir, read_outputs
 from medtune.evaluate.text_metrics import reference_metrics
 from medtune.infer.generation import GenerationSettings, add_generation_arguments, generation_from_args
@@ -80,30 +80,48 @@ def subset_scores(items: list[dict]) -> dict[str, Any]:
     if any("judge" in i for i in items):
         scores["judged"] = len(judged)
         scores["judge"] = {axis: sum(j[axis] for j in judged) / len(judged) if judged else None for axis in AXES}
-    outcomes = [i["pairwise"] for i in items if i.get("pairwise")]
-    if any("pairwise" in i for i in items):
-        n = len(outcomes)
-        scores["pairwise"] = {
-            "compared": n,
-            **{k: outcomes.count(k) for k in ("win", "tie", "lose")},
-            "win_rate": outcomes.count("win") / n if n else None,
-            "position_inconsistent": sum(i["pairwise_inconsistent"] for i in items if i.get("pairwise")),
-        }
+    panels = sorted({panel for i in items for panel in i.get("panels", {})})
+    if panels:
+        scores["panels"] = {panel: panel_scores(items, panel) for panel in panels}
     return scores
 
 
-def judge_items(items: list[dict], judge: Judge, baseline: dict[str, str] | None, progress: bool) -> None:
-    """Adds "judge" (axes, None if malformed/failed) and "pairwise" to each item, in place."""
+PANEL_NAMES = {"ability_fluency": "ability and fluency", "safety": "safety", "combined": "combined (medtune's)"}
+
+
+def panel_scores(items: list[dict], panel: str) -> dict[str, Any]:
+    """Win/tie/lose of one pairwise panel against the baseline (malformed verdict pairs left out)."""
+    judged = [i["panels"][panel] for i in items if i.get("panels", {}).get(panel, {}).get("outcome")]
+    outcomes = [j["outcome"] for j in judged]
+    n = len(outcomes)
+    return {
+        "compared": n,
+        **{k: outcomes.count(k) for k in ("win", "tie", "lose")},
+        "win_rate": outcomes.count("win") / n if n else None,
+        "position_inconsistent": sum(j["inconsistent"] for j in judged),
+    }
+
+
+def judge_items(
+    items: list[dict], judge: Judge, baseline: dict[str, str] | None, progress: bool, panels: dict[str, str]
+) -> None:
+    """Adds "judge" (medtune's 1–5 axes, None if malformed/failed) and, against a baseline, each panel's
+    verdicts in both orders and their outcome to each item, in place."""
     for item in tqdm(items, unit="dialogue", disable=not progress or not sys.stderr.isatty()):
         history = history_text(item["history"])
         item["judge"] = judge.axes(history, item["prediction"], item["reference"])
-        if baseline is not None:
-            other = baseline[item["id"]]
-            first = judge.winner(history, item["prediction"], other)  # the model as answer A
-            second = judge.winner(history, other, item["prediction"])  # the model as answer B
-            item["verdicts"] = [first, second]
-            item["pairwise"] = pairwise_outcome(first, second)
-            item["pairwise_inconsistent"] = {first, second} == {"A"} or {first, second} == {"B"}
+        if baseline is None:
+            continue
+        other = baseline[item["id"]]
+        item["panels"] = {}
+        for panel, prompt in panels.items():
+            first = judge.winner(history, item["prediction"], other, prompt)  # the model as answer A
+            second = judge.winner(history, other, item["prediction"], prompt)  # the model as answer B
+            item["panels"][panel] = {
+                "verdicts": [first, second],
+                "outcome": pairwise_outcome(first, second),
+                "inconsistent": {first, second} == {"A"} or {first, second} == {"B"},
+            }
 
 
 def evaluate_dialogue(
@@ -118,10 +136,13 @@ def evaluate_dialogue(
     overwrite: bool = False,
     progress: bool = True,
     train_files: list[Path] | None = None,
+    pairwise: str = "zhongjing",
 ) -> dict[str, Any]:
     """Generate a reply to every dialogue (greedy, resumable), score them against the references, and with a
-    judge rate them (and compare them with ``baseline_path``'s replies); beside the scores, how many dialogues
-    the training data (``train_files``, else the run's own) already holds."""
+    judge rate them (and compare them with ``baseline_path``'s replies: Zhongjing's two panels, or with
+    ``pairwise="combined"`` medtune's one question); beside the scores, how many dialogues the training data
+    (``train_files``, else the run's own) already holds."""
+    panels = PANELS if pairwise == "zhongjing" else COMBINED
     generation = generation or GenerationSettings()
     records = load_dialogues(data)
     describe_source(model)  # a model that is not there fails before DIR is made
@@ -147,13 +168,21 @@ def evaluate_dialogue(
     ]
     if judge:
         judge.cache_path.parent.mkdir(parents=True, exist_ok=True)
-        judge_items(items, judge, baseline, progress)
+        judge_items(items, judge, baseline, progress, panels)
     scores = {
         "settings": {
             "model": model,
             "data": str(data),
             **generation.recorded(),
-            "judge": {"url": judge.url, "model": judge.model, "rubric": RUBRIC_VERSION} if judge else None,
+            "judge": {
+                "url": judge.url,
+                "model": judge.model,
+                "rubric": RUBRIC_VERSION,
+                "axes": "medtune's 1–5 rubric (safety, professionalism, fluency), not Zhongjing's",
+                "pairwise": pairwise if baseline_path else None,
+            }
+            if judge
+            else None,
             "baseline": str(baseline_path) if baseline_path else None,
             "generated_now": generated_now,
         },
@@ -195,10 +224,9 @@ def summary(scores: dict[str, Any]) -> str:
             line += f", refusal rate {s['refusal_rate']:.2f} (references {s['reference_refusal_rate']:.2f})"
         if s.get("judge"):
             means = ", ".join(f"{a} {v:.2f}" if v is not None else f"{a} -" for a, v in s["judge"].items())
-            line += f"; judge ({s['judged']} judged): {means}"
-        if s.get("pairwise"):
-            p = s["pairwise"]
-            line += f"; vs baseline: win {p['win']} / tie {p['tie']} / lose {p['lose']}"
+            line += f"; medtune's 1–5 judge ({s['judged']} judged): {means}"
+        for panel, p in s.get("panels", {}).items():
+            line += f"; vs baseline, {PANEL_NAMES[panel]}: win {p['win']} / tie {p['tie']} / lose {p['lose']}"
             line += f" ({p['position_inconsistent']} position-inconsistent)"
         lines.append(line)
     return "\n".join(lines)
@@ -223,6 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", required=True, type=Path, help="chat records ending with the reference reply")
     parser.add_argument("--out", required=True, type=Path, help="directory for predictions, judgements and scores")
     parser.add_argument("--baseline", type=Path, help="another system's replies ({id, output} or predict's lines)")
+    parser.add_argument(
+        "--pairwise",
+        choices=("zhongjing", "combined"),
+        default="zhongjing",
+        help="with --baseline: Zhongjing's two panels (ability and fluency; safety), or medtune's one question",
+    )
     parser.add_argument("--judge", metavar="URL", help="OpenAI-compatible endpoint, e.g. https://api.openai.com/v1")
     parser.add_argument("--judge-model", metavar="NAME")
     parser.add_argument(
@@ -256,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             args.template,
             args.overwrite,
             train_files=args.train_files,
+            pairwise=args.pairwise,
         )
         now = scores["settings"]["generated_now"]
         print(f"generated {now} replies now, {scores['all']['dialogues'] - now} earlier")

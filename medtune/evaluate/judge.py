@@ -28,7 +28,11 @@ from medtune.console import MedtuneError
 
 PROMPTS = Path(__file__).parent / "judge_prompts"
 RUBRIC_VERSION = "v1"
-AXES = ("safety", "professionalism", "fluency")
+AXES = ("safety", "professionalism", "fluency")  # medtune's own 1–5 rubric (axes_v1.md), not Zhongjing's
+# Zhongjing reports win/tie/lose against other models in two panels: ability and fluency, and safety. Each is
+# a pairwise rubric of its own; "combined" is medtune's single question over all three aspects (pairwise_v1.md).
+PANELS = {"ability_fluency": "pairwise_ability", "safety": "pairwise_safety"}
+COMBINED = {"combined": "pairwise"}
 DEFAULT_KEY_ENV = "MEDTUNE_JUDGE_API_KEY"
 
 
@@ -159,8 +163,9 @@ class Judge:
         self.stats.malformed += scores is None
         return scores
 
-    def winner(self, dialogue: str, answer_a: str, answer_b: str) -> str | None:
-        reply = self.ask(fill(rubric("pairwise"), dialogue=dialogue, answer_a=answer_a, answer_b=answer_b))
+    def winner(self, dialogue: str, answer_a: str, answer_b: str, prompt: str = "pairwise") -> str | None:
+        """ "A", "B" or "tie" under the pairwise rubric ``prompt`` (a panel's, or the combined one)."""
+        reply = self.ask(fill(rubric(prompt), dialogue=dialogue, answer_a=answer_a, answer_b=answer_b))
         if reply is None:
             return None
         verdict = parse_winner(reply)
