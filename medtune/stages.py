@@ -3,7 +3,7 @@
 This is the only place a stage's name is looked at. Everything else asks the stage's row for a fact
 (``get_stage(name).reward_head``), so a module on any floor can ask without importing the training code:
 this file imports nothing of medtune but the error type. What each stage *computes* lives with the code
-that computes it, keyed by the same names: its rows and collator in medtune/data/rows/rows.py
+that computes it, keyed by the same names: its rows and collator in medtune/data/rows.py
 (``ROW_KINDS``, by ``rows``), its loss in medtune/training/objectives.py (``OBJECTIVES``). A test holds
 those tables to this one, so adding a stage (say KTO) is one row here, one loss there, and its test.
 """
@@ -19,7 +19,7 @@ from medtune.console import MedtuneError
 @dataclass(frozen=True)
 class Stage:
     name: str
-    records: Literal["text", "chat", "preference"]  # the record kind it trains on (medtune/data/rows/records.py)
+    records: Literal["text", "chat", "preference"]  # the record kind it trains on (medtune/data/records.py)
     rows: Literal["text", "chat", "pairs", "prompts"]  # how records become rows and rows a batch (data/rows.py)
     reward_head: bool = False  # a one-output score head instead of the LM head
     value_head: bool = False  # a value head beside the LM head, trained too (PPO's critic)
