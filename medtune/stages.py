@@ -29,6 +29,7 @@ class Stage:
     dropout: bool = True  # train.disable_dropout's default is its opposite: off for preference and RL stages
     refines: str | None = None  # the stage whose merged model it starts from (a base that is not one is warned about)
     rollout: bool = False  # micro-batches are prompts, turned into scored replies (training/rollout.py) first
+    exam_prompts: bool = False  # exam records are prompts too, their gold passed to a reward rule (exam_reward)
     advantages: Literal["gae", "group", "leave_one_out", None] = None  # how a rollout's rewards become advantages
     min_generations: int = 1  # rl.num_generations at least this: group baselines compare replies to one prompt
     reuses_rollouts: bool = False  # rl.ppo_epochs optimisation passes over each rollout instead of one
@@ -49,6 +50,7 @@ STAGES: dict[str, Stage] = {
             dropout=False,
             refines="sft",
             rollout=True,
+            exam_prompts=True,
             advantages="gae",
             reuses_rollouts=True,
         ),
@@ -59,6 +61,7 @@ STAGES: dict[str, Stage] = {
             dropout=False,
             refines="sft",
             rollout=True,
+            exam_prompts=True,
             advantages="group",
             min_generations=2,
         ),
@@ -69,6 +72,7 @@ STAGES: dict[str, Stage] = {
             dropout=False,
             refines="sft",
             rollout=True,
+            exam_prompts=True,
             advantages="leave_one_out",
             min_generations=2,
         ),

@@ -74,8 +74,8 @@ def exam_file(tmp_path: Path) -> Path:
 def test_loglik_scores_are_the_models_reply_probabilities(trained, tmp_path: Path) -> None:
     import torch
 
+    from medtune.data.exam_prompts import conversation
     from medtune.data.templates import encode_conversation
-    from medtune.evaluate.exam_prompts import conversation
     from medtune.infer.generation import load_model_for_inference
 
     result, _, _ = trained
@@ -167,7 +167,7 @@ def test_cmexam_weighted_prf_equals_scikit_learn() -> None:
 
 
 def test_shots_come_from_the_same_benchmark_and_category_never_the_question(tmp_path: Path) -> None:
-    from medtune.evaluate.exam_prompts import conversation
+    from medtune.data.exam_prompts import conversation
 
     records = exam_eval.load_exams(exam_file(tmp_path))
     shots = exam_eval.pick_shots(records, records, 2)
@@ -196,9 +196,9 @@ def test_few_shot_loglik_asks_a_longer_conversation(trained, tmp_path: Path) -> 
 )
 def test_loglik_on_a_real_sentencepiece_tokenizer_without_a_pad_token(tmp_path: Path) -> None:
     """A plain model directory (no template recorded: --template), Chinese-LLaMA-2's tokenizer (no pad token)."""
+    from medtune.data.exam_prompts import conversation
     from medtune.data.templates import encode_conversation, get_template
     from medtune.data.tokenizer import load_tokenizer
-    from medtune.evaluate.exam_prompts import conversation
 
     base = tmp_path / "base"
     tiny_llama_with_tokenizer(base, REPO.parent / "shared" / "tokenizers" / "chinese_llama2")

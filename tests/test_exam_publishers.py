@@ -91,7 +91,7 @@ def test_cmb_one_character_options_are_converted_not_skipped(tmp_path: Path, cap
     hepatitis = records["7002"]  # D "无" left out by CMB's prompt; the empty E is no option at all
     assert list(hepatitis["options"]) == ["A", "B", "C", "D"] and hepatitis["meta"]["cmb_prompt_leaves_out"] == "D"
     assert "cmb_prompt_leaves_out" not in records["5218"]["meta"]
-    from medtune.evaluate.exam_prompts import question_prompt
+    from medtune.data.exam_prompts import question_prompt
 
     assert "C. 铁" not in question_prompt(iron) and "A. " in question_prompt(iron)  # the prompt CMB's code writes
 

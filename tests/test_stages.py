@@ -132,7 +132,7 @@ def check_shared_reward_adapter(rm_run, tmp_path, pair_file):
     model, tokenizer, info = load_reward_model(str(rm_run.root), "fp32")
     conversations = [m + [{"role": "assistant", "content": t}] for m, t in zip(prompts, texts, strict=True)]
     expected = score_conversations(model, tokenizer, info.template, info.system_prompt, conversations, 4)
-    got = shared.score(prompts, texts)
+    got = shared.score(prompts, texts, [None] * len(texts))
     gap = max(abs(a - b) for a, b in zip(got, expected, strict=True))
     print(f"shared reward adapter vs the RM itself: max |Δ score| {gap:.2e}")
     assert got == pytest.approx(expected, abs=1e-4)

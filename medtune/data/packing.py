@@ -130,7 +130,10 @@ class Concatenation:
 
 def as_table(rows: Sequence[dict]) -> pa.Table:
     """Rows (dicts of id lists, or a prompt's JSON text) as an Arrow table with medtune's column types."""
-    return pa.table({k: pa.array([r[k] for r in rows], type=pa.string() if k == "prompt" else IDS) for k in rows[0]})
+    return pa.table({k: pa.array([r[k] for r in rows], type=pa.string() if k in TEXT else IDS) for k in rows[0]})
+
+
+TEXT = ("prompt", "reference")  # a prompt row's conversation and what a reward may check it against, as JSON
 
 
 def pack_examples(examples: Sequence[Example], max_length: int) -> list[Example]:

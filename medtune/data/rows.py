@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from medtune.data.exam_prompts import conversation
 from medtune.data.records import RecordError, record_kind
 from medtune.data.templates import IGNORE_INDEX, Template, encode_conversations, get_template
 from medtune.data.tokenizer import encode_texts
@@ -207,7 +208,7 @@ class LengthGroupedSampler(torch.utils.data.Sampler[int]):
 def check_record(path: str, lineno: int, record: dict, stage) -> None:
     """A record of the kind the stage trains on, else an error naming file and line."""
     kind = record_kind(record)
-    if kind != stage.records:
+    if kind != stage.records and not (kind == "exam" and stage.exam_prompts):
         want = KIND_HELP[stage.records]
         raise RecordError(f"{path}:{lineno}: a {kind} record; train.stage {stage.name} needs {want}")
     if kind == "chat" and not stage.rollout and record["messages"][-1]["role"] != "assistant":
@@ -251,9 +252,17 @@ def pair_rows(records: Sequence[dict], data_cfg, tokenizer, report: TokenizeRepo
 
 
 def prompt_messages(record: dict) -> list[dict]:
-    """What an RL stage asks: the conversation up to its last user turn (a trailing reply is dropped)."""
+    """What an RL stage asks: the conversation up to its last user turn (a trailing reply is dropped), or an
+    exam question in its benchmark's own wording (as eval exam asks it)."""
+    if "messages" not in record:
+        return conversation(record, [])
     messages = record["messages"]
     return messages[:-1] if messages[-1]["role"] == "assistant" else messages
+
+
+def prompt_reference(record: dict) -> str:
+    """What a reward rule may check a reply against: an exam question's record (its gold answer), else nothing."""
+    return json.dumps(record, ensure_ascii=False) if "messages" not in record else ""
 
 
 def prompt_rows(records: Sequence[dict], data_cfg, tokenizer, report: TokenizeReport) -> list[Example]:
@@ -262,13 +271,13 @@ def prompt_rows(records: Sequence[dict], data_cfg, tokenizer, report: TokenizeRe
     template = get_template(data_cfg.template)
     conversations = [prompt_messages(r) for r in records]
     rows = []
-    for (ids, _), messages in zip(
-        encode_conversations(tokenizer, template, conversations, data_cfg.system_prompt), conversations, strict=True
-    ):
+    encoded = encode_conversations(tokenizer, template, conversations, data_cfg.system_prompt)
+    for (ids, _), messages, record in zip(encoded, conversations, records, strict=True):
         if len(ids) > data_cfg.max_length:
             report.dropped["prompt over max_length"] += 1
             continue
-        rows.append({"input_ids": ids, "prompt": json.dumps(messages, ensure_ascii=False)})
+        prompt = json.dumps(messages, ensure_ascii=False)
+        rows.append({"input_ids": ids, "prompt": prompt, "reference": prompt_reference(record)})
     report.kept += len(rows)
     return rows
 
@@ -292,7 +301,15 @@ def pad_prompts(examples: Sequence[Example], pad_id: int, pad_to_multiple_of: in
     """Left-padded prompts (generation continues at the right end of every row), with their conversations."""
     ids, mask = padded([e["input_ids"] for e in examples], pad_id, left=True)
     prompts = [json.loads(e["prompt"]) for e in examples]
-    return {"prompt_ids": ids, "prompt_mask": mask, "prompts": prompts, "input_ids": ids, "real_tokens": mask.sum()}
+    references = [json.loads(e["reference"]) if e.get("reference") else None for e in examples]
+    return {
+        "prompt_ids": ids,
+        "prompt_mask": mask,
+        "prompts": prompts,
+        "references": references,
+        "input_ids": ids,
+        "real_tokens": mask.sum(),
+    }
 
 
 @dataclass(frozen=True)

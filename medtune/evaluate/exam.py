@@ -34,12 +34,12 @@ from typing import Any
 import torch
 
 from medtune.console import MedtuneError, quiet_libraries, run_command
+from medtune.data.exam_prompts import PROMPT_VERSION, conversation
 from medtune.data.overlap import contamination_line
 from medtune.data.records import RecordError, iter_json_lines, read_kind
 from medtune.data.rows import padded
 from medtune.data.templates import IGNORE_INDEX, encode_conversations
 from medtune.evaluate.contamination import contamination_of
-from medtune.evaluate.exam_prompts import PROMPT_VERSION, conversation
 from medtune.evaluate.exam_scores import benchmark_scores
 from medtune.evaluate.extract import EXTRACTORS, OFFICIAL, extraction_for, official_gold, strict_extract
 from medtune.evaluate.outputs import check_covers, prepare_out_dir, read_outputs
@@ -245,7 +245,7 @@ def evaluate(
 
         rows = answer_in_batches(out, todo, len(records), generation.batch_size, answer, "question", progress)
         done.update((row["id"], row) for row in rows)
-    settings = {**settings, "model": model, "data": str(data), "answered_now": len(todo)}
+    settings = {**settings, "model": model, "data": str(data.resolve()), "answered_now": len(todo)}
     return finish(out_dir, records, done, settings, extractor if mode == "generate" else None, found)
 
 
@@ -303,7 +303,11 @@ def rescore(
     check_resumable(out, expected, overwrite)
     done = {r["id"]: extracted_row(r, outputs[r["id"]], extractor) for r in records}
     return finish(
-        out_dir, records, done, {"mode": "rescore", "predictions": str(predictions), "data": str(data)}, extractor
+        out_dir,
+        records,
+        done,
+        {"mode": "rescore", "predictions": str(predictions), "data": str(data.resolve())},
+        extractor,
     )
 
 

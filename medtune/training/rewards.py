@@ -8,6 +8,7 @@ the SFT model) is loaded as a second adapter on the policy's network: no second 
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,13 +32,13 @@ from medtune.rundir import describe_source
 class RewardSource:
     """Scores (prompt messages, reply text) pairs: a reward model read as the RM stage trained it, or a rule."""
 
-    score: Callable[[list[list[dict]], list[str]], list[float]]
+    score: Callable[[list[list[dict]], list[str], list[dict | None]], list[float]]  # prompts, replies, references
     name: str
 
-    def checked(self, prompts: list[list[dict]], texts: list[str]) -> list[float]:
+    def checked(self, prompts: list[list[dict]], texts: list[str], references: list[dict | None]) -> list[float]:
         """The scores, each a finite number, or one error naming the reward, the reply and the value: a NaN
         would poison the loss and every later step, so the run stops before the optimizer step."""
-        scores = self.score(prompts, texts)
+        scores = self.score(prompts, texts, references)
         for i, value in enumerate(scores):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise MedtuneError(
@@ -48,12 +49,16 @@ class RewardSource:
         return [float(v) for v in scores]
 
 
-def rule_scores(rule: Callable, name: str, prompts: list[list[dict]], texts: list[str]) -> list:
-    """A reward rule's values; an exception inside it is the rule's, named with the reply it failed on."""
+def rule_scores(
+    rule: Callable, name: str, prompts: list[list[dict]], texts: list[str], references: list[dict | None]
+) -> list:
+    """A reward rule's values; an exception inside it is the rule's, named with the reply it failed on. A rule of
+    three parameters also gets the prompt's reference (an exam question's record, its gold answer), else None."""
+    takes_reference = len(inspect.signature(rule).parameters) >= 3
     values = []
-    for i, (prompt, text) in enumerate(zip(prompts, texts, strict=True)):
+    for i, (prompt, text, reference) in enumerate(zip(prompts, texts, references, strict=True)):
         try:
-            values.append(rule(prompt, text))
+            values.append(rule(prompt, text, reference) if takes_reference else rule(prompt, text))
         except Exception as exc:  # noqa: BLE001 - the user's rule: any failure is reported as its own
             raise MedtuneError(
                 f"rl.reward_function {name}: raised {type(exc).__name__}: {exc} on reply {i} of the rollout "
@@ -79,7 +84,7 @@ def load_reward(recipe, policy, base: str) -> RewardSource:
     dtype = resolve_dtype(recipe.model.dtype)
     model, tokenizer, info = load_reward_model(rl.reward_model, dtype, recipe.model.quantization)
 
-    def score(prompts: list[list[dict]], texts: list[str]) -> list[float]:
+    def score(prompts: list[list[dict]], texts: list[str], references: list) -> list[float]:  # an RM reads text
         conversations = [p + [{"role": "assistant", "content": t}] for p, t in zip(prompts, texts, strict=True)]
         return score_conversations(model, tokenizer, info.template, info.system_prompt, conversations, 16)
 
@@ -106,7 +111,7 @@ def shared_reward_adapter(policy, info) -> RewardSource:
     backbone = policy.get_base_model().model  # LlamaModel (or the causal LM's own backbone)
 
     @torch.no_grad()
-    def score(prompts: list[list[dict]], texts: list[str]) -> list[float]:
+    def score(prompts: list[list[dict]], texts: list[str], references: list) -> list[float]:  # an RM reads text
         conversations = [p + [{"role": "assistant", "content": t}] for p, t in zip(prompts, texts, strict=True)]
         encoded = [ids for ids, _ in encode_conversations(tokenizer, template, conversations, info.system_prompt)]
         pad = tokenizer.pad_token_id

@@ -286,7 +286,9 @@ def rollout(s: RolloutContext, batch: Batch, step: int, micro: int) -> Batch:
         for row, keep in zip(completion_ids, mask, strict=True)
     ]
     prompts = [messages for messages in batch["prompts"] for _ in range(group)]
-    rewards = torch.tensor(s.reward.checked(prompts, texts), dtype=torch.float32, device=prompt_ids.device)
+    references = [reference for reference in batch["references"] for _ in range(group)]
+    scores = s.reward.checked(prompts, texts, references)
+    rewards = torch.tensor(scores, dtype=torch.float32, device=prompt_ids.device)
     out: Batch = {
         "prompt_ids": prompt_ids,
         "prompt_mask": prompt_mask,
