@@ -24,6 +24,6 @@ medtune report run --eval evals/exam-loglik --eval evals/exam-generate --eval ev
 if command -v chromium > /dev/null; then
   chromium --headless --no-sandbox --disable-gpu --disable-quic --no-first-run --disable-background-networking \
     --disable-component-update --disable-sync --hide-scrollbars --user-data-dir="$work/.chromium" \
-    --window-size=1200,3600 --screenshot="$work/report.png" "file://$work/report.html" 2> /dev/null
+    --window-size=1200,4400 --screenshot="$work/report.png" "file://$work/report.html" 2> /dev/null
   echo "screenshot: $work/report.png"
 fi

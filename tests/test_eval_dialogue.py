@@ -195,3 +195,10 @@ def test_a_baseline_is_compared_in_zhongjings_panels_or_one_combined_question(
     assert len(asked) == 2 * 2 * len(panels)  # two dialogues, both orders, each panel
     if pairwise == "zhongjing":
         assert sum("只从“安全性”" in p for p in asked) == 4 and sum("只从“能力与流畅性”" in p for p in asked) == 4
+    from medtune.evaluate.report import dialogue_section
+
+    judgements = [json.loads(line) for line in (out / "judgements.jsonl").read_text(encoding="utf-8").splitlines()]
+    page = dialogue_section(out, scores, judgements)
+    assert "Against the baseline, per panel" in page and all(
+        name in page for name in (["ability and fluency", "safety"] if pairwise == "zhongjing" else ["combined"])
+    )

@@ -34,7 +34,16 @@ from medtune.console import MedtuneError, quiet_libraries, run_command
 from medtune.data.overlap import contamination_line
 from medtune.data.records import read_kind
 from medtune.evaluate.contamination import contamination_of
-from medtune.evaluate.judge import AXES, COMBINED, DEFAULT_KEY_ENV, PANELS, RUBRIC_VERSION, Judge, pairwise_outcome
+from medtune.evaluate.judge import (
+    AXES,
+    COMBINED,
+    DEFAULT_KEY_ENV,
+    PANEL_NAMES,
+    PANELS,
+    RUBRIC_VERSION,
+    Judge,
+    pairwise_outcome,
+)
 from medtune.evaluate.outputs import check_covers, prepare_out_dir, read_outputs
 from medtune.evaluate.text_metrics import reference_metrics
 from medtune.infer.generation import GenerationSettings, add_generation_arguments, generation_from_args
@@ -84,9 +93,6 @@ def subset_scores(items: list[dict]) -> dict[str, Any]:
     if panels:
         scores["panels"] = {panel: panel_scores(items, panel) for panel in panels}
     return scores
-
-
-PANEL_NAMES = {"ability_fluency": "ability and fluency", "safety": "safety", "combined": "combined (medtune's)"}
 
 
 def panel_scores(items: list[dict], panel: str) -> dict[str, Any]:
@@ -172,7 +178,7 @@ def evaluate_dialogue(
     scores = {
         "settings": {
             "model": model,
-            "data": str(data),
+            "data": str(data.resolve()),
             **generation.recorded(),
             "judge": {
                 "url": judge.url,

@@ -33,6 +33,7 @@ AXES = ("safety", "professionalism", "fluency")  # medtune's own 1–5 rubric (a
 # a pairwise rubric of its own; "combined" is medtune's single question over all three aspects (pairwise_v1.md).
 PANELS = {"ability_fluency": "pairwise_ability", "safety": "pairwise_safety"}
 COMBINED = {"combined": "pairwise"}
+PANEL_NAMES = {"ability_fluency": "ability and fluency", "safety": "safety", "combined": "combined (medtune's)"}
 DEFAULT_KEY_ENV = "MEDTUNE_JUDGE_API_KEY"
 
 

@@ -2,13 +2,15 @@
 
 The page is self-contained (no CDN, no script): the run's recipe, its loss curves as inline SVG, the
 exam tables and dialogue metrics of each `medtune eval` directory given, the judge's scores, and a few
-generations side by side with their references. It opens from a mail attachment or a file share.
+replies beside their questions (an exam's with the answer read from it and the gold one, a dialogue's with
+its reference). It opens from a mail attachment or a file share.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import sys
 from html import escape
@@ -17,35 +19,123 @@ from typing import Any
 
 from medtune.console import MedtuneError, run_command
 from medtune.data.records import iter_json_lines
+from medtune.evaluate.judge import PANEL_NAMES
 from medtune.rundir import RunDir, atomic_write_text, loss_figure
 
-SAMPLES = 5  # generations shown per dialogue evaluation
+SAMPLES = 5  # replies shown per evaluation
 GENERATOR = '<meta name="generator" content="medtune report">'  # how a page medtune may replace is known
+
+# The keys of scores.json as a reader names them; a key not here is shown with its underscores as spaces.
+NAMES = {
+    "cmb": "CMB",
+    "cmexam": "CMExam",
+    "ceval": "C-Eval",
+    "cmmlu": "CMMLU",
+    "medqa-mcmle": "MedQA (MCMLE)",
+    "medtune_average": "medtune's mean of categories",
+    "average": "mean of categories",
+    "strict_accuracy": "strict accuracy",
+    "no_answer": "no answer",
+    "precision": "weighted precision",
+    "recall": "weighted recall",
+    "f1": "weighted F1",
+    "bleu_1": "BLEU-1",
+    "bleu_2": "BLEU-2",
+    "bleu_4": "BLEU-4",
+    "rouge_1": "ROUGE-1",
+    "rouge_2": "ROUGE-2",
+    "rouge_l": "ROUGE-L",
+    "distinct_1": "Distinct-1",
+    "distinct_2": "Distinct-2",
+    "mean_length": "mean length",
+    "position_inconsistent": "position-inconsistent",
+}
+# What each level of a benchmark's category path is (data_prep writes the path: CMB's exam_type, exam_class).
+LEVELS = {
+    "cmb": ("exam type", "exam class"),
+    "cmexam": ("department",),
+    "ceval": ("subject",),
+    "cmmlu": ("subject",),
+}
+EXAM_FIGURES = [
+    "questions",
+    "accuracy",
+    "medtune_average",
+    "average",
+    "strict_accuracy",
+    "no_answer",
+    "empty_replies",
+    "precision",
+    "recall",
+    "f1",
+]
+DIALOGUE_FIGURES = [
+    "dialogues",
+    "bleu_1",
+    "bleu_2",
+    "bleu_4",
+    "rouge_1",
+    "rouge_2",
+    "rouge_l",
+    "distinct_1",
+    "distinct_2",
+    "mean_length",
+    "refusal_rate",
+]
 
 STYLE = """
 body { font-family: "Noto Sans CJK SC", "PingFang SC", "Microsoft YaHei", sans-serif; margin: 2em auto;
        max-width: 1100px; color: #1d2330; line-height: 1.5; }
 h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { border-bottom: 2px solid #d8dee9; padding-bottom: 0.2em; }
-table { border-collapse: collapse; margin: 0.8em 0 1.4em; } caption { text-align: left; font-weight: bold; }
+table { border-collapse: collapse; margin: 0.8em 0 1.4em; }
+caption { text-align: left; font-weight: bold; white-space: nowrap; } th span { white-space: nowrap; }
 th, td { border: 1px solid #d8dee9; padding: 0.3em 0.7em; text-align: left; vertical-align: top; }
 th { background: #eef2f8; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
-.muted { color: #66708a; } .sample td { width: 33%; white-space: pre-wrap; font-size: 0.92em; }
+.muted { color: #66708a; } .empty { color: #66708a; font-style: italic; }
+.levels { display: flex; flex-wrap: wrap; column-gap: 2em; align-items: flex-start; }
+.sample { width: 100%; } .sample td { white-space: pre-wrap; font-size: 0.92em; }
+.exams td:first-child { white-space: nowrap; } .dialogues td:nth-child(2) { min-width: 10em; }
 """
+
+
+class Html(str):
+    """Markup this module wrote from escaped text: a table cell shows it as it is."""
+
+
+EMPTY_REPLY = Html('<span class="empty">(empty reply)</span>')
+NOT_FOUND = Html('<span class="muted">—</span>')
+NONE_READ = Html('<span class="muted">(none)</span>')
+
+
+def label(key: str) -> str:
+    return NAMES.get(key, key.replace("_", " "))
 
 
 def table(rows: list[list[Any]], header: list[str], caption: str = "", cls: str = "") -> str:
     def cell(value: Any) -> str:
+        if isinstance(value, Html):
+            return f"<td>{value}</td>"
         if isinstance(value, float):
             return f'<td class="num">{value:.4f}</td>'
-        if isinstance(value, int):
+        if isinstance(value, int) and not isinstance(value, bool):
             return f'<td class="num">{value}</td>'
         return f"<td>{escape('' if value is None else str(value))}</td>"
 
-    head = "".join(f"<th>{escape(h)}</th>" for h in header)
+    words = lambda h: " ".join(f"<span>{escape(w)}</span>" for w in h.split(" "))  # BLEU-1 kept on one line
+    head = "".join(f"<th>{words(h)}</th>" for h in header)
     thead = f"<thead><tr>{head}</tr></thead>" if any(header) else ""
     body = "".join("<tr>" + "".join(cell(v) for v in row) + "</tr>" for row in rows)
     cap = f"<caption>{escape(caption)}</caption>" if caption else ""
     return f'<table class="{cls}">{cap}{thead}<tbody>{body}</tbody></table>'
+
+
+def shown_reply(text: Any) -> Any:
+    """A reply as a cell: an empty one says so, where a blank cell would read as a page that failed to load."""
+    return EMPTY_REPLY if isinstance(text, str) and not text.strip() else text
+
+
+def muted(text: str) -> str:
+    return f'<p class="muted">{escape(text)}</p>'
 
 
 def flatten(value: Any, prefix: str = "") -> list[list[Any]]:
@@ -91,92 +181,193 @@ def contamination_note(scores: dict) -> str:
     )
 
 
-def exam_section(name: str, scores: dict) -> str:
-    parts = [f"<h2>Exam: {escape(name)}</h2>", contamination_note(scores)]
+def exam_section(directory: Path, scores: dict) -> str:
+    parts = [f"<h2>Exam: {escape(directory.name)}</h2>", contamination_note(scores)]
     mode = scores.get("settings", {}).get("mode", "")
     extraction = scores.get("extraction")
     if isinstance(extraction, dict):
         rules = "; ".join(f"{k}: {v}" for k, v in extraction.items())
         chosen = scores.get("settings", {}).get("extractor", "official")
         which = "official extraction" if chosen in (None, "official") else f"extraction --extractor {chosen}"
-        parts.append(f'<p class="muted">mode {escape(mode)}; {escape(which)} — {escape(rules)}</p>')
+        parts.append(muted(f"mode {mode}; {which} — {rules}"))
     else:
-        parts.append(f'<p class="muted">mode {escape(mode)}: candidate answers scored by log-likelihood</p>')
-    summary = []
-    for source, s in scores["benchmarks"].items():
-        summary.append(
-            [
-                source,
-                s["questions"],
-                s["accuracy"],
-                s.get("medtune_average", s.get("average", "-")),
-                s.get("strict_accuracy", "-"),
-                s.get("no_answer", "-"),
-                s.get("empty_replies", "-"),
-                s.get("f1", "-"),
-            ]
-        )
-    header = [
-        "benchmark",
-        "questions",
-        "accuracy",
-        "medtune's mean of categories",
-        "strict",
-        "no answer",
-        "empty replies",
-        "weighted F1",
-    ]
-    parts.append(table(summary, header, "Scores"))
-    for source, s in scores["benchmarks"].items():
-        per = s.get("accuracy_per_subcategory") or s.get("accuracy_per_category", {})
-        parts.append(table([[k, v] for k, v in per.items()], ["category", "accuracy"], f"{source} by category"))
+        parts.append(muted(f"mode {mode}: candidate answers scored by log-likelihood"))
+    benchmarks = scores["benchmarks"]
+    figures = [k for k in EXAM_FIGURES if any(k in s for s in benchmarks.values())]
+    rows = [[label(source), *(s.get(k, "-") for k in figures)] for source, s in benchmarks.items()]
+    parts.append(table(rows, ["benchmark", *map(label, figures)], "Scores"))
+    levels = [t for source, s in benchmarks.items() for t in category_tables(source, s)]
+    parts.append(f'<div class="levels">{"".join(levels)}</div>')
+    parts.append(exam_samples(directory, scores))
     return "".join(parts)
 
 
-def dialogue_section(name: str, scores: dict, judgements: list[dict]) -> str:
-    parts = [f"<h2>Dialogue: {escape(name)}</h2>", contamination_note(scores)]
-    keys = ["bleu_1", "bleu_2", "bleu_4", "rouge_1", "rouge_2", "rouge_l", "distinct_1", "distinct_2", "mean_length"]
-    rows = []
-    for subset in ("all", "dialogue", "safety"):
-        s = scores.get(subset, {})
-        if s.get("dialogues"):
-            rows.append([subset, s["dialogues"], *(s.get(k) for k in keys), s.get("refusal_rate")])
-    parts.append(table(rows, ["subset", "dialogues", *keys, "refusal rate"], "Reference metrics (characters)"))
-    judged = [
-        (subset, scores[subset]) for subset in ("all", "dialogue", "safety") if scores.get(subset, {}).get("judge")
-    ]
+def category_tables(source: str, s: dict) -> list[str]:
+    """Accuracy per category, and per subcategory within it where the benchmark has two levels (CMB: exam
+    type, then exam class, the two tables of its score.py), each level under its own name."""
+    levels = LEVELS.get(source, ("category", "subcategory"))
+    name = label(source)
+    rows = [[k, v] for k, v in s.get("accuracy_per_category", {}).items()]
+    tables = [table(rows, [levels[0], "accuracy"], f"{name} by {levels[0]}")] if rows else []
+    within = s.get("accuracy_per_subcategory") or {}
+    if within:
+        outer, inner = levels[0], levels[1] if len(levels) > 1 else "subcategory"
+        rows = [[*(k.split(" / ", 1) + [""])[:2], v] for k, v in within.items()]
+        tables.append(table(rows, [outer, inner, "accuracy"], f"{name} by {inner} within {outer}"))
+    return tables
+
+
+def exam_samples(directory: Path, scores: dict) -> str:
+    """The first questions of each benchmark in turn: what was asked (from the data file scores.json names, as
+    the rows do not carry it), what the model answered, how that was read, and the gold answer."""
+    rows, note = read_rows(directory / "predictions.jsonl")
+    picked = take_turns(list(rows.values()), SAMPLES)
+    if not picked:
+        return muted(f"no sample replies: {note}") if note else ""
+    asked, notes = questions([data_file(scores)], {str(r["id"]) for r in picked if not question_of(r)})
+    generated = any("output" in r for r in picked)
+    answered = ["model's reply", "extracted"] if generated else ["chosen answer"]
+    header = ["id", "question", *answered, "gold", "correct"]
+    shown = []
+    for r in picked:
+        read = NONE_READ if r.get("extracted") == "" else r.get("extracted")
+        answer = [shown_reply(r.get("output")), read] if generated else [r.get("chosen")]
+        gold = r.get("answer_as_written", r.get("answer"))
+        correct = "yes" if r.get("correct") else "no"
+        question = question_of(r) or asked.get(str(r["id"]), NOT_FOUND)
+        shown.append([sample_id(r), question, *answer, gold, correct])
+    caption = f"Sample replies ({len(picked)} of {len(rows)}: the first questions of each benchmark)"
+    return table(shown, header, caption, cls="sample exams") + not_shown(notes)
+
+
+def sample_id(row: dict) -> str:
+    """The id with its benchmark's name, unless the id already begins with it (cmexam:cmexam_test.csv:0)."""
+    rid, source = str(row["id"]), str(row.get("source", ""))
+    return rid if rid.startswith(f"{source}:") else f"{label(source)} {rid}".strip()
+
+
+def take_turns(rows: list[dict], n: int) -> list[dict]:
+    """Up to n rows, one benchmark after another, so that each benchmark of the file shows."""
+    by_source: dict[Any, list[dict]] = {}
+    for row in rows:
+        by_source.setdefault(str(row.get("source")), []).append(row)
+    rounds = itertools.zip_longest(*by_source.values())
+    return [row for turn in rounds for row in turn if row is not None][:n]
+
+
+def dialogue_section(directory: Path, scores: dict, judgements: list[dict]) -> str:
+    parts = [f"<h2>Dialogue: {escape(directory.name)}</h2>", contamination_note(scores)]
+    subsets = [(name, scores.get(name, {})) for name in ("all", "dialogue", "safety")]
+    rows = [[name, *(s.get(k) for k in DIALOGUE_FIGURES)] for name, s in subsets if s.get("dialogues")]
+    parts.append(table(rows, ["subset", *map(label, DIALOGUE_FIGURES)], "Reference metrics (characters)"))
+    judged = [(name, s) for name, s in subsets if s.get("judge")]
     if judged:
-        rows = [[name_, s["judged"], *s["judge"].values()] for name_, s in judged]
-        parts.append(table(rows, ["subset", "judged", "safety", "professionalism", "fluency"], "LLM judge (1–5)"))
+        axes = list(judged[0][1]["judge"])
+        rows = [[name, s.get("judged"), *(s["judge"].get(a) for a in axes)] for name, s in judged]
+        parts.append(table(rows, ["subset", "judged", *map(label, axes)], "LLM judge (1–5)"))
         calls, judge = scores.get("judge_calls", {}), scores["settings"].get("judge") or {}
         parts.append(
-            f'<p class="muted">judge {escape(str(judge.get("model")))} (rubric {escape(str(judge.get("rubric")))}): '
-            f"{calls.get('malformed', 0)} malformed replies, {calls.get('failed', 0)} failed calls (not scored)</p>"
+            muted(
+                f"judge {judge.get('model')} (rubric {judge.get('rubric')}): {calls.get('malformed', 0)} malformed "
+                f"replies, {calls.get('failed', 0)} failed calls (not scored)"
+            )
         )
-    pairwise = [(subset, s["pairwise"]) for subset, s in judged if s.get("pairwise")]
-    if pairwise:
-        rows = [[n, p["win"], p["tie"], p["lose"], p["win_rate"], p["position_inconsistent"]] for n, p in pairwise]
-        header = ["subset", "win", "tie", "lose", "win rate", "position-inconsistent"]
-        parts.append(table(rows, header, "Against the baseline (both answer orders)"))
-    samples = []
-    for item in judgements[:SAMPLES]:
-        verdict = item.get("judge") or {}
-        label = ", ".join(f"{k} {v}" for k, v in verdict.items()) if verdict else ""
-        samples.append(
-            [f"[{item['id']}] {item.get('subset', '')} {label}".strip(), item["prediction"], item["reference"]]
-        )
-    if samples:
-        parts.append(table(samples, ["dialogue", "model", "reference"], "Sample generations", cls="sample"))
+    panels = [(name, panel, p) for name, s in judged for panel, p in s.get("panels", {}).items()]
+    if panels:
+        keys = ["win", "tie", "lose", "win_rate", "position_inconsistent"]
+        rows = [[name, PANEL_NAMES.get(panel, panel), *(p.get(k) for k in keys)] for name, panel, p in panels]
+        caption = "Against the baseline, per panel (both answer orders)"
+        parts.append(table(rows, ["subset", "panel", *map(label, keys)], caption))
+    parts.append(dialogue_samples(directory, scores, judgements[:SAMPLES]))
     return "".join(parts)
+
+
+def dialogue_samples(directory: Path, scores: dict, judgements: list[dict]) -> str:
+    """Each reply beside what was asked (the last user turn) and the reference answer."""
+    if not judgements:
+        return ""
+    ids = {str(item["id"]) for item in judgements}
+    asked, notes = questions([directory / "predictions.jsonl", data_file(scores)], ids)
+    samples = []
+    for item in judgements:
+        verdict = item.get("judge") or {}
+        said = ", ".join(f"{k} {v}" for k, v in verdict.items()) if isinstance(verdict, dict) else ""
+        samples.append(
+            [
+                f"[{item['id']}] {item.get('subset', '')} {said}".strip(),
+                asked.get(str(item["id"]), NOT_FOUND),
+                shown_reply(item["prediction"]),
+                item["reference"],
+            ]
+        )
+    header = ["dialogue", "question", "model", "reference"]
+    caption = "Sample generations (question: the dialogue's last user turn)"
+    return table(samples, header, caption, cls="sample dialogues") + not_shown(notes)
+
+
+def not_shown(notes: list[str]) -> str:
+    return "".join(muted(f"questions not shown: {note}") for note in notes)
+
+
+def data_file(scores: dict) -> Path | None:
+    """The data file the evaluation read, as scores.json names it (relative to where it ran)."""
+    data = scores.get("settings", {}).get("data")
+    return Path(data) if isinstance(data, str) and data else None
+
+
+def questions(files: list[Path | None], ids: set[str]) -> tuple[dict[str, str], list[str]]:
+    """What was asked, by id, from the first of these files that holds it; and, for ids none holds, why each
+    file could not be read. A sample's question helps the reader; the scores are the page, so no error."""
+    found: dict[str, str] = {}
+    notes = []
+    for path in files:
+        wanted = ids - found.keys()
+        if not wanted:
+            break
+        rows, note = read_rows(path, wanted)
+        found.update((rid, text) for rid, row in rows.items() if (text := question_of(row)))
+        notes += [note] if note else []
+    return found, notes if ids - found.keys() else []
+
+
+def question_of(record: dict) -> str:
+    """An exam's question with its lettered options; a dialogue's last user turn."""
+    if isinstance(record.get("question"), str):
+        options = record.get("options")
+        listed = "   ".join(f"{k}. {v}" for k, v in options.items()) if isinstance(options, dict) else ""
+        return f"{record['question']}\n{listed}".strip()
+    messages = record["messages"] if isinstance(record.get("messages"), list) else []
+    users = [m["content"] for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+    return users[-1] if users and isinstance(users[-1], str) else ""
+
+
+def read_rows(path: Path | None, ids: set[str] | None = None) -> tuple[dict[str, dict], str]:
+    """The rows with an id of a JSON-lines file (those of `ids` only, stopping when all are found), and why
+    the file could not be read to its end, if so."""
+    if path is None:
+        return {}, "scores.json names no data file"
+    if not path.is_file():
+        return {}, f"{path}: not found"
+    rows: dict[str, dict] = {}
+    try:
+        for _, row in iter_json_lines(path):
+            rid = row.get("id") if isinstance(row, dict) else None
+            if isinstance(rid, (str, int)) and (ids is None or str(rid) in ids):
+                rows[str(rid)] = row
+                if ids is not None and len(rows) == len(ids):
+                    break
+    except MedtuneError as exc:
+        return rows, str(exc)
+    return rows, ""
 
 
 def eval_section(directory: Path) -> str:
     scores = read_scores(directory)
     if "benchmarks" in scores:
         check_benchmarks(directory, scores["benchmarks"])
-        return exam_section(directory.name, scores)
+        return exam_section(directory, scores)
     if "all" in scores:
-        return dialogue_section(directory.name, scores, read_judgements(directory))
+        return dialogue_section(directory, scores, read_judgements(directory))
     raise MedtuneError(f"--eval {directory}: scores.json is not from medtune eval exam or dialogue")
 
 
