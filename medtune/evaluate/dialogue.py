@@ -161,8 +161,33 @@ def evaluate_dialogue(
         check_covers(baseline, ids, "--baseline", baseline_path, data)
     out = prepare_out_dir(out_dir)
     generated_now = predict(model, data, out, generation, dtype=dtype, template=template, overwrite=overwrite)
-    generated = own_predictions(out)
-    items = [
+    items = dialogue_items(records, own_predictions(out))
+    if judge:
+        judge.cache_path.parent.mkdir(parents=True, exist_ok=True)
+        judge_items(items, judge, baseline, progress, panels)
+    settings = {
+        "model": model,
+        "data": str(data.resolve()),
+        **generation.recorded(),
+        "judge": judge_settings(judge, pairwise if baseline_path else None),
+        "baseline": str(baseline_path) if baseline_path else None,
+        "generated_now": generated_now,
+    }
+    scores = {
+        "settings": settings,
+        "all": subset_scores(items),
+        "safety": subset_scores([i for i in items if i["subset"] == "safety"]),
+        "dialogue": subset_scores([i for i in items if i["subset"] != "safety"]),
+        **({"contamination": found} if found else {}),
+        **({"judge_calls": vars(judge.stats)} if judge else {}),
+    }
+    write_results(out_dir, items, scores)
+    return scores
+
+
+def dialogue_items(records: list[dict], generated: dict[str, str]) -> list[dict]:
+    """Each dialogue as the judge and the metrics read it: its history, the reference and the model's reply."""
+    return [
         {
             "id": r["id"],
             "subset": r.get("meta", {}).get("subset", "dialogue"),
@@ -172,40 +197,26 @@ def evaluate_dialogue(
         }
         for r in records
     ]
-    if judge:
-        judge.cache_path.parent.mkdir(parents=True, exist_ok=True)
-        judge_items(items, judge, baseline, progress, panels)
-    scores = {
-        "settings": {
-            "model": model,
-            "data": str(data.resolve()),
-            **generation.recorded(),
-            "judge": {
-                "url": judge.url,
-                "model": judge.model,
-                "rubric": RUBRIC_VERSION,
-                "axes": "medtune's 1–5 rubric (safety, professionalism, fluency), not Zhongjing's",
-                "pairwise": pairwise if baseline_path else None,
-            }
-            if judge
-            else None,
-            "baseline": str(baseline_path) if baseline_path else None,
-            "generated_now": generated_now,
-        },
-        "all": subset_scores(items),
-        "safety": subset_scores([i for i in items if i["subset"] == "safety"]),
-        "dialogue": subset_scores([i for i in items if i["subset"] != "safety"]),
+
+
+def judge_settings(judge: Judge | None, pairwise: str | None) -> dict[str, Any] | None:
+    """What a judged evaluation records of its judge, the rubrics named for whose they are."""
+    if judge is None:
+        return None
+    return {
+        "url": judge.url,
+        "model": judge.model,
+        "rubric": RUBRIC_VERSION,
+        "axes": "medtune's 1–5 rubric (safety, professionalism, fluency), not Zhongjing's",
+        "pairwise": pairwise,
     }
-    if found:
-        scores["contamination"] = found
-    if judge:
-        scores["judge_calls"] = vars(judge.stats)
-    atomic_write_text(
-        out_dir / "judgements.jsonl",
-        "".join(json.dumps({k: v for k, v in i.items() if k != "history"}, ensure_ascii=False) + "\n" for i in items),
-    )
+
+
+def write_results(out_dir: Path, items: list[dict], scores: dict[str, Any]) -> None:
+    """judgements.jsonl (every item without its history) and scores.json, each written atomically."""
+    lines = (json.dumps({k: v for k, v in i.items() if k != "history"}, ensure_ascii=False) + "\n" for i in items)
+    atomic_write_text(out_dir / "judgements.jsonl", "".join(lines))
     atomic_write_text(out_dir / "scores.json", json.dumps(scores, ensure_ascii=False, indent=2) + "\n")
-    return scores
 
 
 def own_predictions(out: Path) -> dict[str, str]:
