@@ -210,7 +210,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, strict: bo
         raise RecipeError(f"{path}: a recipe is a mapping of groups (model, lora, data, train, rl, output)")
     overridden = {_apply_override(raw, item) for item in overrides or []}
     recipe = _build(Recipe, raw, "", lambda key: _where(path, lines, key, overridden), strict)
-    resolve_beside(recipe, path.parent)
+    resolve_paths(recipe, path.parent, overridden)
     if not recipe.output.dir:
         recipe.output.dir = str(Path("runs") / path.stem)
     check_recipe(recipe, str(path))
@@ -359,21 +359,29 @@ def train_paths(data: DataConfig) -> list[str]:
     return [f if isinstance(f, str) else f.path for f in data.train_files]
 
 
-def resolve_beside(recipe: Recipe, recipe_dir: Path) -> None:
-    """Relative data and DeepSpeed paths that exist beside the recipe file become absolute paths to them; the
-    others stay as written (relative to the current directory). The recipe remembers its directory, for errors."""
+def resolve_paths(recipe: Recipe, recipe_dir: Path, overridden: set[str] = frozenset()) -> None:
+    """Relative data and DeepSpeed paths, as absolute paths of the files they name: one the recipe file writes is
+    looked up beside it, then in the current directory; one the command line gives, in the current directory
+    only (where the user typed it). A file found nowhere stays as written, for check_data_files to name. The
+    recipe remembers its directory, for that error."""
 
-    def beside(value: str) -> str:
-        candidate = recipe_dir / value
-        return str(candidate.resolve()) if not Path(value).is_absolute() and candidate.exists() else value
+    def resolved(value: str, key: str) -> str:
+        if Path(value).is_absolute():
+            return value
+        places = [Path(value)] if key in overridden else [recipe_dir / value, Path(value)]
+        found = next((p for p in places if p.exists()), None)
+        return str(found.resolve()) if found is not None else value
 
     data = recipe.data
     data.train_files = [
-        beside(f) if isinstance(f, str) else dataclasses.replace(f, path=beside(f.path)) for f in data.train_files
+        resolved(f, "data.train_files")
+        if isinstance(f, str)
+        else dataclasses.replace(f, path=resolved(f.path, "data.train_files"))
+        for f in data.train_files
     ]
-    data.eval_files = [beside(f) for f in data.eval_files]
+    data.eval_files = [resolved(f, "data.eval_files") for f in data.eval_files]
     if recipe.train.deepspeed:
-        recipe.train.deepspeed = beside(recipe.train.deepspeed)
+        recipe.train.deepspeed = resolved(recipe.train.deepspeed, "train.deepspeed")
     recipe.source_dir = str(recipe_dir.resolve())
 
 
@@ -382,8 +390,8 @@ def check_data_files(recipe: Recipe) -> None:
     for key, paths in (("train_files", train_paths(recipe.data)), ("eval_files", recipe.data.eval_files)):
         for path in paths:
             if not Path(path).is_file():
-                looked = f"looked in {Path.cwd()}" + (
-                    f" and beside the recipe in {recipe.source_dir}" if recipe.source_dir else ""
+                looked = f"the current directory is {Path.cwd()}" + (
+                    f"; the recipe's is {recipe.source_dir}" if recipe.source_dir else ""
                 )
                 raise RecipeError(
                     f"data.{key}: {path}: file not found ({looked}); write it with python -m data_prep, "

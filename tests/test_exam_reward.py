@@ -67,3 +67,24 @@ def test_grpo_on_exam_questions_raises_the_exam_reward(tmp_path: Path) -> None:
     first, last = sum(r["reward"] for r in rows[:8]) / 8, sum(r["reward"] for r in rows[-8:]) / 8
     print(f"exam reward: mean {first:.3f} → {last:.3f} (first/last 8 of {len(rows)} GRPO steps)")
     assert last > first + 0.2
+
+
+def test_a_reply_cut_inside_its_reasoning_earns_nothing() -> None:
+    """After a prompt that opened <think> (DeepSeek-R1), the rollout hands the rule "<think>" + reply: a reply cut
+    off before </think> is all reasoning, its answer empty, as eval exam reads it — its letters earn nothing."""
+    exam = {"id": "1", "source": "cmb", "question": "q", "options": {"A": "甲", "B": "乙"}, "answer": "B"}
+    exam.update(multi=False, category=["x"])
+    assert exam_answer([], "<think>也许答案是B，再想想", exam) == 0.0
+    assert exam_answer([], "<think>想好了</think>答案是B。", exam) == 1.0
+
+
+def test_a_rule_gets_the_reference_only_when_it_asks_for_it() -> None:
+    from medtune.training.rewards import takes_a_third_argument
+
+    def two(messages, reply): ...
+    def three(messages, reply, exam): ...
+    def optional(messages, reply, scale=2.0): ...
+    def keywords(messages, reply, **kw): ...
+    def star(*args): ...
+
+    assert [takes_a_third_argument(f) for f in (two, three, optional, keywords, star)] == [0, 1, 0, 0, 1]

@@ -138,3 +138,17 @@ def test_eval_exam_and_the_report_show_the_count(trained, tmp_path: Path, capsys
     page = tmp_path / "report.html"
     assert report_main([str(result.run.root), "--eval", str(out), "--out", str(page)]) == 0
     assert "contamination: 1 of 3 items share a 13-character gram" in page.read_text(encoding="utf-8")
+
+
+def test_a_question_asked_as_eval_asks_it_is_a_near_duplicate(tmp_path: Path) -> None:
+    """A training record holding an exam question in its benchmark's wording (letters before the options, as
+    eval exam and the exam reward ask it) is a near-duplicate, and every matching record is counted."""
+    from medtune.data.exam_prompts import question_prompt
+
+    exams = exam_file(tmp_path)
+    first = json.loads(exams.read_text(encoding="utf-8").splitlines()[0])
+    train = tmp_path / "train.jsonl"
+    copies = [chat(f"c{i}", question_prompt(first)) for i in range(8)]
+    train.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in copies), encoding="utf-8")
+    listed = overlap([train], [exams])["benchmarks"]["cmb"]["listed"][0]
+    assert listed["id"] == "q1" and listed["records"] == 8 and len(listed["near"]) == 5 and len(listed["shares"]) == 5

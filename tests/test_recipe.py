@@ -145,10 +145,11 @@ def test_a_recipes_data_is_found_beside_it_from_any_directory(tmp_path, monkeypa
     check_data_files(recipe)
     (tmp_path / "mine.jsonl").write_text("", encoding="utf-8")
     here = load_recipe(REPO / "recipes" / "demo.yaml", ["data.train_files=[mine.jsonl]"])
-    assert here.data.train_files == ["mine.jsonl"]  # not beside the recipe: the current directory's, as typed
+    assert here.data.train_files == [str(tmp_path / "mine.jsonl")]  # a command-line path: the current directory's
+    typed = load_recipe(REPO / "recipes" / "demo.yaml", ["data.train_files=[data/demo_medical.jsonl]"])
+    assert typed.data.train_files == ["data/demo_medical.jsonl"]  # never the file beside the recipe
     missing = load_recipe(REPO / "recipes" / "demo.yaml", ["data.train_files=[nowhere.jsonl]"])
     with pytest.raises(RecipeError) as caught:
         check_data_files(missing)
-    assert f"nowhere.jsonl: file not found (looked in {tmp_path} and beside the recipe in {REPO / 'recipes'})" in str(
-        caught.value
-    )
+    message = str(caught.value)
+    assert f"nowhere.jsonl: file not found (the current directory is {tmp_path}; the recipe's is" in message

@@ -132,3 +132,12 @@ def test_a_truncated_adapter_is_one_line_naming_it(tiny_base, tmp_path: Path, ca
     lines = captured.err.splitlines()
     assert captured.out == "" and len(lines) == 1 and lines[0].startswith(f"error: {weights}: "), captured.err
     assert "truncated" in lines[0] and "Traceback" not in captured.err
+
+
+def test_a_character_still_in_bytes_is_held_back_whole() -> None:
+    """Byte-fallback tokenizers decode each pending byte of a character as its own U+FFFD: all are held, so the
+    next delta still extends what was sent (one held byte let the stream diverge and stop)."""
+    from medtune.infer.serving.engine import held_back
+
+    assert held_back("好\ufffd\ufffd", []) == 2 and held_back("好\ufffd \n", []) == 3
+    assert held_back("好 ", []) == 1 and held_back("好", []) == 0 and held_back("答案</", ["</s>"]) == 2

@@ -142,6 +142,14 @@ def template_source(tokenizer, template: JinjaTemplate) -> str:
     return own
 
 
+def prompt_opens_think(tokenizer, template, system_prompt: str | None) -> bool:
+    """The generation prompt already writes <think> (DeepSeek-R1): replies start inside the block."""
+    if not isinstance(template, JinjaTemplate) or "<think>" not in template_source(tokenizer, template):
+        return False
+    probe = template_messages([{"role": "user", "content": "?"}], system_prompt)
+    return render(tokenizer, template, probe, add_generation_prompt=True).rstrip().endswith("<think>")
+
+
 def template_messages(messages: Sequence[Message], system_prompt: str | None) -> list[dict[str, Any]]:
     """medtune messages as templates read them: reasoning as OpenAI's ``reasoning_content``; a system
     prompt put first when the conversation has none."""

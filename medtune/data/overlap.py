@@ -30,6 +30,7 @@ from medtune.data.records import iter_json_lines, write_jsonl_line
 from medtune.temp_files import temp_sibling
 
 DEFAULT_N = 13
+LISTED = 5  # training records named per contaminated item (all are counted)
 DEFAULT_NEAR = 0.5
 
 
@@ -66,9 +67,15 @@ class Item:
 
     benchmark: str
     id: str
-    grams: set[str]
-    hits: set[str] = field(default_factory=set)  # training records sharing an n-gram with it
-    near: set[str] = field(default_factory=set)  # training records holding >= --near of its grams
+    forms: list[set[str]]  # the grams of each way the item is written (an exam's options with and without letters)
+    hits: int = 0  # training records sharing an n-gram with it
+    near: int = 0  # training records holding >= --near of its grams
+    shares: list[str] = field(default_factory=list)  # the first few of each, to list (memory stays the index's)
+    near_ids: list[str] = field(default_factory=list)
+
+    @property
+    def grams(self) -> set[str]:
+        return set().union(*self.forms)
 
 
 class BenchmarkIndex:
@@ -83,16 +90,17 @@ class BenchmarkIndex:
 
     def match(self, record_id: str, grams: set[str], near: float) -> bool:
         """Mark the items this training record overlaps; True when it overlaps any."""
-        shared: Counter = Counter()
-        for gram in grams & self.by_gram.keys():
-            for i in self.by_gram[gram]:
-                shared[i] += 1
-        for i, count in shared.items():
+        hit = {i for gram in grams & self.by_gram.keys() for i in self.by_gram[gram]}
+        for i in hit:
             item = self.items[i]
-            item.hits.add(record_id)
-            if count >= near * len(item.grams):
-                item.near.add(record_id)
-        return bool(shared)
+            item.hits += 1
+            if len(item.shares) < LISTED:
+                item.shares.append(record_id)
+            if any(len(grams & form) >= near * len(form) for form in item.forms):
+                item.near += 1
+                if len(item.near_ids) < LISTED:
+                    item.near_ids.append(record_id)
+        return bool(hit)
 
 
 def benchmark_items(paths: Iterable[Path], n: int) -> list[Item]:
@@ -109,8 +117,14 @@ def benchmark_items(paths: Iterable[Path], n: int) -> list[Item]:
 
 
 def item_of(record: dict[str, Any], default_benchmark: str, n: int) -> Item:
+    """An item's grams in each way it is written: a copy may carry the option letters (as eval exam asks,
+    "A. 胃溃疡") or not, and a gram that crosses from one option into the next differs between the two."""
     benchmark = str(record.get("source") or default_benchmark)
-    return Item(benchmark, str(record["id"]), ngrams(normalised("".join(record_texts(record))), n))
+    forms = [ngrams(normalised("".join(record_texts(record))), n)]
+    if isinstance(record.get("options"), dict):
+        lettered = "".join(f"{k}{v}" for k, v in record["options"].items() if isinstance(v, str))
+        forms.append(ngrams(normalised(str(record.get("question", "")) + lettered), n))
+    return Item(benchmark, str(record["id"]), forms)
 
 
 def contamination(train: list[Path], records: list[dict[str, Any]], benchmark: str) -> dict[str, Any]:
@@ -188,7 +202,7 @@ def overlap(
         if item.hits:
             entry["contaminated"] += 1
             entry["near_duplicates"] += bool(item.near)
-            entry["listed"].append({"id": item.id, "near": sorted(item.near)[:5], "shares": sorted(item.hits)[:5]})
+            entry["listed"].append({"id": item.id, "records": item.hits, "near": item.near_ids, "shares": item.shares})
     return report
 
 

@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 from datasets import Dataset
 
 from medtune.console import MedtuneError
+from medtune.data.exam_prompts import PROMPT_VERSION as EXAM_PROMPT_VERSION
 from medtune.data.packing import Concatenation, as_table, pack_table, padding_efficiency
 from medtune.data.records import RecordError, held_out, read_records
 from medtune.data.rows import ROW_KINDS, Example, TokenizeReport, check_record
@@ -64,7 +65,7 @@ def file_identity(path: Path, sample: int = 1 << 20) -> str:
 
 def cache_key(data_cfg, seed: int, tokenizer, files: list[str], stage: str = "sft") -> str:
     """Everything that changes the tokenized rows: file contents, template, tokenizer, lengths, packing."""
-    digest = hashlib.sha256(f"{_FORMAT_VERSION}:{stage}".encode())
+    digest = hashlib.sha256(f"{_FORMAT_VERSION}:{stage}:exam-prompts-{EXAM_PROMPT_VERSION}".encode())
     for path in files:
         digest.update(file_identity(Path(path)).encode())
     ignored = ("train_files", "eval_files", "tokenize_workers")  # the files by content; workers change no row

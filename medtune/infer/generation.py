@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from medtune.console import MedtuneError
-from medtune.data.jinja_templates import JinjaTemplate, render, split_reasoning, template_messages, template_source
+from medtune.data.jinja_templates import JinjaTemplate, prompt_opens_think, split_reasoning, template_source
 from medtune.data.rows import padded
 from medtune.data.templates import Template, encode_conversation, get_template, stop_token_ids
 from medtune.data.tokenizer import decode, load_tokenizer
@@ -116,10 +116,7 @@ class InferenceModel:
     @cached_property
     def prompt_opens_think(self) -> bool:
         """The generation prompt already writes <think> (DeepSeek-R1): replies start inside the block."""
-        if not self.thinks:
-            return False
-        probe = template_messages([{"role": "user", "content": "?"}], self.system_prompt)
-        return render(self.tokenizer, self.template, probe, add_generation_prompt=True).rstrip().endswith("<think>")
+        return self.thinks and prompt_opens_think(self.tokenizer, self.template, self.system_prompt)
 
     def split(self, text: str) -> tuple[str | None, str]:
         """(reasoning, answer) of a generated reply; (None, text) for a template without reasoning."""

@@ -34,6 +34,7 @@ class RewardSource:
 
     score: Callable[[list[list[dict]], list[str], list[dict | None]], list[float]]  # prompts, replies, references
     name: str
+    rule: bool = False  # a rule (rl.reward_function) rather than a reward model
 
     def checked(self, prompts: list[list[dict]], texts: list[str], references: list[dict | None]) -> list[float]:
         """The scores, each a finite number, or one error naming the reward, the reply and the value: a NaN
@@ -49,12 +50,26 @@ class RewardSource:
         return [float(v) for v in scores]
 
 
+def takes_a_third_argument(rule: Callable) -> bool:
+    """Whether a rule asks for the prompt's reference: a third positional parameter without a default, or *args.
+    An optional third parameter (``scale=2.0``) is the rule's own, and a signature that cannot be read is taken
+    as two arguments."""
+    try:
+        parameters = list(inspect.signature(rule).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if any(p.kind == p.VAR_POSITIONAL for p in parameters):
+        return True
+    return len(positional) >= 3 and positional[2].default is inspect.Parameter.empty
+
+
 def rule_scores(
     rule: Callable, name: str, prompts: list[list[dict]], texts: list[str], references: list[dict | None]
 ) -> list:
     """A reward rule's values; an exception inside it is the rule's, named with the reply it failed on. A rule of
     three parameters also gets the prompt's reference (an exam question's record, its gold answer), else None."""
-    takes_reference = len(inspect.signature(rule).parameters) >= 3
+    takes_reference = takes_a_third_argument(rule)
     values = []
     for i, (prompt, text, reference) in enumerate(zip(prompts, texts, references, strict=True)):
         try:
@@ -76,7 +91,7 @@ def load_reward(recipe, policy, base: str) -> RewardSource:
             rule = getattr(importlib.import_module(module), function)
         except (ImportError, AttributeError) as exc:
             raise MedtuneError(f"rl.reward_function {rl.reward_function}: {exc}") from None
-        return RewardSource(partial(rule_scores, rule, rl.reward_function), rl.reward_function)
+        return RewardSource(partial(rule_scores, rule, rl.reward_function), rl.reward_function, rule=True)
     info = describe_source(rl.reward_model)
     same_base = len(info.adapters) == 1 and _same_model(info.base, base)
     if same_base:

@@ -251,6 +251,7 @@ class RolloutContext:
     seed: int  # train.seed: sampling is seeded by (seed, step, micro-batch, process)
     reward: RewardSource
     stop_ids: list[int]  # generation stops at these; a reply is cut after the first
+    opens_think: bool = False  # the prompt already wrote <think> (DeepSeek-R1): a rule reads "<think>" + reply
 
 
 @torch.no_grad()
@@ -287,7 +288,10 @@ def rollout(s: RolloutContext, batch: Batch, step: int, micro: int) -> Batch:
     ]
     prompts = [messages for messages in batch["prompts"] for _ in range(group)]
     references = [reference for reference in batch["references"] for _ in range(group)]
-    scores = s.reward.checked(prompts, texts, references)
+    # A rule reads the reply as the template wrote it: after a prompt that opened <think>, a reply cut off before
+    # </think> is all reasoning (its answer empty), as eval exam reads it; a reward model reads the text.
+    judged = ["<think>" + t for t in texts] if s.opens_think and s.reward.rule else texts
+    scores = s.reward.checked(prompts, judged, references)
     rewards = torch.tensor(scores, dtype=torch.float32, device=prompt_ids.device)
     out: Batch = {
         "prompt_ids": prompt_ids,

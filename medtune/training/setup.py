@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase, get_scheduler
 
 from medtune import __version__
+from medtune.data.jinja_templates import prompt_opens_think
 from medtune.data.rows import ROW_KINDS, LengthGroupedSampler
 from medtune.data.templates import chat_template_text, get_template, stop_token_ids, warn_if_not_models_own
 from medtune.data.token_cache import load_datasets, row_lengths
@@ -202,6 +203,7 @@ def rollout_context(
         seed=recipe.train.seed,
         reward=reward,
         stop_ids=unwrapped.generation_config.eos_token_id,
+        opens_think=prompt_opens_think(tokenizer, get_template(recipe.data.template), recipe.data.system_prompt),
     )
 
 

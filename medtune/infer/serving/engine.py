@@ -47,7 +47,10 @@ class Job:
 def held_back(text: str, stop: list[str]) -> int:
     """How many trailing characters to keep unsent: a partial character, a prefix of a stop string, or white
     space (the finished reply is stripped, as predict strips it: white space goes out only once text follows)."""
-    hold = max(1 if text.endswith("\ufffd") else 0, len(text) - len(text.rstrip()))
+    settled = len(text)  # every pending byte of a character decodes to its own U+FFFD, in any order with spaces
+    while settled and (text[settled - 1] == "\ufffd" or text[settled - 1].isspace()):
+        settled -= 1
+    hold = len(text) - settled
     for word in stop:
         for n in range(min(len(word) - 1, len(text)), 0, -1):
             if text.endswith(word[:n]):
