@@ -29,11 +29,13 @@ class Stage:
     dropout: bool = True  # train.disable_dropout's default is its opposite: off for preference and RL stages
     refines: str | None = None  # the stage whose merged model it starts from (a base that is not one is warned about)
     rollout: bool = False  # micro-batches are prompts, turned into scored replies (training/rollout.py) first
-    exam_prompts: bool = False  # exam records are prompts too, their gold passed to a reward rule (exam_reward)
     advantages: Literal["gae", "group", "leave_one_out", None] = None  # how a rollout's rewards become advantages
     min_generations: int = 1  # rl.num_generations at least this: group baselines compare replies to one prompt
     reuses_rollouts: bool = False  # rl.ppo_epochs optimisation passes over each rollout instead of one
 
+
+# What every online RL stage shares: prompts rolled out, refining the SFT model, no dropout against the reference.
+ONLINE = {"dropout": False, "refines": "sft", "rollout": True}
 
 STAGES: dict[str, Stage] = {
     s.name: s
@@ -42,40 +44,9 @@ STAGES: dict[str, Stage] = {
         Stage("sft", "chat", "chat", packs=True),
         Stage("rm", "preference", "pairs", reward_head=True, generates=False, dropout=False),
         Stage("dpo", "preference", "pairs", dropout=False, refines="sft"),
-        Stage(
-            "ppo",
-            "chat",
-            "prompts",
-            value_head=True,
-            dropout=False,
-            refines="sft",
-            rollout=True,
-            exam_prompts=True,
-            advantages="gae",
-            reuses_rollouts=True,
-        ),
-        Stage(
-            "grpo",
-            "chat",
-            "prompts",
-            dropout=False,
-            refines="sft",
-            rollout=True,
-            exam_prompts=True,
-            advantages="group",
-            min_generations=2,
-        ),
-        Stage(
-            "rloo",
-            "chat",
-            "prompts",
-            dropout=False,
-            refines="sft",
-            rollout=True,
-            exam_prompts=True,
-            advantages="leave_one_out",
-            min_generations=2,
-        ),
+        Stage("ppo", "chat", "prompts", **ONLINE, value_head=True, advantages="gae", reuses_rollouts=True),
+        Stage("grpo", "chat", "prompts", **ONLINE, advantages="group", min_generations=2),
+        Stage("rloo", "chat", "prompts", **ONLINE, advantages="leave_one_out", min_generations=2),
     )
 }
 

@@ -208,7 +208,7 @@ class LengthGroupedSampler(torch.utils.data.Sampler[int]):
 def check_record(path: str, lineno: int, record: dict, stage) -> None:
     """A record of the kind the stage trains on, else an error naming file and line."""
     kind = record_kind(record)
-    if kind != stage.records and not (kind == "exam" and stage.exam_prompts):
+    if kind != stage.records and not (kind == "exam" and stage.rows == "prompts"):  # an exam question is a prompt
         want = KIND_HELP[stage.records]
         raise RecordError(f"{path}:{lineno}: a {kind} record; train.stage {stage.name} needs {want}")
     if kind == "chat" and not stage.rollout and record["messages"][-1]["role"] != "assistant":
