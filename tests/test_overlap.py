@@ -78,6 +78,10 @@ def test_the_real_exam_fixtures_against_the_demo_set_and_the_cli(tmp_path: Path,
     assert "cmb: 1 of 4 items share a 13-gram with the training data (25.0%), 1 are near-duplicates" in out
     assert len(clean.read_text(encoding="utf-8").splitlines()) == 40
     assert json.loads(report_file.read_text())["benchmarks"]["cmb"]["listed"][0]["shares"] == ["train.jsonl:leak"]
+    before = clean.read_bytes()
+    assert main(["overlap", *argv]) == 2  # a second run never replaces files silently
+    assert f"{report_file}: exists; pass --overwrite" in capsys.readouterr().err and clean.read_bytes() == before
+    assert main(["overlap", *argv, "--overwrite"]) == 0 and clean.read_bytes() == before
 
 
 @pytest.mark.parametrize(

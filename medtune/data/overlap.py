@@ -227,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--near", type=float, default=DEFAULT_NEAR, help="share of an item's grams: near-duplicate")
     check.add_argument("--json", type=Path, help="write the report (every contaminated item listed) here")
     check.add_argument("--write-clean", type=Path, metavar="OUT", help="the training records that overlap nothing")
+    check.add_argument("--overwrite", action="store_true", help="replace --json / --write-clean files that exist")
     check.add_argument("--debug", action="store_true", help="show tracebacks of user errors too")
     args = parser.parse_args(argv)
 
@@ -235,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         for out in (args.json, args.write_clean):
             if out is not None and out.resolve() in inputs:
                 raise MedtuneError(f"{out}: is one of the inputs; write elsewhere")
+            if out is not None and out.exists() and not args.overwrite:
+                raise MedtuneError(f"{out}: exists; pass --overwrite to replace it, or choose another path")
         report = overlap(args.train, args.against, args.n, args.near, args.write_clean)
         print(summary(report))
         if args.json:
