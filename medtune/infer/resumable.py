@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from medtune.console import MedtuneError
 from medtune.data.records import write_jsonl_line
-from medtune.rundir import describe_source
+from medtune.rundir import atomic_write_text, describe_source
 
 
 def fingerprint(source: str, data: Path, settings: dict[str, Any]) -> dict[str, Any]:
@@ -109,9 +109,7 @@ def append_rows(handle, rows: list[dict]) -> None:
 
 def rewrite_in_order(out: Path, done: dict[str, dict], ids: list[str]) -> None:
     """The finished file in input order, atomically (a resumed run appended in the order it ran)."""
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text("".join(write_jsonl_line(done[i]) for i in ids), encoding="utf-8")
-    os.replace(tmp, out)
+    atomic_write_text(out, "".join(write_jsonl_line(done[i]) for i in ids))
 
 
 def read_done(out: Path) -> dict[str, dict]:

@@ -21,6 +21,7 @@ from medtune.data.records import read_records, record_kind, write_jsonl_line
 from medtune.infer.resumable import check_resumable, fingerprint
 from medtune.model.load import DTYPES
 from medtune.model.reward_model import load_reward_model, score_conversations
+from medtune.rundir import atomic_write_text
 
 
 def read_scoring_records(path: Path) -> tuple[str, list[dict[str, Any]]]:
@@ -96,9 +97,7 @@ def score_file(
     else:
         rows = [{"id": r["id"], "score": s} for r, s in zip(records, scores, strict=True)]
         summary = {"replies": len(rows), "mean_score": sum(scores) / len(scores)}
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text("".join(write_jsonl_line(r) for r in rows), encoding="utf-8")
-    tmp.replace(out)
+    atomic_write_text(out, "".join(write_jsonl_line(r) for r in rows))
     return {**summary, "histogram": histogram(scores)}
 
 

@@ -226,10 +226,6 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, total
 
 
-def is_model_dir(path: str | Path) -> bool:
-    return (Path(path) / "config.json").is_file()
-
-
 def base_config_summary(base: str, trust_remote_code: bool = False) -> dict[str, Any]:
     """The shape of the base an adapter fits: merge refuses a --base of another shape or vocabulary."""
     config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)

@@ -65,11 +65,15 @@ def takes_a_third_argument(rule: Callable) -> bool:
 
 
 def rule_scores(
-    rule: Callable, name: str, prompts: list[list[dict]], texts: list[str], references: list[dict | None]
+    rule: Callable,
+    name: str,
+    takes_reference: bool,
+    prompts: list[list[dict]],
+    texts: list[str],
+    references: list[dict | None],
 ) -> list:
     """A reward rule's values; an exception inside it is the rule's, named with the reply it failed on. A rule of
     three parameters also gets the prompt's reference (an exam question's record, its gold answer), else None."""
-    takes_reference = takes_a_third_argument(rule)
     values = []
     for i, (prompt, text, reference) in enumerate(zip(prompts, texts, references, strict=True)):
         try:
@@ -91,7 +95,8 @@ def load_reward(recipe, policy, base: str) -> RewardSource:
             rule = getattr(importlib.import_module(module), function)
         except (ImportError, AttributeError) as exc:
             raise MedtuneError(f"rl.reward_function {rl.reward_function}: {exc}") from None
-        return RewardSource(partial(rule_scores, rule, rl.reward_function), rl.reward_function, rule=True)
+        score = partial(rule_scores, rule, rl.reward_function, takes_a_third_argument(rule))  # read once
+        return RewardSource(score, rl.reward_function, rule=True)
     info = describe_source(rl.reward_model)
     same_base = len(info.adapters) == 1 and _same_model(info.base, base)
     if same_base:
