@@ -288,9 +288,9 @@ def _write_item(
             {"file": item.file, "line": item.line, "index": item.index, "reason": skip.reason, "detail": skip.detail},
         )
         return
-    for record in records:
+    for record, line in records:
         dev = is_dev(record["id"], options)
-        outputs.write("dev" if dev else "train", record)
+        outputs.write("dev" if dev else "train", record, line)
         report.written += 1
         report.dev += dev
 
@@ -327,9 +327,10 @@ class Outputs:
                 raise output_error(exc, self.paths[kind]) from exc
         return self
 
-    def write(self, kind: str, record: dict) -> None:
+    def write(self, kind: str, record: dict, line: str | None = None) -> None:
+        """``record`` as a line (``line``: the one the checks already built for it)."""
         try:
-            self.handles[kind].write(write_jsonl_line(record))
+            self.handles[kind].write(line if line is not None else write_jsonl_line(record))
             self.written[kind] += 1
         except OSError as exc:
             raise output_error(exc, self.paths[kind]) from exc
@@ -410,8 +411,9 @@ class Seen:
     per_task: Counter = field(default_factory=Counter)  # records written per PromptCBLUE task
 
 
-def _convert_one(convert: Converter, item: Item, options: Options, seen: Seen) -> list[dict]:
-    """The item's records, checked one by one and against what the run wrote before; a Skip otherwise."""
+def _convert_one(convert: Converter, item: Item, options: Options, seen: Seen) -> list[tuple[dict, str]]:
+    """The item's records with their JSON lines, checked one by one and against what the run wrote before; a Skip
+    otherwise."""
     if item.error:
         raise Skip("malformed JSON", item.error)
     if not isinstance(item.value, dict):
@@ -420,8 +422,7 @@ def _convert_one(convert: Converter, item: Item, options: Options, seen: Seen) -
         records = convert(item.value, item, options)
     except RecursionError:
         raise Skip("nested too deeply") from None
-    for record in records:
-        _check_record(record, options)
+    lines = [_check_record(record, options) for record in records]
     ids = _new_ids(records, seen)
     contents = _new_contents(records, seen) if options.dedup else []
     if options.max_per_task is not None:
@@ -429,14 +430,16 @@ def _convert_one(convert: Converter, item: Item, options: Options, seen: Seen) -
         seen.per_task.update(r.get("meta", {}).get("task_dataset") for r in records)
     seen.ids.update(ids)
     seen.contents.update(contents)
-    return records
+    return list(zip(records, lines, strict=True))
 
 
-def _check_record(record: dict, options: Options) -> None:
-    """A record that breaks the contract, cannot be written as strict JSON, shows no text, or is too long."""
+def _check_record(record: dict, options: Options) -> str:
+    """The record's JSON line (written as it is: each record is serialised once); a Skip when it breaks the
+    contract, cannot be written as strict UTF-8 JSON, shows no text, or is too long."""
     try:
         validate_record(record)
-        json.dumps(record, ensure_ascii=False, allow_nan=False).encode("utf-8")
+        line = write_jsonl_line(record, strict=True)
+        line.encode("utf-8")
     except RecordError as exc:
         raise Skip("invalid record", str(exc)) from None
     except UnicodeEncodeError as exc:
@@ -461,6 +464,7 @@ def _check_record(record: dict, options: Options) -> None:
             )
     if options.max_length is not None and (length := _length(record)) > options.max_length:
         raise Skip("too long", f"{length} characters > --max-length {options.max_length}")
+    return line
 
 
 def _new_ids(records: list[dict], seen: Seen) -> list[int]:

@@ -236,6 +236,7 @@ def held_out(record_id: str, seed: int, ratio: float) -> bool:
     return int.from_bytes(digest, "big") / 2**64 < ratio
 
 
-def write_jsonl_line(record: dict[str, Any]) -> str:
-    """The one serialisation: UTF-8 text kept readable, keys in a stable order."""
-    return json.dumps(record, ensure_ascii=False) + "\n"
+def write_jsonl_line(record: dict[str, Any], strict: bool = False) -> str:
+    """The one serialisation: UTF-8 text kept readable, keys in a stable order. ``strict``: NaN and ±Infinity
+    (which Python's json writes, but no other JSON reader takes) raise ValueError."""
+    return json.dumps(record, ensure_ascii=False, allow_nan=not strict) + "\n"
