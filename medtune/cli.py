@@ -13,6 +13,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "medtune.train",
     ),
     "data": ("data checks: overlap (which benchmark items a training set already holds)", "medtune.data.overlap"),
+    "export": (
+        "a GGUF file for llama.cpp, or a GGUF and Modelfile for Ollama, in the run's training format",
+        "medtune.infer.export",
+    ),
     "merge": ("merge LoRA adapters into the base and save a plain model", "medtune.infer.merge"),
     "predict": ("batched, resumable generation with the training template", "medtune.infer.predict"),
     "reward": ("score preference pairs or replies with a trained reward model", "medtune.infer.reward"),

@@ -68,27 +68,7 @@ def merge(
     earlier = read_json(out / MERGE_INFO) if (out / MERGE_INFO).is_file() else {}
     if earlier.get("inputs") == inputs:
         return {**earlier, "up_to_date": True}
-    trust_remote_code = trust_remote_code or info.trust_remote_code
-    tokenizer = load_tokenizer(info.tokenizer, info.tokenizer_kind, trust_remote_code)
-    auto = AutoModelForSequenceClassification if reward_model else AutoModelForCausalLM
-    model = load_weights(
-        auto,
-        info.base,
-        dtype=DTYPES[dtype],
-        trust_remote_code=trust_remote_code,
-        **({"num_labels": 1} if reward_model else {}),
-    ).eval()
-    if reward_model:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    prompts = parity_prompts(tokenizer, info)
-    gap = 0.0
-    with torch.no_grad():
-        for adapter in adapters:
-            peft_model = apply_adapter(model, adapter)
-            reference = [peft_model(input_ids=torch.tensor([ids])).logits.float() for ids in prompts]
-            model = peft_model.merge_and_unload()
-            for ids, expected in zip(prompts, reference, strict=True):
-                gap = max(gap, (model(input_ids=torch.tensor([ids])).logits.float() - expected).abs().max().item())
+    model, tokenizer, gap = merged_in_memory(info, adapters, dtype, trust_remote_code or info.trust_remote_code)
     if info.template:
         tokenizer.chat_template = chat_template_text(tokenizer, get_template(info.template), info.system_prompt)
     if not reward_model:
@@ -110,6 +90,34 @@ def merge(
     }
     write_merged(out, model, tokenizer, summary, shard_size)
     return summary
+
+
+def merged_in_memory(info: ModelSource, adapters: list[str], dtype: str, trust_remote_code: bool):
+    """The unquantized base with ``adapters`` merged in, in order, its tokenizer, and the largest logit gap
+    between each peft model and its merged result on a few training-format prompts (what merge and export
+    both check before they write anything)."""
+    reward_model = get_stage(info.stage).reward_head  # a reward model keeps its score head, not an LM head
+    tokenizer = load_tokenizer(info.tokenizer, info.tokenizer_kind, trust_remote_code)
+    auto = AutoModelForSequenceClassification if reward_model else AutoModelForCausalLM
+    model = load_weights(
+        auto,
+        info.base,
+        dtype=DTYPES[dtype],
+        trust_remote_code=trust_remote_code,
+        **({"num_labels": 1} if reward_model else {}),
+    ).eval()
+    if reward_model:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    prompts = parity_prompts(tokenizer, info)
+    gap = 0.0
+    with torch.no_grad():
+        for adapter in adapters:
+            peft_model = apply_adapter(model, adapter)
+            reference = [peft_model(input_ids=torch.tensor([ids])).logits.float() for ids in prompts]
+            model = peft_model.merge_and_unload()
+            for ids, expected in zip(prompts, reference, strict=True):
+                gap = max(gap, (model(input_ids=torch.tensor([ids])).logits.float() - expected).abs().max().item())
+    return model, tokenizer, gap
 
 
 def merge_inputs(base: str, adapters: list[str], dtype: str) -> dict:
