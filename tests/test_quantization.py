@@ -77,6 +77,17 @@ def test_qlora_trains_only_the_adapter_and_merges_into_the_full_base(tmp_path, t
     # quantization error, which the dequantized reference removes.
     assert gap < quantization_error
 
+    # 3. medtune export does the same: the GGUF holds the merge into the unquantized base, not the 4/8-bit one.
+    import gguf
+    import numpy as np
+
+    from medtune.infer.export import export_gguf
+
+    export_gguf(str(result.run.root), tmp_path / "m.gguf", "f32")
+    exported = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    down = merged.model.layers[0].mlp.down_proj.weight.detach().numpy()
+    assert np.array_equal(exported["blk.0.ffn_down.weight"].reshape(down.shape), down)
+
 
 def test_8bit_with_zero3_is_refused_early(tmp_path):
     path = write_recipe(tmp_path / "r.yaml", SMALL_RECIPE)
