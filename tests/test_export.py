@@ -24,10 +24,11 @@ import pytest
 import torch
 from helpers import DEMO_DATA, REPO, tiny_llama_with_tokenizer
 from references import DATA, TOKENIZERS, chatmed_texts, cmtmedqa_dialogues
+from transformers import GenerationConfig
 
 from medtune.console import MedtuneError
 from medtune.data.jinja_templates import first_difference
-from medtune.data.templates import TEMPLATES, encode_conversation, get_template, render_text
+from medtune.data.templates import TEMPLATES, encode_conversation, get_template, render_text, stop_token_ids
 from medtune.infer.export import export_gguf, export_ollama
 from medtune.infer.ollama import go_template
 
@@ -122,7 +123,10 @@ def qwen2_base(out: Path) -> None:
         tie_word_embeddings=True,
         eos_token_id=tokenizer.eos_token_id,
     )
-    Qwen2ForCausalLM(config).save_pretrained(out, safe_serialization=True)
+    model = Qwen2ForCausalLM(config)
+    # A second stop of the model's own besides EOS, one llama.cpp does not know by its text: it must still stop.
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_start|>")]
+    model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
 
 
@@ -142,8 +146,13 @@ def test_llama_cpp_tokenizes_training_prompts_to_medtune_ids(vocab, template, tm
         tiny_llama_with_tokenizer(base, TOKENIZERS / vocab)
     export_gguf(str(base), tmp_path / "m.gguf", "f32", template)
     tokenizer = load_tokenizer(str(base))
+    model_stops = GenerationConfig.from_pretrained(base).eos_token_id
+    stops = stop_token_ids(tokenizer, get_template(template), model_stops)
     same, first_turn_same, first_turns, total = 0, 0, 0, 0
     with Gguf(tmp_path / "m.gguf", vocab_only=True) as llm:
+        in_llama_cpp = llama_cpp().llama_model_get_vocab(llm.model)
+        ends = [i for i in range(llm.n_vocab()) if llama_cpp().llama_vocab_is_eog(in_llama_cpp, i)]
+        assert set(stops) <= set(ends), f"medtune stops {stops}, llama.cpp ends generation at {ends}"
         for messages in real_prompts():
             ours = encode_conversation(tokenizer, get_template(template), messages)[0]
             theirs = chat_prompt(llm, messages)
@@ -157,7 +166,8 @@ def test_llama_cpp_tokenizes_training_prompts_to_medtune_ids(vocab, template, tm
     with capsys.disabled():
         print(
             f"\n[export parity a] {vocab}/{template}: llama.cpp = medtune training-prompt ids on "
-            f"{first_turn_same}/{first_turns} first-turn prompts, {same}/{total} prompts in all"
+            f"{first_turn_same}/{first_turns} first-turn prompts, {same}/{total} prompts in all; "
+            f"every stop of the run ends generation in llama.cpp ({stops} within {ends})"
         )
     if TEMPLATES[template].reply_joins_prompt or template == "chatml":
         assert same == total  # one-string templates: every turn too

@@ -151,7 +151,7 @@ def tokenizer_facts(tokenizer, template, system_prompt: str | None, model_stops)
     return TokenizerFacts(
         chat_template=chat_template_text(tokenizer, template, system_prompt),
         add_bos=bos is not None and prompt[:1] == [bos],
-        end_of_turn=stops[0] if stops else None,
+        stops=tuple(stops),
     )
 
 
@@ -221,16 +221,14 @@ def export_ollama(source: str, out: Path, type_name: str, template_name: str | N
         )
     out.mkdir(parents=True, exist_ok=True)
     written = export_gguf(source, out / "model.gguf", type_name, template_name, dtype)
-    from_gguf = gguf.GGUFReader(out / "model.gguf")
-    tokens = from_gguf.get_field("tokenizer.ggml.tokens")
-    token = lambda key: tokens.contents(int(from_gguf.get_field(key).contents())) if from_gguf.get_field(key) else ""  # noqa: E731
-    stop_ids = [f for f in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if from_gguf.get_field(f)]
+    reader = gguf.GGUFReader(out / "model.gguf")  # the Modelfile says what the file it names holds
+    ends = ("eos_token_id", "eot_token_id", "eom_token_id")
     text = modelfile(
         template,
         export.info.system_prompt if export.info.system_prompt is not None else template.default_system,
-        token("tokenizer.ggml.bos_token_id"),
-        token("tokenizer.ggml.eos_token_id"),
-        list(dict.fromkeys(token(f) for f in stop_ids)),
+        _token_text(reader, "bos_token_id"),
+        _token_text(reader, "eos_token_id"),
+        list(dict.fromkeys(t for t in (_token_text(reader, key) for key in ends) if t)),
         f"{Path(source).resolve() if Path(source).exists() else source} ({export.template_name} template)",
     )
     target = out / "Modelfile"
@@ -238,6 +236,12 @@ def export_ollama(source: str, out: Path, type_name: str, template_name: str | N
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, target)
     return written
+
+
+def _token_text(reader: gguf.GGUFReader, key: str) -> str:
+    """The text of the token a ``tokenizer.ggml.{key}`` field names, or "" when the file has no such field."""
+    field = reader.get_field(f"tokenizer.ggml.{key}")
+    return reader.get_field("tokenizer.ggml.tokens").contents(int(field.contents())) if field is not None else ""
 
 
 def check_ollama_dir(out: Path) -> None:

@@ -90,7 +90,12 @@ class TokenizerFacts:
 
     chat_template: str
     add_bos: bool  # the run's prompts start with BOS (llama.cpp then adds it and strips a rendered one)
-    end_of_turn: int | None  # the template's end marker when it is not EOS (chatml's <|im_end|>)
+    stops: tuple[int, ...] = ()  # every id besides EOS that ends a reply: the template's end marker first
+
+    @property
+    def end_of_turn(self) -> int | None:
+        """The template's end marker when it is not EOS (chatml's <|im_end|>)."""
+        return self.stops[0] if self.stops else None
 
 
 def write_gguf(model, tokenizer, facts: TokenizerFacts, path: Path, type_name: str, medtune_key: dict) -> None:
@@ -239,7 +244,10 @@ def _add_specials(writer: gguf.GGUFWriter, tokenizer, facts: TokenizerFacts) -> 
         (writer.add_eos_token_id, tokenizer.eos_token_id),
         (writer.add_unk_token_id, tokenizer.unk_token_id),
         (writer.add_pad_token_id, tokenizer.pad_token_id),
-        (writer.add_eot_token_id, facts.end_of_turn),
+        # llama.cpp ends generation at EOS, EOT and EOM (and at tokens it knows by text, <|im_end|> …): the run's
+        # stops take the two slots, so a model whose generation_config names a second stop stops there too.
+        (writer.add_eot_token_id, facts.stops[0] if facts.stops else None),
+        (writer.add_eom_token_id, facts.stops[1] if len(facts.stops) > 1 else None),
     ):
         if token_id is not None:
             setter(int(token_id))
