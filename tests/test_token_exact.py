@@ -278,3 +278,32 @@ def test_saved_tokenizer_gives_the_training_prompt_ids(real, tmp_path, name, sys
             checked += 1
     assert checked >= (20 if with_history else 10) or (name == "ziya" and system)
     assert saved(["山楂"], add_special_tokens=False)["input_ids"] == [reference.sp.encode("山楂")]
+
+
+@pytest.mark.parametrize("vocab", ["qwen2", "llama-bpe", "gemma-4", "deepseek-llm"])
+@pytest.mark.parametrize("split_special_tokens", [False, True])
+def test_encode_texts_of_a_fast_tokenizer_equals_the_tokenizer_call(vocab, split_special_tokens, capsys):
+    """Fast tokenizers: the Rust tokenizer's ids alone (encode_batch_fast) are the ids of transformers' call, on
+    real texts, edge texts and texts around every special token of the vocabulary, with special tokens split or
+    not; after the call has set truncation, medtune goes through the call itself."""
+    from real_vocab import vocab_tokenizer_dir
+    from transformers import AutoTokenizer
+
+    from medtune.data.tokenizer import encode_texts
+
+    tokenizer = AutoTokenizer.from_pretrained(vocab_tokenizer_dir(vocab), split_special_tokens=split_special_tokens)
+    specials = [t for t in tokenizer.all_special_tokens if t]
+    texts = (
+        real_texts() + EDGE_TEXTS + [f"前{s}中 {s}后" for s in specials] + [t + specials[0] for t in real_texts()[:50]]
+    )
+    ours = encode_texts(tokenizer, texts)
+    library = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    differences = sum(a != b for a, b in zip(ours, library, strict=True))
+    with capsys.disabled():
+        print(
+            f"\n{vocab} (split_special_tokens={split_special_tokens}): encode_texts vs the call, {len(texts)} texts, "
+            f"{differences} differ"
+        )
+    assert differences == 0
+    tokenizer.backend_tokenizer.enable_truncation(8)  # a setting the call would turn off: the call is used
+    assert encode_texts(tokenizer, texts[:20]) == tokenizer(texts[:20], add_special_tokens=False)["input_ids"]

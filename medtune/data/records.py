@@ -21,7 +21,7 @@ import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from medtune.console import MedtuneError
 
@@ -166,40 +166,61 @@ def iter_json_lines(path: str | Path) -> Iterator[tuple[int, Any]]:
     if not path.is_file():
         raise RecordError(f"{path}: file not found")
     with path.open("rb") as handle:
-        for lineno, line in numbered_lines(handle, path):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as exc:
-                hint = f"; {CONVERT_HINT}" if line.lstrip().startswith(("[", "\ufeff[")) else ""
-                raise RecordError(f"{path}:{lineno}: not valid JSON lines ({exc.msg}){hint}") from None
-            except RecursionError:
-                raise RecordError(f"{path}:{lineno}: nested too deeply to read") from None
+        for lineno, raw in enumerate(handle, 1):
+            value = parse_line(path, lineno, raw)
+            if value is not _BLANK:
+                yield lineno, value
 
 
-def numbered_lines(handle: BinaryIO, path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, text) of a file read as bytes: a first-line BOM (Windows editors write one) is dropped as
-    data_prep drops it, and a line that is not UTF-8 (a GBK export, say) is one error naming that line."""
-    for lineno, raw in enumerate(handle, 1):
+_BLANK = object()  # what parse_line gives for an empty line
+
+
+def parse_line(path: str | Path, lineno: int, raw: bytes) -> Any:
+    """One line of a JSON-lines file, parsed (``_BLANK`` when empty). A first-line BOM (Windows editors write
+    one) is dropped as data_prep drops it; a line that is not UTF-8 (a GBK export, say) or not JSON is one
+    error naming the file and line."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        byte = raw[exc.start]
+        raise RecordError(f"{path}:{lineno}: not UTF-8 text (byte {byte:#04x}); save the file as UTF-8") from None
+    if lineno == 1:
+        line = line.removeprefix("\ufeff")
+    if not line.strip():
+        return _BLANK
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        hint = f"; {CONVERT_HINT}" if line.lstrip().startswith(("[", "\ufeff[")) else ""
+        raise RecordError(f"{path}:{lineno}: not valid JSON lines ({exc.msg}){hint}") from None
+    except RecursionError:
+        raise RecordError(f"{path}:{lineno}: nested too deeply to read") from None
+
+
+def parse_records(path: str | Path, first_lineno: int, lines: list[bytes]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, record) of a block of a file's raw lines, the first being line ``first_lineno``, each
+    validated: what read_records does, for a block read elsewhere (a tokenizing process parses its own)."""
+    for lineno, raw in enumerate(lines, first_lineno):
+        record = parse_line(path, lineno, raw)
+        if record is _BLANK:
+            continue
         try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise RecordError(
-                f"{path}:{lineno}: not UTF-8 text (byte {raw[exc.start]:#04x}); save the file as UTF-8"
-            ) from None
-        yield lineno, line.removeprefix("\ufeff") if lineno == 1 else line
+            validate_record(record)
+        except RecordError as exc:
+            raw_format = isinstance(record, list) or (isinstance(record, dict) and bool(set(record) & RAW_FORMAT_KEYS))
+            hint = f"; {convert_hint(record)}" if raw_format else ""
+            raise RecordError(f"{path}:{lineno}: {exc}{hint}") from None
+        yield lineno, record
 
 
 def read_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (line number, record) from an instruction JSONL file, validating each line."""
-    for lineno, record in iter_json_lines(path):
-        try:
-            validate_record(record)
-        except RecordError as exc:
-            raw = isinstance(record, list) or (isinstance(record, dict) and bool(set(record) & RAW_FORMAT_KEYS))
-            raise RecordError(f"{path}:{lineno}: {exc}" + (f"; {convert_hint(record)}" if raw else "")) from None
-        yield lineno, record
+    path = Path(path)
+    if not path.is_file():
+        raise RecordError(f"{path}: file not found")
+    with path.open("rb") as handle:
+        for lineno, raw in enumerate(handle, 1):
+            yield from parse_records(path, lineno, [raw])
 
 
 def read_kind(path: str | Path, kind: str, hint: str) -> list[dict[str, Any]]:

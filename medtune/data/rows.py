@@ -79,7 +79,7 @@ def tokenize_chat(
             if len(ids) > max_length:
                 ids, labels = ids[:max_length], labels[:max_length]
                 report.truncated += 1
-            if all(label == IGNORE_INDEX for label in labels[1:]):
+            if labels[1:].count(IGNORE_INDEX) == len(labels) - 1:  # no trained token after the first
                 report.dropped["with no answer token left within max_length"] += 1
                 continue
             examples.append({"input_ids": ids, "labels": labels})
@@ -88,10 +88,10 @@ def tokenize_chat(
 
 
 def trained_runs(labels: Sequence[int]) -> int:
-    """How many separate stretches of trained tokens: one per trained reply."""
-    return sum(
-        1 for i, label in enumerate(labels) if label != IGNORE_INDEX and (i == 0 or labels[i - 1] == IGNORE_INDEX)
-    )
+    """How many separate stretches of trained tokens: one per trained reply. Counted as the starts of runs of
+    1s in a bytes mask (map and bytes.count run in C: a Python loop over every label cost 14% of tokenizing)."""
+    trained = bytes(map(IGNORE_INDEX.__ne__, labels))
+    return trained.count(b"\x00\x01") + trained.startswith(b"\x01")
 
 
 def tokenize_pairs(

@@ -20,6 +20,7 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +31,10 @@ from datasets import Dataset
 from medtune.console import MedtuneError
 from medtune.data.exam_prompts import PROMPT_VERSION as EXAM_PROMPT_VERSION
 from medtune.data.packing import Concatenation, as_table, pack_table, padding_efficiency
-from medtune.data.records import RecordError, held_out, read_records
+from medtune.data.records import RecordError, held_out, parse_records
 from medtune.data.rows import ROW_KINDS, Example, TokenizeReport, check_record
 from medtune.data.templates import get_template
+from medtune.data.tokenizer import use_one_thread
 from medtune.paths import cache_root
 from medtune.processes import die_with_parent
 from medtune.stages import get_stage
@@ -111,17 +113,25 @@ class RowFile:
         return self.rows
 
 
-def record_chunks(path: str, stage) -> Iterator[list[dict]]:
-    """The file's records of the stage's kind, RECORD_CHUNK at a time."""
-    chunk: list[dict] = []
-    for lineno, record in read_records(path):
+def line_blocks(path: str) -> Iterator[tuple[int, list[bytes]]]:
+    """The file's raw lines, RECORD_CHUNK at a time, each block with the number of its first line. Reading
+    is all the parent process does: parsing and validating, like tokenizing, happen where the block goes."""
+    if not Path(path).is_file():
+        raise RecordError(f"{path}: file not found")
+    with open(path, "rb") as handle:
+        lineno = 1
+        while block := list(islice(handle, RECORD_CHUNK)):
+            yield lineno, block
+            lineno += len(block)
+
+
+def encode_lines(block: tuple[int, list[bytes]], path: str, data_cfg, tokenizer, stage, seed: int, split: bool):
+    """A block of raw lines → encode_chunk of its records; a bad line is an error naming file and line."""
+    records = []
+    for lineno, record in parse_records(path, *block):
         check_record(path, lineno, record, stage)
-        chunk.append(record)
-        if len(chunk) == RECORD_CHUNK:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+        records.append(record)
+    return encode_chunk(records, data_cfg, tokenizer, stage, seed, split)
 
 
 def encode_chunk(chunk: list[dict], data_cfg, tokenizer, stage, seed: int, split: bool):
@@ -142,30 +152,32 @@ _WORKER: dict = {}  # what a tokenizing process keeps between chunks (set once, 
 
 def _start_worker(parent: int, **context) -> None:
     die_with_parent(parent)  # a SIGKILLed medtune leaves no worker tokenizing on under PID 1
+    use_one_thread()
     _WORKER.update(context, stage=get_stage(context["stage"]))
 
 
-def _encode_in_worker(chunk: list[dict]):
-    return encode_chunk(chunk, **_WORKER)
+def _encode_in_worker(block: tuple[int, list[bytes]]):
+    return encode_lines(block, **_WORKER)
 
 
 def encoded_chunks(path: str, data_cfg, tokenizer, stage, seed: int, split: bool, workers: int) -> Iterator[tuple]:
-    """encode_chunk over the file's records, in order. Records are read and validated here (errors name the
-    line); with workers > 1 the chunks are tokenized by that many forked processes — transformers'
-    tokenization and medtune's templates are Python, one core each — at most two chunks a worker ahead."""
-    chunks = record_chunks(path, stage)
+    """encode_lines over the file's blocks of lines, in order (errors name the line). With workers > 1 the
+    blocks are parsed and tokenized by that many forked processes — JSON, validation, transformers'
+    tokenization and medtune's templates are Python, one core each — at most two blocks a worker ahead; the
+    parent only reads lines and writes the rows that come back."""
+    blocks = line_blocks(path)
     if workers <= 1:
-        for chunk in chunks:
-            yield encode_chunk(chunk, data_cfg, tokenizer, stage, seed, split)
+        for block in blocks:
+            yield encode_lines(block, path, data_cfg, tokenizer, stage, seed, split)
         return
-    context = {"data_cfg": data_cfg, "tokenizer": tokenizer, "stage": stage.name, "seed": seed, "split": split}
+    context = {"path": path, "data_cfg": data_cfg, "tokenizer": tokenizer, "stage": stage.name, "seed": seed}
     fork = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(
-        workers, mp_context=fork, initializer=partial(_start_worker, os.getpid(), **context)
+        workers, mp_context=fork, initializer=partial(_start_worker, os.getpid(), split=split, **context)
     ) as pool:
         pending: deque = deque()
-        for chunk in chunks:
-            pending.append(pool.submit(_encode_in_worker, chunk))
+        for block in blocks:
+            pending.append(pool.submit(_encode_in_worker, block))
             if len(pending) >= 2 * workers:
                 yield pending.popleft().result()
         while pending:

@@ -18,6 +18,7 @@ repos that ship a ``tokenizer.json`` their authors trained with (Ziya).
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Literal
@@ -123,6 +124,18 @@ def decode(tokenizer, ids: list[int], skip_special_tokens: bool = True) -> str:
     return "".join(parts)
 
 
+# Threads a batch encoder may use: all cores (-1) in one process; one in each of several tokenizing processes,
+# which are already one per core (medtune.data.token_cache sets it when it forks them).
+ENCODER_THREADS = {"sentencepiece": -1}
+
+
+def use_one_thread() -> None:
+    """In a tokenizing process of several: sentencepiece's and the Rust tokenizers' batch encoders on one thread
+    each, so N processes use N cores, not N times all of them."""
+    ENCODER_THREADS["sentencepiece"] = 1
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # read by the Rust tokenizers at every batch call
+
+
 def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
     """Each text's ids without special tokens added: exactly ``tokenizer(texts, add_special_tokens=False)``.
 
@@ -130,15 +143,23 @@ def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
     ``sentencepiece`` itself, and the whole cost of tokenizing a corpus. For a legacy SentencePiece tokenizer
     whose added tokens strip nothing, that call is: split the text at added tokens (the tokenizer's own trie),
     each added token its id, every other chunk ``sp_model.encode`` — so medtune makes the same split and
-    hands all the chunks to ``sentencepiece``'s batch encoder at once (C++, one thread per core). Any other
-    tokenizer goes through the library call (fast tokenizers already batch in Rust)."""
+    hands all the chunks to ``sentencepiece``'s batch encoder at once (C++, one thread per core). A fast
+    tokenizer's call is its Rust ``encode_batch`` plus a Python dict per text (offsets, masks: a quarter of the
+    time): medtune asks the Rust tokenizer for the ids alone (``encode_batch_fast``), when no truncation,
+    padding or special-token splitting is set that the call would change. Anything else: the library call."""
+    if not texts:
+        return []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and _backend_is_the_call(tokenizer, backend):
+        return [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=False)]
     if not _splits_plainly(tokenizer):
-        return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        return tokenizer(texts, add_special_tokens=False)["input_ids"]
     added = tokenizer.added_tokens_encoder
     has_added = re.compile("|".join(map(re.escape, added))).search if added else lambda text: None
     trie = tokenizer.tokens_trie  # character by character in Python: only for the texts that hold an added token
     split = [[c for c in trie.split(text) if c] if has_added(text) else [text] if text else [] for text in texts]
-    encoded = iter(tokenizer.sp_model.encode([chunk for chunks in split for chunk in chunks if chunk not in added]))
+    plain = [chunk for chunks in split for chunk in chunks if chunk not in added]
+    encoded = iter(tokenizer.sp_model.encode(plain, num_threads=ENCODER_THREADS["sentencepiece"]))
     out = []
     for chunks in split:
         ids: list[int] = []
@@ -149,6 +170,18 @@ def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
                 ids.extend(next(encoded))
         out.append(ids)
     return out
+
+
+def _backend_is_the_call(tokenizer, backend) -> bool:
+    """``tokenizer(texts, add_special_tokens=False)`` is ``backend.encode_batch(texts, add_special_tokens=False)``:
+    transformers turns truncation and padding off for that call and sets ``encode_special_tokens`` from
+    ``split_special_tokens``; where the backend already matches, the ids are the same."""
+    return (
+        getattr(tokenizer, "is_fast", False)
+        and backend.truncation is None
+        and backend.padding is None
+        and backend.encode_special_tokens == bool(getattr(tokenizer, "split_special_tokens", False))
+    )
 
 
 def _splits_plainly(tokenizer) -> bool:
