@@ -555,3 +555,36 @@ def test_export_refuses_clearly_before_any_work(tmp_path, tiny_base, monkeypatch
         export_ollama(str(tiny_base), busy, "f16", "chatmed")
     with pytest.raises(MedtuneError, match="Jinja template, which Ollama's Go templates cannot run"):
         export_ollama(str(tiny_base), tmp_path / "o", "f16", "qwen2_5")
+
+
+@pytest.mark.parametrize("type_name", ["f32", "f16", "q8_0"])
+def test_chinese_llama2_vocabulary_model_in_llama_cpp(wide_base, type_name, tmp_path, capsys):
+    """A model over the real Chinese-LLaMA-2 vocabulary (55,296 SentencePiece pieces) exported to each type:
+    llama.cpp's logits on a real training prompt against transformers', and greedy decoding."""
+    from transformers import AutoModelForCausalLM
+
+    from medtune.data.tokenizer import load_tokenizer
+
+    llama_cpp()
+    export_gguf(str(wide_base), tmp_path / "m.gguf", type_name, "llama2_zh")
+    tokenizer = load_tokenizer(str(wide_base))
+    question = chatmed_texts(1)[0][0] if DATA.is_dir() else PROMPTS[0]
+    ids = encode_conversation(tokenizer, get_template("llama2_zh"), [{"role": "user", "content": question}])[0]
+    model = AutoModelForCausalLM.from_pretrained(wide_base, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    with Gguf(tmp_path / "m.gguf") as llm:
+        assert chat_prompt(llm, [{"role": "user", "content": question}]) == ids
+        llm.eval(ids)
+        gap = float(np.abs(np.array(llm.scores[: len(ids)]) - expected).max())
+        greedy = _greedy_llama_cpp(llm, ids, 32) == _greedy_transformers(model, ids, 32)
+    scale = float(np.abs(expected).max())
+    bound = {"f32": 1e-4, "f16": 0.01 * scale, "q8_0": 0.05 * scale}[type_name]
+    with capsys.disabled():
+        print(
+            f"\n[export chinese-llama2 vocab] {type_name}: {len(ids)}-token prompt, max |logit gap| {gap:.2e} "
+            f"(bound {bound:.2e}, logits up to {scale:.2f}); greedy 32 tokens identical: {greedy}"
+        )
+    assert gap <= bound
+    if type_name != "q8_0":
+        assert greedy

@@ -102,7 +102,8 @@ def earlier_key(out: Path) -> dict | None:
 
 
 def export_gguf(source: str, out: Path, type_name: str, template_name: str | None = None, dtype: str | None = None):
-    """Write ``out``; returns (what was written, or None when an earlier export is up to date)."""
+    """Write ``out``; returns what was written (the merge's logit gap, the tokenizer facts, the template), or
+    None when an earlier export with the same inputs is there."""
     export = plan(source, type_name, template_name, dtype)
     earlier = earlier_key(out)
     if earlier == export.key:
@@ -136,7 +137,7 @@ def export_gguf(source: str, out: Path, type_name: str, template_name: str | Non
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    return {"merge_gap": gap, "facts": facts, "tokenizer": tokenizer, "template": template, "info": info}
+    return {"merge_gap": gap, "facts": facts, "template": template}
 
 
 def _lossless(dtype: str) -> str:
