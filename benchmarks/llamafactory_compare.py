@@ -52,6 +52,7 @@ from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from proc_tree import isolated_env  # noqa: E402
 from synthetic import promptcblue_like, write_jsonl  # noqa: E402
 from warm_start import PACKAGES, loadavg, versions, write_lf_launcher  # noqa: E402
 
@@ -104,28 +105,6 @@ def chatmed_reply(record: dict) -> str:
     return f"{record['messages'][1]['content']}\n"
 
 
-def tool_env(tmp: Path, workers: int, **extra: str) -> dict[str, str]:
-    """Threads as --workers says; every cache and temporary file in ``tmp``."""
-    paths = {
-        "HF_HOME": tmp / "hf",
-        "HF_DATASETS_CACHE": tmp / "hf" / "datasets",
-        "XDG_CACHE_HOME": tmp / "xdg-cache",
-        "TMPDIR": tmp / "tmp",
-        "MPLCONFIGDIR": tmp / "matplotlib",
-        "MEDTUNE_CACHE": tmp / "cache",
-    }
-    for path in paths.values():
-        path.mkdir(parents=True, exist_ok=True)
-    threads = str(workers)
-    return {
-        **os.environ,
-        **{k: str(v) for k, v in paths.items()},
-        "OMP_NUM_THREADS": threads,
-        "MKL_NUM_THREADS": threads,
-        **extra,
-    }
-
-
 def run_llamafactory(
     cli: str, base: Path, records: list[dict], steps: int, tmp: Path, extra: str = "", workers: int = 1
 ) -> dict:
@@ -146,7 +125,7 @@ def run_llamafactory(
         LF_CONFIG.format(base=base, data_dir=data_dir, out=out, steps=steps, template=LF_TEMPLATE, workers=workers)
         + extra
     )
-    env = tool_env(
+    env = isolated_env(
         tmp, workers, WANDB_DISABLED="true", DISABLE_VERSION_CHECK="1", CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1"
     )
     python = str(Path(cli).parent / "python")
@@ -173,7 +152,7 @@ def run_medtune(
         capture_output=True,
         text=True,
         cwd=Path(__file__).resolve().parent.parent,
-        env=tool_env(tmp, workers),
+        env=isolated_env(tmp, workers),
     )
     if proc.returncode:
         sys.exit("medtune failed:\n" + proc.stderr[-3000:])
@@ -204,7 +183,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        os.environ["MEDTUNE_CACHE"] = str(tmp / "cache")
+        os.environ["MEDTUNE_CACHE"] = str(tmp / "medtune-cache")
         records = promptcblue_like(args.samples)
         data = write_jsonl(records, tmp / "data.jsonl")
         base = build_tiny_llama(tmp / "base", corpus_texts([data]), hidden_size=256, layers=4)

@@ -109,3 +109,26 @@ def run_tree(
         max_processes=peak["procs"],
         samples=peak["samples"],
     )
+
+
+def isolated_env(home: Path, threads: int, **extra: str) -> dict[str, str]:
+    """The environment a measured tool runs in: ``threads`` OpenMP/MKL threads, and every cache and temporary
+    file (Hugging Face, datasets, XDG, TMPDIR, medtune's cache, matplotlib's font list) under ``home``, so a
+    benchmark writes nothing outside its work directory. ``extra`` is set last (it may move any of them)."""
+    paths = {
+        "HF_HOME": home / "hf",
+        "HF_DATASETS_CACHE": home / "hf" / "datasets",
+        "XDG_CACHE_HOME": home / "xdg-cache",
+        "TMPDIR": home / "tmp",
+        "MEDTUNE_CACHE": home / "medtune-cache",
+        "MPLCONFIGDIR": home / "matplotlib",
+    }
+    for path in paths.values():
+        path.mkdir(parents=True, exist_ok=True)
+    return {
+        **os.environ,
+        **{key: str(path) for key, path in paths.items()},
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        **extra,
+    }

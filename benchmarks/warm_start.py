@@ -61,7 +61,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from proc_tree import TreeRun, run_tree  # noqa: E402
+from proc_tree import TreeRun, isolated_env, run_tree  # noqa: E402
 from synthetic import chatmed_like, write_jsonl  # noqa: E402
 
 LF_TEMPLATE = "medtune_chatmed_text"
@@ -162,9 +162,10 @@ def build_base(source: Path, out: Path) -> tuple[Path, str]:
     returns the directory and a description of the tokenizer."""
     import torch
     from safetensors.torch import save_file
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import GenerationConfig, LlamaForCausalLM
 
     from medtune.data.tokenizer import TOKENIZER_FILES, detect_kind, load_tokenizer
+    from medtune.model.tiny import tiny_llama_config
 
     out.mkdir(parents=True)
     for name in TOKENIZER_FILES:
@@ -176,20 +177,8 @@ def build_base(source: Path, out: Path) -> tuple[Path, str]:
         config.update(tokenizer_class="SentencePieceBackend", legacy=True)
         config_path.write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
     tokenizer = load_tokenizer(str(out))
-    vocab = -(-len(tokenizer) // 64) * 64
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=4096,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
+    config = tiny_llama_config(tokenizer)  # medtune's tiny-llama shape, over this tokenizer
+    vocab = config.vocab_size
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "model.safetensors", {"format": "pt"})
@@ -212,28 +201,16 @@ class Tool:
 
     def env(self, pair: Path) -> dict[str, str]:
         home = pair / f"home-{self.name}"  # not a bare "medtune": python -m would import it from the cwd
-        paths = {
-            "HF_HOME": home / "hf",
-            "HF_DATASETS_CACHE": home / "hf" / "datasets",
-            "XDG_CACHE_HOME": home / "xdg-cache",
-            "TMPDIR": home / "tmp",
-            "MEDTUNE_CACHE": home / "medtune-cache",
-        }
-        for path in paths.values():
-            path.mkdir(parents=True, exist_ok=True)
-        threads = str(self.args.workers)
-        return {
-            **os.environ,
-            **{k: str(v) for k, v in paths.items()},
-            "MPLCONFIGDIR": str(self.work / "matplotlib"),  # its font list, built once before the runs (not data)
-            "OMP_NUM_THREADS": threads,
-            "MKL_NUM_THREADS": threads,
-            "HF_HUB_OFFLINE": "1",
-            "HF_DATASETS_OFFLINE": "1",
-            "WANDB_MODE": "disabled",
-            "DISABLE_VERSION_CHECK": "1",
-            "CUDA_VISIBLE_DEVICES": "",
-        }
+        return isolated_env(
+            home,
+            self.args.workers,
+            MPLCONFIGDIR=str(self.work / "matplotlib"),  # its font list, built once before the runs (not data)
+            HF_HUB_OFFLINE="1",
+            HF_DATASETS_OFFLINE="1",
+            WANDB_MODE="disabled",
+            DISABLE_VERSION_CHECK="1",
+            CUDA_VISIBLE_DEVICES="",
+        )
 
     def command(self, pair: Path, phase: str) -> list[str]:
         raise NotImplementedError

@@ -83,16 +83,11 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096):
     )
 
 
-def build_tiny_llama(
-    out_dir: Path, texts: Iterable[str], hidden_size: int = 64, layers: int = 2, seed: int = 0
-) -> Path:
-    """Write a tokenizer and a random LlamaForCausalLM to ``out_dir`` (atomically: temp dir, then rename)."""
-    if out_dir.is_dir():
-        return out_dir
-    tokenizer = train_tokenizer(texts)
-    vocab = -(-len(tokenizer) // 64) * 64  # multiple of 64: bitsandbytes' CPU 4-bit kernel needs it
-    config = LlamaConfig(
-        vocab_size=vocab,
+def tiny_llama_config(tokenizer, hidden_size: int = 64, layers: int = 2) -> LlamaConfig:
+    """The tiny LLaMA's shape over ``tokenizer``'s vocabulary (rounded up to a multiple of 64: bitsandbytes' CPU
+    4-bit kernel needs it), with its special ids."""
+    return LlamaConfig(
+        vocab_size=-(-len(tokenizer) // 64) * 64,
         hidden_size=hidden_size,
         intermediate_size=hidden_size * 2,
         num_hidden_layers=layers,
@@ -104,6 +99,16 @@ def build_tiny_llama(
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
+
+
+def build_tiny_llama(
+    out_dir: Path, texts: Iterable[str], hidden_size: int = 64, layers: int = 2, seed: int = 0
+) -> Path:
+    """Write a tokenizer and a random LlamaForCausalLM to ``out_dir`` (atomically: temp dir, then rename)."""
+    if out_dir.is_dir():
+        return out_dir
+    tokenizer = train_tokenizer(texts)
+    config = tiny_llama_config(tokenizer, hidden_size, layers)
     with torch.random.fork_rng():  # leave the caller's RNG alone: building must not change training
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
