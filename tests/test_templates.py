@@ -143,3 +143,18 @@ def test_template_show_reads_a_run_directory(trained, capsys):
     assert "give --tokenizer DIR_OR_HUB_ID (or a run directory)" in capsys.readouterr().err
     assert main(["show", str(result.run.root / "nothing-here")]) == 2
     assert "neither a template (chatmed," in capsys.readouterr().err
+
+
+def test_trained_runs_counts_each_stretch_of_trained_labels():
+    """The bytes-mask count equals the plain definition (a trained label whose predecessor is not) on random
+    label rows, including empty, all-trained and all-masked ones."""
+    import random
+
+    from medtune.data.rows import trained_runs
+
+    rng = random.Random(0)
+    rows = [[], [-100], [5], [-100, -100], [1, 2, 3]]
+    rows += [[rng.choice([-100, -100, 7, 8]) for _ in range(rng.randint(0, 40))] for _ in range(2000)]
+    for labels in rows:
+        plain = sum(1 for i, x in enumerate(labels) if x != -100 and (i == 0 or labels[i - 1] == -100))
+        assert trained_runs(labels) == plain, labels
