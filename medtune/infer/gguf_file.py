@@ -221,8 +221,11 @@ def _byte_level_vocab(writer: gguf.GGUFWriter, tokenizer):
         else:
             tokens.append(token)
             types.append(gguf.TokenType.NORMAL)
-    merges = model.get("merges") or []
-    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    # tokenizer.json writes a merge as "a b" or, since transformers 4.45, ["a", "b"]; llama.cpp reads "a b", with
+    # a space inside a part written as U+0120 (the space + 256, as gguf's SpecialVocab writes it)
+    pairs = model.get("merges") or []
+    merges = [m if isinstance(m, str) else " ".join(part.replace(" ", "\u0120") for part in m) for m in pairs]
+    writer.add_token_merges(merges)
     return tokens, [0.0] * len(tokens), types
 
 
