@@ -169,8 +169,8 @@ def test_llama_cpp_tokenizes_training_prompts_to_medtune_ids(vocab, template, tm
             f"{first_turn_same}/{first_turns} first-turn prompts, {same}/{total} prompts in all; "
             f"every stop of the run ends generation in llama.cpp ({stops} within {ends})"
         )
-    if TEMPLATES[template].reply_joins_prompt or template == "chatml":
-        assert same == total  # one-string templates: every turn too
+    if template != "chinese_alpaca":  # its reference tokenized each reply alone: later turns cannot match
+        assert same == total
 
 
 @pytest.fixture(scope="module")
