@@ -532,9 +532,10 @@ def test_export_as_a_user_twice_foreign_out_and_a_kill(wide_base, tmp_path):
     assert not list(killed.parent.glob(".m.gguf.tmp-*"))  # the killed export's temp file is gone
 
 
-def test_export_refuses_clearly_before_any_work(tmp_path, tiny_base, monkeypatch):
+def test_export_refuses_clearly_before_any_work(tmp_path, tiny_base, trained, monkeypatch):
     from transformers import GPT2Config
 
+    run = str(trained[0].run.root)
     gpt2 = tmp_path / "gpt2"
     GPT2Config(n_layer=1, n_embd=16, n_head=2).save_pretrained(gpt2)  # a config only: no weights to read
     with pytest.raises(MedtuneError, match="architecture 'gpt2': medtune exports llama, qwen2"):
@@ -553,6 +554,8 @@ def test_export_refuses_clearly_before_any_work(tmp_path, tiny_base, monkeypatch
     (busy / "weights.bin").write_text("someone's", encoding="utf-8")
     with pytest.raises(MedtuneError, match="not an earlier `medtune export ollama`"):
         export_ollama(str(tiny_base), busy, "f16", "chatmed")
+    with pytest.raises(MedtuneError, match="trained with the chatmed template; --template qwen3 would serve it"):
+        export_gguf(run, tmp_path / "t.gguf", "f16", "qwen3")  # a run is served in the format it learned
     with pytest.raises(MedtuneError, match="Jinja template, which Ollama's Go templates cannot run"):
         export_ollama(str(tiny_base), tmp_path / "o", "f16", "qwen2_5")
 

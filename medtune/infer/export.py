@@ -65,6 +65,11 @@ def plan(source: str, type_name: str, template_name: str | None, dtype: str | No
     except (OSError, ValueError) as exc:
         raise MedtuneError(f"{info.base}: cannot read the model's config.json ({exc})") from exc
     check_architecture(config)
+    if template_name and info.template and template_name != info.template:
+        raise MedtuneError(
+            f"{source}: trained with the {info.template} template; --template {template_name} would serve it in a "
+            "format it did not learn. Leave --template out (it is for a model that records none)"
+        )
     template_name = template_name or info.template or MODEL  # a plain model: the chat template it ships
     get_template(template_name)
     dtype = dtype or info.dtype or "fp32"
@@ -270,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("source", help="run directory, adapter directory, merged model or model directory")
     parser.add_argument("--out", required=True, type=Path, help="gguf: the file; ollama: a directory")
     parser.add_argument("--type", default="f16", choices=[*TYPES, *LLAMA_CPP_TYPES], help="weights (default f16)")
-    parser.add_argument("--template", help="chat template (default: the run's; a plain model: its own)")
+    parser.add_argument("--template", help="chat template of a model that records none (a run exports with its own)")
     parser.add_argument("--dtype", choices=list(DTYPES), help="precision to merge in (default: the run's, else fp32)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors too")
     quiet_libraries()
