@@ -11,7 +11,7 @@ own writer and quantizer); q4_k_m needs llama.cpp's k-quant code, which only lla
 calls it through llama-cpp-python (``pip install llama-cpp-python``) on a lossless export.
 
 An --out medtune did not write is never replaced; an export with the same inputs says "up to date"; a
-killed export leaves only a ``.NAME.tmp-PID`` file beside the output, removed by the next export.
+killed export leaves only a ``.NAME.tmp-HOST-PID`` file beside the output, removed by the next export.
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ from medtune.infer.merge import merge_inputs, merged_in_memory
 from medtune.infer.ollama import MARKER, modelfile
 from medtune.model.adapters import refuse_quantized
 from medtune.model.load import DTYPES
-from medtune.rundir import MERGE_INFO, ModelSource, describe_source
+from medtune.rundir import MERGE_INFO, ModelSource, atomic_write_text, describe_source
 from medtune.stages import get_stage
+from medtune.temp_files import remove_dead_temps, temp_sibling
 
 FORMAT = 1  # bump when what an export writes changes: an earlier file with another format is rewritten
 LLAMA_CPP_TYPES = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}  # types only llama.cpp's quantizer writes
@@ -109,7 +110,11 @@ def earlier_key(out: Path) -> dict | None:
 def export_gguf(source: str, out: Path, type_name: str, template_name: str | None = None, dtype: str | None = None):
     """Write ``out``; returns what was written (the merge's logit gap, the tokenizer facts, the template), or
     None when an earlier export with the same inputs is there."""
-    export = plan(source, type_name, template_name, dtype)
+    return write_export(plan(source, type_name, template_name, dtype), out, type_name)
+
+
+def write_export(export: Plan, out: Path, type_name: str):
+    """export_gguf once the source is planned (export_ollama plans once for both of its files)."""
     earlier = earlier_key(out)
     if earlier == export.key:
         return None
@@ -120,16 +125,18 @@ def export_gguf(source: str, out: Path, type_name: str, template_name: str | Non
         )
     if type_name in LLAMA_CPP_TYPES:
         llama_cpp = _llama_cpp()  # before the minutes of merging: a missing quantizer is known now
-    remove_stale_temps(out)
+    lossless_target = out.with_name(f"{out.name}.source")  # the unquantized file llama.cpp's quantizer reads
+    for target in (out, lossless_target):
+        remove_dead_temps(target)
     info = export.info
     model, tokenizer, gap = merged_in_memory(info, list(info.adapters), export.dtype, info.trust_remote_code)
     template = get_template(export.template_name)
     facts = tokenizer_facts(tokenizer, template, info.system_prompt, model.generation_config.eos_token_id)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    tmp = temp_sibling(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         if type_name in LLAMA_CPP_TYPES:
-            lossless = out.parent / f".{out.name}.tmp-{os.getpid()}-source"
+            lossless = temp_sibling(lossless_target)
             try:
                 write_gguf(model, tokenizer, facts, lossless, _lossless(export.dtype), export.key)
                 quantize(llama_cpp, lossless, tmp, type_name)
@@ -159,24 +166,6 @@ def tokenizer_facts(tokenizer, template, system_prompt: str | None, model_stops)
         add_bos=bos is not None and prompt[:1] == [bos],
         stops=tuple(stops),
     )
-
-
-def remove_stale_temps(out: Path) -> None:
-    """The temp files of killed exports to ``out`` (named for it, their process gone): medtune's own."""
-    for stale in out.parent.glob(f".{out.name}.tmp-*"):
-        pid = stale.name.removeprefix(f".{out.name}.tmp-").split("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            stale.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _llama_cpp():
@@ -226,7 +215,7 @@ def export_ollama(source: str, out: Path, type_name: str, template_name: str | N
             "written; export gguf instead: Ollama and llama.cpp read its tokenizer.chat_template"
         )
     out.mkdir(parents=True, exist_ok=True)
-    written = export_gguf(source, out / "model.gguf", type_name, template_name, dtype)
+    written = write_export(export, out / "model.gguf", type_name)
     reader = gguf.GGUFReader(out / "model.gguf")  # the Modelfile says what the file it names holds
     ends = ("eos_token_id", "eot_token_id", "eom_token_id")
     text = modelfile(
@@ -237,10 +226,7 @@ def export_ollama(source: str, out: Path, type_name: str, template_name: str | N
         list(dict.fromkeys(t for t in (_token_text(reader, key) for key in ends) if t)),
         f"{Path(source).resolve() if Path(source).exists() else source} ({export.template_name} template)",
     )
-    target = out / "Modelfile"
-    tmp = out / f".Modelfile.tmp-{os.getpid()}"
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, target)
+    atomic_write_text(out / "Modelfile", text)
     return written
 
 
