@@ -270,6 +270,19 @@ def read_json(path: Path) -> dict[str, Any]:
     return value
 
 
+def file_identities(places, suffixes: tuple[str, ...] = (".safetensors", ".bin")) -> dict[str, list]:
+    """Name, size and mtime of the files ending in ``suffixes`` in each local directory of ``places`` (a hub id
+    has none): a model or adapter rebuilt in place is a new input, without hashing gigabytes of weights."""
+    found = {}
+    for place in places:
+        path = Path(place)
+        if path.is_dir():
+            found[str(path.resolve())] = sorted(
+                (f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir() if f.suffix in suffixes
+            )
+    return found
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")

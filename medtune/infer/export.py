@@ -36,7 +36,7 @@ from medtune.infer.merge import merge_inputs, merged_in_memory
 from medtune.infer.ollama import MARKER, modelfile
 from medtune.model.adapters import refuse_quantized
 from medtune.model.load import DTYPES
-from medtune.rundir import MERGE_INFO, ModelSource, atomic_write_text, describe_source
+from medtune.rundir import ModelSource, atomic_write_text, describe_source, file_identities
 from medtune.stages import get_stage
 from medtune.temp_files import remove_dead_temps, temp_sibling
 
@@ -80,18 +80,9 @@ def plan(source: str, type_name: str, template_name: str | None, dtype: str | No
         "template": template_name,
         "system_prompt": info.system_prompt,
         "inputs": merge_inputs(info.base, list(info.adapters), dtype),
-        "weights": weights_fingerprint(info.base),
+        "weights": file_identities((info.base,), (".safetensors", ".bin", ".json")),
     }
-    return Plan(info, template_name, dtype, key)
-
-
-def weights_fingerprint(base: str) -> list:
-    """Name, size and mtime of a local model's weight files: a merged model rebuilt in place is a new input."""
-    folder = Path(base)
-    if not folder.is_dir():
-        return []
-    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
-    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files if p.name != MERGE_INFO]
+    return Plan(info, template_name, dtype, json.loads(json.dumps(key)))  # as the file gives it back (no tuples)
 
 
 def earlier_key(out: Path) -> dict | None:

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from medtune.console import MedtuneError
 from medtune.data.records import write_jsonl_line
-from medtune.rundir import atomic_write_text, describe_source
+from medtune.rundir import atomic_write_text, describe_source, file_identities
 
 
 def fingerprint(source: str, data: Path, settings: dict[str, Any]) -> dict[str, Any]:
@@ -29,17 +29,8 @@ def fingerprint(source: str, data: Path, settings: dict[str, Any]) -> dict[str, 
     weight files), the prompts' file and the generation settings. Predictions are only resumed under
     the same fingerprint."""
     info = describe_source(source)
-    weights = {}
-    for place in (info.base, *info.adapters):
-        path = Path(place)
-        if path.is_dir():
-            weights[str(path.resolve())] = sorted(
-                (f.name, f.stat().st_size, f.stat().st_mtime_ns)
-                for f in path.iterdir()
-                if f.suffix in (".safetensors", ".bin")
-            )
     found = {
-        "model": {**info.to_json(), "weights": weights},
+        "model": {**info.to_json(), "weights": file_identities((info.base, *info.adapters))},
         "settings": settings,
         "data": {"path": str(data.resolve()), "sha256": hashlib.sha256(data.read_bytes()).hexdigest()},
     }
