@@ -140,3 +140,23 @@ def as_messages(turns: list[tuple[str, str]], system: str | None = None) -> list
     for q, a in turns:
         messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
     return messages
+
+
+SYSTEM = "你是一名经验丰富的全科医生，请用中文回答。"  # the system message of every other real conversation
+
+
+def real_conversations(reasoning: bool = False) -> list[list[dict[str, str]]]:
+    """40 real conversations: 20 single-turn, 20 multi-turn; every other one with a system message; with
+    ``reasoning``, each last reply carries one (its own first sentence: real text, as a reasoning block)."""
+    single = [[(q, a)] for q, a in chatmed_texts(20)]
+    out = []
+    for n, turns in enumerate(single + cmtmedqa_dialogues(20)):
+        messages = [{"role": "system", "content": SYSTEM}] if n % 2 else []
+        for q, a in turns:
+            messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        if reasoning:
+            answer = messages[-1]["content"]
+            messages[-1] = {**messages[-1], "reasoning": answer.split("。")[0] + "。先想清楚再回答。"}
+        out.append(messages)
+    assert len(out) == 40
+    return out

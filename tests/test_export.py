@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import DEMO_DATA, REPO, tiny_llama_with_tokenizer
-from references import DATA, TOKENIZERS, chatmed_texts, cmtmedqa_dialogues
+from references import DATA, SYSTEM, TOKENIZERS, chatmed_texts, real_conversations
 from transformers import GenerationConfig
 
 from medtune.console import MedtuneError
@@ -32,7 +32,6 @@ from medtune.data.templates import TEMPLATES, encode_conversation, get_template,
 from medtune.infer.export import export_gguf, export_ollama
 from medtune.infer.ollama import go_template
 
-SYSTEM = "你是一名经验丰富的全科医生，请用中文回答。"
 TYPES = ["f32", "f16", "bf16", "q8_0", "q4_k_m"]
 # Largest |logit difference| to transformers' fp32 logits allowed per type, on the trained tiny model (logits of
 # magnitude ~9). f32: the issue's bound. The others: the rounding of the stored weights (f16 keeps 11 bits,
@@ -94,16 +93,8 @@ def chat_prompt(llm, messages) -> list[int]:
 
 
 def real_prompts() -> list[list[dict[str, str]]]:
-    """40 real generation prompts: 20 ChatMed-Consult questions, 20 CMtMedQA dialogues up to their last
-    question; every other one with a system message."""
-    single = [[(q, a)] for q, a in chatmed_texts(20)]
-    prompts = []
-    for n, turns in enumerate(single + cmtmedqa_dialogues(20)):
-        messages = [{"role": "system", "content": SYSTEM}] if n % 2 else []
-        for q, a in turns:
-            messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-        prompts.append(messages[:-1])
-    return prompts
+    """40 real generation prompts: the real conversations (references.py) up to their last question."""
+    return [messages[:-1] for messages in real_conversations()]
 
 
 def qwen2_base(out: Path) -> None:

@@ -8,31 +8,14 @@ from ../shared/data (ChatMed-Consult single turns, CMtMedQA multi-turn dialogues
 from __future__ import annotations
 
 import pytest
-from references import DATA, chatmed_texts, cmtmedqa_dialogues
+from references import DATA
+from references import real_conversations as conversations
 
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data is needed (real conversations)")
 
-SYSTEM = "你是一名经验丰富的全科医生，请用中文回答。"
 THINK = ["<think>", "</think>"]  # Qwen3's added tokens (not special: decoded like text)
 R1 = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"]
 GLM = ["[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>", "<|endoftext|>"]
-
-
-def conversations(reasoning: bool) -> list[list[dict[str, str]]]:
-    """40 real conversations: 20 single-turn, 20 multi-turn; every other one with a system message; with
-    ``reasoning``, each last reply carries one (its own first sentence: real text, as a reasoning block)."""
-    single = [[(q, a)] for q, a in chatmed_texts(20)]
-    out = []
-    for n, turns in enumerate(single + cmtmedqa_dialogues(20)):
-        messages = [{"role": "system", "content": SYSTEM}] if n % 2 else []
-        for q, a in turns:
-            messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-        if reasoning:
-            answer = messages[-1]["content"]
-            messages[-1] = {**messages[-1], "reasoning": answer.split("。")[0] + "。先想清楚再回答。"}
-        out.append(messages)
-    assert len(out) == 40
-    return out
 
 
 def tokenizer_for(vocab: str, template_file: str, added: list[str] = (), special: list[str] = ()):
